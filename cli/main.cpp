@@ -1,0 +1,32 @@
+// The `troupe` command line: one binary, one subcommand per job. Each subcommand lives in its
+// own file and registers itself here; errors in user input end with a one-line message and
+// exit code 2, bugs with exit code 1.
+#include <CLI/CLI.hpp>
+
+#include <iostream>
+
+#include "cli/commands.hpp"
+#include "protocol/errors.hpp"
+
+int main(int argc, char** argv) {
+  CLI::App app{"troupe: serve and train n-gram-embedding MoE language models (LongCat-Flash-Lite family)"};
+  app.require_subcommand(1);
+  app.set_version_flag("--version", std::string("troupe ") + TROUPE_VERSION);
+  std::function<int()> run;
+  troupe::cli::add_model_commands(app, run);
+  troupe::cli::add_tokenizer_commands(app, run);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  try {
+    return run();
+  } catch (const troupe::input_error& e) {
+    std::cerr << "troupe: error: " << e.what() << "\n";
+    return 2;
+  } catch (const std::exception& e) {
+    std::cerr << "troupe: internal error: " << e.what() << "\n";
+    return 1;
+  }
+}

@@ -1,0 +1,280 @@
+#include "gpu/cpu/cpu_backend.hpp"
+
+#include <cblas.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+#include <stdexcept>
+
+namespace troupe {
+namespace {
+
+void expect(bool ok, const char* op, const std::string& what) {
+  if (!ok) throw std::invalid_argument(std::string("cpu_backend::") + op + ": " + what);
+}
+
+std::string shapes(const tensor& a, const tensor& b) {
+  return shape_to_string(a.shape()) + " vs " + shape_to_string(b.shape());
+}
+
+// Row r of `table` as float32 into dst (the table may be bf16/f16/f32, e.g. memory-mapped).
+void read_row(const tensor& table, std::int64_t r, float* dst) {
+  const std::int64_t cols = table.dim(1);
+  const auto* base = static_cast<const std::byte*>(table.raw()) + r * cols * dtype_size(table.type());
+  convert_to_f32(table.type(), base, dst, static_cast<std::size_t>(cols));
+}
+
+}  // namespace
+
+cpu_backend::cpu_backend(int num_threads) {
+  if (num_threads > 0) openblas_set_num_threads(num_threads);
+}
+
+tensor cpu_backend::empty(shape_t shape, dtype type) { return tensor::empty(std::move(shape), type); }
+
+tensor cpu_backend::upload(const tensor& host, dtype type) {
+  if (host.type() == type) {
+    tensor out = tensor::empty(host.shape(), type);
+    std::memcpy(out.raw(), host.raw(), host.nbytes());
+    return out;
+  }
+  tensor f = host.to_f32();
+  if (type == dtype::f32) return f;  // to_f32 of a non-f32 tensor is already a fresh copy
+  tensor out = tensor::empty(host.shape(), type);
+  convert_from_f32(type, f.data<float>(), out.raw(), static_cast<std::size_t>(f.numel()));
+  return out;
+}
+
+tensor cpu_backend::download(const tensor& t) {
+  tensor out = tensor::empty(t.shape(), t.type());
+  std::memcpy(out.raw(), t.raw(), t.nbytes());
+  return out;
+}
+
+void cpu_backend::copy_rows(const tensor& src, tensor& dst, std::int64_t dst_row) {
+  expect(src.type() == dst.type() && src.rank() == 2 && dst.rank() == 2 && src.dim(1) == dst.dim(1),
+         "copy_rows", shapes(src, dst));
+  expect(dst_row >= 0 && dst_row + src.dim(0) <= dst.dim(0), "copy_rows", "rows out of range");
+  const std::size_t row_bytes = static_cast<std::size_t>(dst.dim(1)) * dtype_size(dst.type());
+  std::memcpy(static_cast<std::byte*>(dst.raw()) + dst_row * row_bytes, src.raw(), src.nbytes());
+}
+
+void cpu_backend::linear(const tensor& x, const tensor& w, tensor& y, write_mode mode) {
+  expect(x.rank() == 2 && w.rank() == 2 && y.rank() == 2, "linear", "rank-2 tensors expected");
+  const auto m = x.dim(0), k = x.dim(1), n = w.dim(0);
+  expect(w.dim(1) == k && y.dim(0) == m && y.dim(1) == n, "linear",
+         "x " + shape_to_string(x.shape()) + ", w " + shape_to_string(w.shape()) + ", y " + shape_to_string(y.shape()));
+  if (m == 0) return;
+  const float beta = mode == write_mode::accumulate ? 1.0f : 0.0f;
+  if (m == 1) {
+    cblas_sgemv(CblasRowMajor, CblasNoTrans, n, k, 1.0f, w.data<float>(), k, x.data<float>(), 1, beta,
+                y.data<float>(), 1);
+  } else {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, k, 1.0f, x.data<float>(), k, w.data<float>(), k, beta,
+                y.data<float>(), n);
+  }
+}
+
+void cpu_backend::rms_norm(const tensor& x, const tensor& w, float eps, tensor& y) {
+  const auto rows = x.dim(0), cols = x.dim(1);
+  expect(w.numel() == cols && y.shape() == x.shape(), "rms_norm", shapes(x, y));
+  const float* wp = w.data<float>();
+  for (std::int64_t r = 0; r < rows; ++r) {
+    const float* xr = x.data<float>() + r * cols;
+    float* yr = y.data<float>() + r * cols;
+    float ss = 0.0f;
+    for (std::int64_t c = 0; c < cols; ++c) ss += xr[c] * xr[c];
+    const float inv = 1.0f / std::sqrt(ss / static_cast<float>(cols) + eps);
+    for (std::int64_t c = 0; c < cols; ++c) yr[c] = wp[c] * (xr[c] * inv);
+  }
+}
+
+void cpu_backend::rms_norm_prefix_inplace(tensor& x, std::int64_t cols, const tensor& w, float eps, float post_scale) {
+  const auto rows = x.dim(0), width = x.dim(1);
+  expect(w.numel() == cols && cols <= width, "rms_norm_prefix_inplace", shapes(x, w));
+  const float* wp = w.data<float>();
+  for (std::int64_t r = 0; r < rows; ++r) {
+    float* xr = x.data<float>() + r * width;
+    float ss = 0.0f;
+    for (std::int64_t c = 0; c < cols; ++c) ss += xr[c] * xr[c];
+    const float inv = 1.0f / std::sqrt(ss / static_cast<float>(cols) + eps);
+    for (std::int64_t c = 0; c < cols; ++c) xr[c] = (wp[c] * (xr[c] * inv)) * post_scale;
+  }
+}
+
+void cpu_backend::scale(tensor& y, float s) {
+  float* p = y.data<float>();
+  for (std::int64_t i = 0, n = y.numel(); i < n; ++i) p[i] *= s;
+}
+
+void cpu_backend::add(tensor& y, const tensor& x) {
+  expect(y.numel() == x.numel(), "add", shapes(y, x));
+  float* p = y.data<float>();
+  const float* q = x.data<float>();
+  for (std::int64_t i = 0, n = y.numel(); i < n; ++i) p[i] += q[i];
+}
+
+void cpu_backend::swiglu(const tensor& gate_up, tensor& out) {
+  const auto rows = gate_up.dim(0), f = out.dim(1);
+  expect(gate_up.dim(1) == 2 * f && out.dim(0) == rows, "swiglu", shapes(gate_up, out));
+  for (std::int64_t r = 0; r < rows; ++r) {
+    const float* g = gate_up.data<float>() + r * 2 * f;
+    const float* u = g + f;
+    float* o = out.data<float>() + r * f;
+    for (std::int64_t c = 0; c < f; ++c) o[c] = g[c] / (1.0f + std::exp(-g[c])) * u[c];
+  }
+}
+
+void cpu_backend::gather_rows(const tensor& table, const tensor& ids, tensor& out) {
+  const auto n = ids.numel();
+  expect(out.dim(0) == n && out.dim(1) == table.dim(1), "gather_rows", shapes(table, out));
+  const auto* id = ids.data<std::int64_t>();
+  for (std::int64_t r = 0; r < n; ++r) {
+    expect(id[r] >= 0 && id[r] < table.dim(0), "gather_rows",
+           "row id " + std::to_string(id[r]) + " outside a table of " + std::to_string(table.dim(0)) + " rows");
+    read_row(table, id[r], out.data<float>() + r * out.dim(1));
+  }
+}
+
+void cpu_backend::scatter_add_rows(const tensor& x, const tensor& rows, const tensor& weights, tensor& out) {
+  const auto n = x.dim(0), cols = x.dim(1);
+  expect(rows.numel() == n && weights.numel() == n && out.dim(1) == cols, "scatter_add_rows", shapes(x, out));
+  const auto* row = rows.data<std::int32_t>();
+  const auto* w = weights.data<float>();
+  for (std::int64_t r = 0; r < n; ++r) {
+    float* o = out.data<float>() + static_cast<std::int64_t>(row[r]) * cols;
+    const float* xr = x.data<float>() + r * cols;
+    for (std::int64_t c = 0; c < cols; ++c) o[c] += w[r] * xr[c];
+  }
+}
+
+void cpu_backend::ngram_embed(const tensor& base, const tensor& tokens, const tensor& ngram_ids,
+                              std::span<const tensor> tables, std::span<const tensor> projections, tensor& out) {
+  const auto t = tokens.numel();
+  const auto num_tables = static_cast<std::int64_t>(tables.size());
+  expect(ngram_ids.rank() == 2 && ngram_ids.dim(0) == t && ngram_ids.dim(1) == num_tables, "ngram_embed",
+         "ngram ids " + shape_to_string(ngram_ids.shape()) + " for " + std::to_string(t) + " tokens and " +
+             std::to_string(num_tables) + " tables");
+  const auto* tok = tokens.data<std::int32_t>();
+  for (std::int64_t r = 0; r < t; ++r) {
+    expect(tok[r] >= 0 && tok[r] < base.dim(0), "ngram_embed", "token id " + std::to_string(tok[r]) + " outside the vocabulary");
+    read_row(base, tok[r], out.data<float>() + r * out.dim(1));
+  }
+  if (num_tables == 0) return;
+  tensor ids = tensor::empty({t}, dtype::i64);
+  const auto* all = ngram_ids.data<std::int64_t>();
+  for (std::int64_t i = 0; i < num_tables; ++i) {
+    for (std::int64_t r = 0; r < t; ++r) ids.data<std::int64_t>()[r] = all[r * num_tables + i];
+    tensor rows = tensor::empty({t, tables[i].dim(1)}, dtype::f32);
+    gather_rows(tables[i], ids, rows);
+    linear(rows, projections[i], out, write_mode::accumulate);
+  }
+  scale(out, 1.0f / static_cast<float>(1 + num_tables));
+}
+
+void cpu_backend::rope_interleaved(tensor& x, std::int64_t num_heads, std::int64_t head_stride, std::int64_t offset,
+                                   const tensor& positions, const rope_params& rope) {
+  const auto t = x.dim(0);
+  const auto half = static_cast<std::int64_t>(rope.inv_freq.size());
+  expect(x.dim(1) == num_heads * head_stride && offset + 2 * half <= head_stride && positions.numel() == t,
+         "rope_interleaved", "x " + shape_to_string(x.shape()));
+  std::vector<float> cos_v(half), sin_v(half);
+  for (std::int64_t r = 0; r < t; ++r) {
+    const auto pos = static_cast<float>(positions.data<std::int64_t>()[r]);
+    for (std::int64_t i = 0; i < half; ++i) {
+      const float angle = pos * rope.inv_freq[i];
+      cos_v[i] = std::cos(angle) * rope.attention_factor;
+      sin_v[i] = std::sin(angle) * rope.attention_factor;
+    }
+    for (std::int64_t h = 0; h < num_heads; ++h) {
+      float* p = x.data<float>() + r * x.dim(1) + h * head_stride + offset;
+      for (std::int64_t i = 0; i < half; ++i) {
+        const float a = p[2 * i], b = p[2 * i + 1];
+        p[2 * i] = a * cos_v[i] - b * sin_v[i];
+        p[2 * i + 1] = b * cos_v[i] + a * sin_v[i];
+      }
+    }
+  }
+}
+
+void cpu_backend::mla_attention(const tensor& q, const tensor& kv_b, std::span<const attention_segment> segments,
+                                const mla_dims& d, float softmax_scale, tensor& out) {
+  const std::int64_t qk = d.nope_dim + d.rope_dim;
+  const std::int64_t lat_w = d.kv_lora_rank + d.rope_dim;
+  expect(q.dim(1) == d.num_heads * qk && out.dim(1) == d.num_heads * d.v_dim && out.dim(0) == q.dim(0),
+         "mla_attention", "q " + shape_to_string(q.shape()) + ", out " + shape_to_string(out.shape()));
+  expect(kv_b.dim(0) == d.num_heads * (d.nope_dim + d.v_dim) && kv_b.dim(1) == d.kv_lora_rank, "mla_attention",
+         "kv_b " + shape_to_string(kv_b.shape()));
+  const float* wkv = kv_b.data<float>();
+  std::vector<float> q_lat, scores, out_lat;
+  for (const auto& s : segments) {
+    const std::int64_t rows = s.num_rows, keys = s.first_position + s.num_rows;
+    if (rows == 0) continue;
+    expect(s.latents.dim(0) >= keys && s.latents.dim(1) == lat_w, "mla_attention",
+           "latent cache " + shape_to_string(s.latents.shape()) + " for " + std::to_string(keys) + " keys");
+    const float* lat = s.latents.data<float>();
+    q_lat.resize(rows * d.kv_lora_rank);
+    scores.resize(rows * keys);
+    out_lat.resize(rows * d.kv_lora_rank);
+    for (std::int64_t h = 0; h < d.num_heads; ++h) {
+      const float* qh = q.data<float>() + s.row_begin * q.dim(1) + h * qk;
+      const float* w_k = wkv + h * (d.nope_dim + d.v_dim) * d.kv_lora_rank;  // [nope, kv_lora]
+      const float* w_v = w_k + d.nope_dim * d.kv_lora_rank;                   // [v, kv_lora]
+      // Absorb kv_b into the query: q_lat = q_nope . W_k, so q_nope . k_nope = q_lat . latent.
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, d.kv_lora_rank, d.nope_dim, 1.0f, qh, q.dim(1),
+                  w_k, d.kv_lora_rank, 0.0f, q_lat.data(), d.kv_lora_rank);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, keys, d.kv_lora_rank, 1.0f, q_lat.data(),
+                  d.kv_lora_rank, lat, lat_w, 0.0f, scores.data(), keys);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, keys, d.rope_dim, 1.0f, qh + d.nope_dim, q.dim(1),
+                  lat + d.kv_lora_rank, lat_w, 1.0f, scores.data(), keys);
+      for (std::int64_t r = 0; r < rows; ++r) {
+        float* sr = scores.data() + r * keys;
+        const std::int64_t visible = s.first_position + r + 1;  // causal
+        float mx = -INFINITY;
+        for (std::int64_t c = 0; c < visible; ++c) mx = std::max(mx, sr[c] * softmax_scale);
+        float sum = 0.0f;
+        for (std::int64_t c = 0; c < visible; ++c) sum += (sr[c] = std::exp(sr[c] * softmax_scale - mx));
+        const float inv = 1.0f / sum;
+        for (std::int64_t c = 0; c < visible; ++c) sr[c] *= inv;
+        std::fill(sr + visible, sr + keys, 0.0f);
+      }
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, d.kv_lora_rank, keys, 1.0f, scores.data(), keys,
+                  lat, lat_w, 0.0f, out_lat.data(), d.kv_lora_rank);
+      // Expand the attended latent through W_v: out_h = out_lat . W_v^T.
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, d.v_dim, d.kv_lora_rank, 1.0f, out_lat.data(),
+                  d.kv_lora_rank, w_v, d.kv_lora_rank, 0.0f,
+                  out.data<float>() + s.row_begin * out.dim(1) + h * d.v_dim, out.dim(1));
+    }
+  }
+}
+
+void cpu_backend::router_topk(const tensor& logits, const tensor& bias, int k, float scaling, tensor& idx,
+                              tensor& weights) {
+  const auto t = logits.dim(0), e = logits.dim(1);
+  expect(bias.numel() == e && k > 0 && k <= e && idx.dim(0) == t && idx.dim(1) == k && weights.dim(1) == k,
+         "router_topk", "logits " + shape_to_string(logits.shape()) + ", k " + std::to_string(k));
+  std::vector<float> p(e), choice(e);
+  std::vector<std::int32_t> order(e);
+  for (std::int64_t r = 0; r < t; ++r) {
+    const float* lr = logits.data<float>() + r * e;
+    const float mx = *std::max_element(lr, lr + e);
+    float sum = 0.0f;
+    for (std::int64_t j = 0; j < e; ++j) sum += (p[j] = std::exp(lr[j] - mx));
+    for (std::int64_t j = 0; j < e; ++j) {
+      p[j] /= sum;
+      choice[j] = p[j] + bias.data<float>()[j];
+    }
+    std::iota(order.begin(), order.end(), 0);
+    std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](std::int32_t a, std::int32_t b) {
+      return choice[a] > choice[b] || (choice[a] == choice[b] && a < b);
+    });
+    for (int j = 0; j < k; ++j) {
+      idx.data<std::int32_t>()[r * k + j] = order[j];
+      weights.data<float>()[r * k + j] = p[order[j]] * scaling;
+    }
+  }
+}
+
+}  // namespace troupe

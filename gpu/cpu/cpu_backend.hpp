@@ -1,0 +1,42 @@
+// The CPU backend: float32 compute, OpenBLAS for every matrix product, synchronous ops.
+// Invariant: an op's result for one sequence's rows never depends on the other rows of the
+// call except through GEMM blocking, so batching changes rounding at most in the last bits.
+#pragma once
+
+#include "gpu/backend.hpp"
+
+namespace troupe {
+
+class cpu_backend final : public backend {
+ public:
+  /// `num_threads` = 0 keeps OpenBLAS's default (all cores).
+  explicit cpu_backend(int num_threads = 0);
+
+  device where() const override { return {}; }
+  std::string name() const override { return "cpu"; }
+
+  tensor empty(shape_t shape, dtype type) override;
+  tensor upload(const tensor& host, dtype type) override;
+  tensor download(const tensor& t) override;
+  void copy_rows(const tensor& src, tensor& dst, std::int64_t dst_row) override;
+  void synchronize() override {}
+
+  void linear(const tensor& x, const tensor& w, tensor& y, write_mode mode) override;
+  void rms_norm(const tensor& x, const tensor& w, float eps, tensor& y) override;
+  void rms_norm_prefix_inplace(tensor& x, std::int64_t cols, const tensor& w, float eps, float post_scale) override;
+  void scale(tensor& y, float s) override;
+  void add(tensor& y, const tensor& x) override;
+  void swiglu(const tensor& gate_up, tensor& out) override;
+  void gather_rows(const tensor& table, const tensor& ids, tensor& out) override;
+  void scatter_add_rows(const tensor& x, const tensor& rows, const tensor& weights, tensor& out) override;
+  void ngram_embed(const tensor& base, const tensor& tokens, const tensor& ngram_ids,
+                   std::span<const tensor> tables, std::span<const tensor> projections, tensor& out) override;
+  void rope_interleaved(tensor& x, std::int64_t num_heads, std::int64_t head_stride, std::int64_t offset,
+                        const tensor& positions, const rope_params& rope) override;
+  void mla_attention(const tensor& q, const tensor& kv_b, std::span<const attention_segment> segments,
+                     const mla_dims& dims, float softmax_scale, tensor& out) override;
+  void router_topk(const tensor& logits, const tensor& bias, int k, float scaling, tensor& idx,
+                   tensor& weights) override;
+};
+
+}  // namespace troupe

@@ -1,0 +1,71 @@
+#include "tests/test_support.hpp"
+
+#include <simdjson.h>
+
+#include <algorithm>
+#include <fstream>
+#include <vector>
+
+#include "model/init_model.hpp"
+
+namespace troupe::test {
+
+std::filesystem::path temp_dir(const std::string& name) {
+  const auto p = std::filesystem::path(TROUPE_BINARY_DIR) / "test-tmp" / name;
+  std::filesystem::remove_all(p);
+  std::filesystem::create_directories(p);
+  return p;
+}
+
+std::string tiny_config_json(const std::string& overrides, bool ngram) {
+  // Base fields in order; an override replaces a field's value or adds a field.
+  std::vector<std::pair<std::string, std::string>> fields = {
+      {"architectures", ngram ? R"(["LongcatFlashNgramForCausalLM"])" : R"(["LongcatFlashForCausalLM"])"},
+      {"vocab_size", "97"}, {"hidden_size", "48"}, {"num_layers", "2"}, {"num_attention_heads", "3"},
+      {"emb_neighbor_num", "3"}, {"emb_split_num", "2"}, {"ngram_vocab_size_ratio", "3"},
+      {"q_lora_rank", "24"}, {"kv_lora_rank", "16"}, {"qk_nope_head_dim", "8"}, {"qk_rope_head_dim", "4"},
+      {"v_head_dim", "8"}, {"ffn_hidden_size", "40"}, {"expert_ffn_hidden_size", "12"}, {"n_routed_experts", "6"},
+      {"zero_expert_num", "2"}, {"moe_topk", "3"}, {"routed_scaling_factor", "2.5"}, {"rms_norm_eps", "1e-5"},
+      {"rope_theta", "10000.0"}, {"bos_token_id", "1"}, {"eos_token_id", "2"}};
+  if (!overrides.empty()) {
+    simdjson::dom::parser parser;
+    simdjson::padded_string text("{" + overrides + "}");
+    simdjson::dom::object obj = parser.parse(text).get_object().value();
+    for (auto [key, value] : obj) {
+      const std::string k(key), v = simdjson::minify(value);
+      auto it = std::find_if(fields.begin(), fields.end(), [&](const auto& f) { return f.first == k; });
+      if (it == fields.end()) fields.emplace_back(k, v);
+      else it->second = v;
+    }
+  }
+  std::string json = "{";
+  for (const auto& [k, v] : fields) {
+    if (v == "\"absent\"") continue;  // lets a test drop a field
+    json += (json.size() > 1 ? ",\n\"" : "\"") + k + "\": " + v;
+  }
+  return json + "}";
+}
+
+model_config tiny_config(const std::string& overrides, bool ngram) {
+  return parse_model_config(tiny_config_json(overrides, ngram), "tiny-config");
+}
+
+std::filesystem::path make_model(const std::string& name, const model_config& config, std::uint64_t seed, dtype weights) {
+  const auto dir = temp_dir(name);
+  init_options o;
+  o.seed = seed;
+  o.weight_type = weights;
+  init_model(config, dir, o);
+  return dir;
+}
+
+double relative_l2(const float* a, const float* b, std::size_t n) {
+  double num = 0, den = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    num += (static_cast<double>(a[i]) - b[i]) * (static_cast<double>(a[i]) - b[i]);
+    den += static_cast<double>(b[i]) * b[i];
+  }
+  return std::sqrt(num / (den > 0 ? den : 1));
+}
+
+}  // namespace troupe::test

@@ -1,0 +1,29 @@
+// Helpers shared by the unit tests: small model configs, temporary directories, random
+// model directories, and a relative-L2 comparison.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <filesystem>
+#include <string>
+
+#include "gpu/tensor.hpp"
+#include "model/config.hpp"
+
+namespace troupe::test {
+
+/// A fresh, empty directory under the build tree, removed at the start of each use.
+std::filesystem::path temp_dir(const std::string& name);
+
+/// A small n-gram config JSON with `overrides` merged in ("\"key\": value" pairs).
+std::string tiny_config_json(const std::string& overrides = "", bool ngram = true);
+model_config tiny_config(const std::string& overrides = "", bool ngram = true);
+
+/// Writes a random-weight model directory for `config` and returns its path.
+std::filesystem::path make_model(const std::string& name, const model_config& config, std::uint64_t seed = 1,
+                                 dtype weights = dtype::bf16);
+
+/// ||a - b|| / ||b|| over float32 tensors of equal size.
+double relative_l2(const float* a, const float* b, std::size_t n);
+
+}  // namespace troupe::test
