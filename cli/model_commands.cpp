@@ -119,7 +119,7 @@ void add_model_commands(CLI::App& app, std::function<int()>& run) {
 
   // logits
   struct logit_opts {
-    std::string model, ids, out;
+    std::string model, ids, out, ngram_out;
     int threads = 0;
     std::size_t chunk = 0;
   };
@@ -132,6 +132,7 @@ void add_model_commands(CLI::App& app, std::function<int()>& run) {
                      "feed the sequence in steps of this many tokens (0 = one prefill); the result must not change")
       ->capture_default_str();
   logits->add_option("--threads", lo->threads, "CPU threads; 0 = all cores")->capture_default_str();
+  logits->add_option("--ngram-ids", lo->ngram_out, "also write the n-gram hash ids [tokens, tables] (int64 .npy)");
   logits->callback([&run, lo] {
     run = [lo] {
       cpu_backend be(lo->threads);
@@ -147,6 +148,13 @@ void add_model_commands(CLI::App& app, std::function<int()>& run) {
         be.copy_rows(part, all, static_cast<std::int64_t>(begin));
       }
       write_npy(lo->out, all);
+      if (!lo->ngram_out.empty()) {
+        const auto hashed = m->ngram_ids(ids, {});
+        const auto tables = static_cast<std::int64_t>(hashed.size() / ids.size());
+        tensor t = tensor::empty({static_cast<std::int64_t>(ids.size()), tables}, dtype::i64);
+        std::copy(hashed.begin(), hashed.end(), t.data<std::int64_t>());
+        write_npy(lo->ngram_out, t);
+      }
       return 0;
     };
   });
