@@ -2,11 +2,14 @@
 #include <CLI/CLI.hpp>
 #include <simdjson.h>
 
+#include <filesystem>
+#include <fstream>
 #include <iostream>
 #include <iterator>
 
 #include "cli/commands.hpp"
 #include "protocol/errors.hpp"
+#include "tokenizer/bpe_trainer.hpp"
 #include "tokenizer/tokenizer.hpp"
 
 namespace troupe::cli {
@@ -41,6 +44,29 @@ void add_tokenizer_commands(CLI::App& app, std::function<int()>& run) {
         out += std::to_string(ids[i]);
       }
       std::cout << out << "]\n";
+      return 0;
+    };
+  });
+
+  struct train_opts {
+    std::vector<std::string> corpus;
+    std::string out;
+    bpe_training_options options;
+  };
+  auto to = std::make_shared<train_opts>();
+  auto* train = app.add_subcommand("train-tokenizer", "Train a byte-level BPE tokenizer on text files (writes tokenizer.json)");
+  train->add_option("--corpus", to->corpus, "text files to learn from")->required()->check(CLI::ExistingFile);
+  train->add_option("--out", to->out, "output tokenizer.json")->required();
+  train->add_option("--vocab-size", to->options.vocab_size, "3 specials + 256 bytes + merges")->capture_default_str();
+  train->add_option("--max-bytes", to->options.max_bytes, "read at most this many bytes per file (0 = all)")
+      ->capture_default_str();
+  train->callback([&run, to] {
+    run = [to] {
+      std::vector<std::filesystem::path> files(to->corpus.begin(), to->corpus.end());
+      const std::string json = train_bpe(files, to->options);
+      std::ofstream out(to->out, std::ios::binary | std::ios::trunc);
+      out << json;
+      if (!out) throw input_error(to->out + ": write failed");
       return 0;
     };
   });

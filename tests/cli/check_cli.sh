@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# The CLI as a user meets it: help texts, the happy paths, and every kind of bad input giving
+# exit code 2 and a message that names the problem (never a crash or a silent default).
+# Usage: check_cli.sh TROUPE_EXE WORK_DIR
+set -uo pipefail
+troupe=$1
+work=$2
+root=$(cd "$(dirname "$0")/../.." && pwd)
+rm -rf "$work"; mkdir -p "$work"
+failures=0
+pass() { echo "ok   $1"; }
+fail() { echo "FAIL $1"; failures=$((failures + 1)); }
+
+# expect_error NAME PATTERN CMD...: exit status 2 and stderr matching PATTERN.
+expect_error() {
+  local name=$1 pattern=$2; shift 2
+  local err status
+  err=$("$@" 2>&1 >/dev/null); status=$?
+  if [ $status -eq 2 ] && grep -qE "$pattern" <<<"$err"; then pass "$name"; else fail "$name (exit $status: $err)"; fi
+}
+
+# Help.
+for sub in "" init-model generate logits tokenize detokenize train-tokenizer; do
+  if "$troupe" $sub --help >/dev/null 2>&1; then pass "help $sub"; else fail "help $sub"; fi
+done
+if grep -q "A subcommand is required" <<<"$("$troupe" 2>&1)"; then pass "no subcommand explains"; else fail "no subcommand"; fi
+
+tok=$root/configs/tokenizers/troupe-bpe-4k.json
+cfg=$root/configs/models/demo-tiny.json
+"$troupe" init-model --config "$cfg" --out "$work/m" --seed 3 >/dev/null 2>&1 && pass "init-model" || fail "init-model"
+[ -f "$work/m/tokenizer.json" ] && pass "init-model writes the default tokenizer" || fail "tokenizer.json missing"
+
+# Tokenize round trip, and the JSON contract.
+text=$'Let there be light: caf\xc3\xa9 \xe2\x82\xac 42!\n'
+ids=$(printf '%s' "$text" | "$troupe" tokenize --tokenizer "$tok")
+[[ $ids == \[*\] ]] && pass "tokenize prints one JSON array" || fail "tokenize output: $ids"
+back=$(printf '%s' "$ids" | "$troupe" detokenize --tokenizer "$tok"; printf x)
+[ "${back%x}" = "$text" ] && pass "detokenize inverts tokenize" || fail "round trip"
+[ "$(printf '<|eos|>' | "$troupe" tokenize --tokenizer "$tok" --special)" = "[2]" ] && pass "--special parses specials" || fail "--special"
+[ "$(printf '<|eos|>' | "$troupe" tokenize --tokenizer "$tok")" != "[2]" ] && pass "specials are text by default" || fail "specials default"
+
+# Generate and logits.
+out=$("$troupe" generate --model "$work/m" --prompt "Hello" --max-tokens 5 --temperature 0 --quiet 2>&1) && pass "generate" || fail "generate: $out"
+echo '[1, 5, 9, 2, 7]' > "$work/ids.json"
+"$troupe" logits --model "$work/m" --ids "$work/ids.json" --out "$work/l.npy" && pass "logits" || fail "logits"
+/usr/bin/python3 -c "import numpy as np; a = np.load('$work/l.npy'); assert a.shape == (5, 4096) and a.dtype == np.float32" \
+  && pass "logits .npy is [tokens, vocab] float32" || fail "npy shape"
+
+# Bad input.
+echo '{"architectures": ["LongcatFlashNgramForCausalLM"], ' > "$work/bad.json"
+expect_error "malformed config JSON" "bad.json: not valid JSON" "$troupe" init-model --config "$work/bad.json" --out "$work/x"
+sed 's/"kv_lora_rank": 64,//' "$cfg" > "$work/missing.json"
+expect_error "missing config field" "'kv_lora_rank' is missing" "$troupe" init-model --config "$work/missing.json" --out "$work/x"
+expect_error "unknown architecture" "architectures" "$troupe" init-model --config <(sed 's/LongcatFlashNgramForCausalLM/GPT2LMHeadModel/' "$cfg") --out "$work/x"
+cp -r "$work/m" "$work/trunc"
+truncate -s -100 "$work/trunc/model.safetensors"
+expect_error "truncated checkpoint" "model.safetensors: truncated: tensor '" "$troupe" logits --model "$work/trunc" --ids "$work/ids.json" --out "$work/x.npy"
+cp -r "$work/m" "$work/shape"
+sed -i -E 's/"ffn_hidden_size": *512/"ffn_hidden_size": 500/' "$work/shape/config.json"
+expect_error "checkpoint of another shape" "mlps.0.gate_proj.weight' has shape \[512, 256\], expected \[500, 256\]" \
+  "$troupe" logits --model "$work/shape" --ids "$work/ids.json" --out "$work/x.npy"
+mkdir -p "$work/empty" && cp "$work/m/config.json" "$work/empty/"
+expect_error "no safetensors" "no model.safetensors" "$troupe" logits --model "$work/empty" --ids "$work/ids.json" --out "$work/x.npy"
+echo '[1, 99999]' > "$work/big.json"
+expect_error "token id outside the vocabulary" "outside the vocabulary" "$troupe" logits --model "$work/m" --ids "$work/big.json" --out "$work/x.npy"
+echo '[1, "a"]' > "$work/str.json"
+expect_error "non-integer ids" "token ids must be" "$troupe" logits --model "$work/m" --ids "$work/str.json" --out "$work/x.npy"
+expect_error "bad temperature" "temperature must be" "$troupe" generate --model "$work/m" --prompt hi --temperature -1
+expect_error "bad top_p" "top_p must be" "$troupe" generate --model "$work/m" --prompt hi --top-p 1.5
+rm "$work/trunc/tokenizer.json"
+expect_error "model without tokenizer" "no tokenizer.json" "$troupe" generate --model "$work/trunc" --prompt hi
+expect_error "detokenize bad JSON" "expected a JSON array" sh -c "echo 'nope' | '$troupe' detokenize --tokenizer '$tok'"
+expect_error "detokenize unknown id" "outside the tokenizer's vocabulary" sh -c "echo '[5, 70000]' | '$troupe' detokenize --tokenizer '$tok'"
+echo '{"model": {"type": "WordPiece"}}' > "$work/wp.json"
+expect_error "unsupported tokenizer" "BPE" sh -c "echo hi | '$troupe' tokenize --tokenizer '$work/wp.json'"
+expect_error "tokenizer larger than the model vocab" "ids but the config's vocab_size is 97" \
+  "$troupe" init-model --config <(sed 's/"vocab_size": 4096/"vocab_size": 97/' "$cfg") --out "$work/x"
+
+echo "$failures failure(s)"
+[ $failures -eq 0 ]
