@@ -49,6 +49,9 @@ class backend {
   virtual tensor empty(shape_t shape, dtype type) = 0;
   /// Copies a host tensor to this device, converting floats to `type` (weights at load time).
   virtual tensor upload(const tensor& host, dtype type) = 0;
+  /// The dtype this backend keeps a matrix in when the checkpoint stores it as `stored`
+  /// (what linear() reads); other weights (norms, router, kv_b) are always float32.
+  virtual dtype weight_type(dtype stored) const = 0;
   /// Host copy of a tensor of this device (waits for pending work).
   virtual tensor download(const tensor& t) = 0;
   /// Copies rows of `src` into `dst` starting at row `dst_row` (same row width and dtype).
@@ -56,7 +59,7 @@ class backend {
   /// Waits until every enqueued op has finished.
   virtual void synchronize() = 0;
 
-  /// y[M,N] (=|+=) x[M,K] . w[N,K]^T
+  /// y[M,N] (=|+=) x[M,K] . w[N,K]^T; w in weight_type(), accumulation in float32.
   virtual void linear(const tensor& x, const tensor& w, tensor& y, write_mode mode) = 0;
   /// y[M,C] = x / rms(x) * w, row-wise, computed in float32.
   virtual void rms_norm(const tensor& x, const tensor& w, float eps, tensor& y) = 0;

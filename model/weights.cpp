@@ -66,14 +66,21 @@ struct loader {
   std::map<std::string, shape_t> shapes;
 
   tensor host(const std::string& name) const { return ckpt.get(name, shapes.at(name)); }
-  tensor dense(const std::string& name) const { return be.upload(host(name), dtype::f32); }
+  /// A matrix read by linear(): kept in the backend's weight type.
+  tensor matrix(const std::string& name) const {
+    tensor t = host(name);
+    return be.upload(t, be.weight_type(t.type()));
+  }
+  /// Norm weights, the router, kv_b: always float32.
+  tensor f32(const std::string& name) const { return be.upload(host(name), dtype::f32); }
   swiglu_weights swiglu(const std::string& prefix) const {
-    tensor gate = host(prefix + "gate_proj.weight").to_f32();
-    tensor up = host(prefix + "up_proj.weight").to_f32();
-    tensor gate_up = tensor::empty({gate.dim(0) + up.dim(0), gate.dim(1)}, dtype::f32);
+    tensor gate = host(prefix + "gate_proj.weight");
+    tensor up = host(prefix + "up_proj.weight");
+    if (up.type() != gate.type()) up = up.to_f32(), gate = gate.to_f32();
+    tensor gate_up = tensor::empty({gate.dim(0) + up.dim(0), gate.dim(1)}, gate.type());
     std::memcpy(gate_up.raw(), gate.raw(), gate.nbytes());
     std::memcpy(static_cast<std::byte*>(gate_up.raw()) + gate.nbytes(), up.raw(), up.nbytes());
-    return {be.upload(gate_up, dtype::f32), dense(prefix + "down_proj.weight")};
+    return {be.upload(gate_up, be.weight_type(gate_up.type())), matrix(prefix + "down_proj.weight")};
   }
 };
 
@@ -87,38 +94,38 @@ model_weights load_model_weights(const checkpoint& ckpt, const model_config& c, 
   w.embed = ld.host("model.embed_tokens.weight");
   for (std::int64_t i = 0; i < c.num_ngram_tables(); ++i) {
     w.ngram_tables.push_back(ld.host("model.ngram_embeddings.embedders." + std::to_string(i) + ".weight"));
-    w.ngram_projections.push_back(ld.dense("model.ngram_embeddings.post_projs." + std::to_string(i) + ".weight"));
+    w.ngram_projections.push_back(ld.matrix("model.ngram_embeddings.post_projs." + std::to_string(i) + ".weight"));
   }
   for (std::int64_t l = 0; l < c.num_layers; ++l) {
     const std::string p = "model.layers." + std::to_string(l) + ".";
     block_weights b;
     for (int j = 0; j < 2; ++j) {
       const std::string s = std::to_string(j);
-      b.input_norm[j] = ld.dense(p + "input_layernorm." + s + ".weight");
-      b.post_attention_norm[j] = ld.dense(p + "post_attention_layernorm." + s + ".weight");
+      b.input_norm[j] = ld.f32(p + "input_layernorm." + s + ".weight");
+      b.post_attention_norm[j] = ld.f32(p + "post_attention_layernorm." + s + ".weight");
       const std::string a = p + "self_attn." + s + ".";
       auto& att = b.attention[j];
       if (c.q_lora_rank) {
-        att.q_a = ld.dense(a + "q_a_proj.weight");
-        att.q_a_norm = ld.dense(a + "q_a_layernorm.weight");
-        att.q_b = ld.dense(a + "q_b_proj.weight");
+        att.q_a = ld.matrix(a + "q_a_proj.weight");
+        att.q_a_norm = ld.f32(a + "q_a_layernorm.weight");
+        att.q_b = ld.matrix(a + "q_b_proj.weight");
       } else {
-        att.q_b = ld.dense(a + "q_proj.weight");
+        att.q_b = ld.matrix(a + "q_proj.weight");
       }
-      att.kv_a = ld.dense(a + "kv_a_proj_with_mqa.weight");
-      att.kv_a_norm = ld.dense(a + "kv_a_layernorm.weight");
-      att.kv_b = ld.dense(a + "kv_b_proj.weight");
-      att.o = ld.dense(a + "o_proj.weight");
+      att.kv_a = ld.matrix(a + "kv_a_proj_with_mqa.weight");
+      att.kv_a_norm = ld.f32(a + "kv_a_layernorm.weight");
+      att.kv_b = ld.f32(a + "kv_b_proj.weight");
+      att.o = ld.matrix(a + "o_proj.weight");
       b.mlp[j] = ld.swiglu(p + "mlps." + s + ".");
     }
-    b.router = ld.dense(p + "mlp.router.classifier.weight");
-    b.router_bias = ld.dense(p + "mlp.router.e_score_correction_bias");
+    b.router = ld.f32(p + "mlp.router.classifier.weight");
+    b.router_bias = ld.f32(p + "mlp.router.e_score_correction_bias");
     for (std::int64_t e = 0; e < c.n_routed_experts; ++e)
       b.experts.push_back(ld.swiglu(p + "mlp.experts." + std::to_string(e) + "."));
     w.blocks.push_back(std::move(b));
   }
-  w.final_norm = ld.dense("model.norm.weight");
-  w.lm_head = c.tie_word_embeddings ? be.upload(w.embed, dtype::f32) : ld.dense("lm_head.weight");
+  w.final_norm = ld.f32("model.norm.weight");
+  w.lm_head = c.tie_word_embeddings ? be.upload(w.embed, be.weight_type(w.embed.type())) : ld.matrix("lm_head.weight");
   return w;
 }
 

@@ -66,7 +66,8 @@ struct model_weights {
   tensor lm_head;     // [V, H]
 };
 
-/// Loads and checks every tensor; dense weights go to the backend as float32, embedding and
+/// Loads and checks every tensor; matrices go to the backend in its weight type (bf16 stays
+/// bf16 on the CPU), norms, router and kv_b as float32; embedding and
 /// n-gram tables stay where they are (zero-copy views on a memory-mapped checkpoint).
 model_weights load_model_weights(const checkpoint& ckpt, const model_config& config, backend& be);
 

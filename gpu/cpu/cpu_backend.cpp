@@ -7,6 +7,11 @@
 #include <cstring>
 #include <numeric>
 #include <stdexcept>
+#include <thread>
+
+#include "gpu/cpu/bf16_linear.hpp"
+#include "gpu/cpu/host_allocator.hpp"
+#include "gpu/cpu/thread_pool.hpp"
 
 namespace troupe {
 namespace {
@@ -28,11 +33,17 @@ void read_row(const tensor& table, std::int64_t r, float* dst) {
 
 }  // namespace
 
-cpu_backend::cpu_backend(int num_threads) {
-  if (num_threads > 0) openblas_set_num_threads(num_threads);
+cpu_backend::cpu_backend(int num_threads) : alloc_(std::make_shared<host_allocator>()) {
+  const int threads = num_threads > 0 ? num_threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  openblas_set_num_threads(threads);
+  pool_ = std::make_unique<thread_pool>(threads);
 }
 
-tensor cpu_backend::empty(shape_t shape, dtype type) { return tensor::empty(std::move(shape), type); }
+cpu_backend::~cpu_backend() = default;
+
+int cpu_backend::num_threads() const { return pool_->size(); }
+
+tensor cpu_backend::empty(shape_t shape, dtype type) { return alloc_->empty(std::move(shape), type); }
 
 tensor cpu_backend::upload(const tensor& host, dtype type) {
   if (host.type() == type) {
@@ -67,6 +78,10 @@ void cpu_backend::linear(const tensor& x, const tensor& w, tensor& y, write_mode
   expect(w.dim(1) == k && y.dim(0) == m && y.dim(1) == n, "linear",
          "x " + shape_to_string(x.shape()) + ", w " + shape_to_string(w.shape()) + ", y " + shape_to_string(y.shape()));
   if (m == 0) return;
+  if (w.type() == dtype::bf16) {
+    linear_bf16(x.data<float>(), w.data<std::uint16_t>(), y.data<float>(), m, n, k, mode == write_mode::accumulate, *pool_);
+    return;
+  }
   const float beta = mode == write_mode::accumulate ? 1.0f : 0.0f;
   if (m == 1) {
     cblas_sgemv(CblasRowMajor, CblasNoTrans, n, k, 1.0f, w.data<float>(), k, x.data<float>(), 1, beta,

@@ -1,22 +1,31 @@
-// The CPU backend: float32 compute, OpenBLAS for every matrix product, synchronous ops.
+// The CPU backend: float32 compute, OpenBLAS for float32 matrix products, a streaming kernel
+// for bf16 weights (decode reads half the bytes), a caching allocator, synchronous ops.
 // Invariant: an op's result for one sequence's rows never depends on the other rows of the
 // call except through GEMM blocking, so batching changes rounding at most in the last bits.
 #pragma once
+
+#include <memory>
 
 #include "gpu/backend.hpp"
 
 namespace troupe {
 
+class host_allocator;
+class thread_pool;
+
 class cpu_backend final : public backend {
  public:
-  /// `num_threads` = 0 keeps OpenBLAS's default (all cores).
+  /// `num_threads` = 0 uses every core.
   explicit cpu_backend(int num_threads = 0);
+  ~cpu_backend() override;
+  int num_threads() const;
 
   device where() const override { return {}; }
   std::string name() const override { return "cpu"; }
 
   tensor empty(shape_t shape, dtype type) override;
   tensor upload(const tensor& host, dtype type) override;
+  dtype weight_type(dtype stored) const override { return stored == dtype::bf16 ? dtype::bf16 : dtype::f32; }
   tensor download(const tensor& t) override;
   void copy_rows(const tensor& src, tensor& dst, std::int64_t dst_row) override;
   void synchronize() override {}
@@ -37,6 +46,10 @@ class cpu_backend final : public backend {
                      const mla_dims& dims, float softmax_scale, tensor& out) override;
   void router_topk(const tensor& logits, const tensor& bias, int k, float scaling, tensor& idx,
                    tensor& weights) override;
+
+ private:
+  std::shared_ptr<host_allocator> alloc_;
+  std::unique_ptr<thread_pool> pool_;
 };
 
 }  // namespace troupe

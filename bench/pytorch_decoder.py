@@ -1,0 +1,162 @@
+#!/usr/bin/env python3
+"""The PyTorch baseline for bench/cpu_decode.sh: a careful eager decoder of the same model
+(float32 weights, latent KV cache with kv_b absorbed, only the selected experts computed,
+incremental n-gram hashing), timed like troupe_bench_model and printing the same JSON.
+
+    pytorch_decoder.py MODEL_DIR PROMPT_TOKENS DECODE_TOKENS THREADS
+"""
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "reference"))
+from longcat_reference import load_weights, rope_inv_freq, softmax_scale  # noqa: E402
+
+torch.set_grad_enabled(False)
+
+
+class Decoder:
+    def __init__(self, model_dir):
+        self.cfg = c = json.load(open(os.path.join(model_dir, "config.json")))
+        self.w = {k: v.to(torch.float32).contiguous() for k, v in load_weights(model_dir).items()}
+        self.ngram = "Ngram" in c["architectures"][0]
+        self.eps = c["rms_norm_eps"]
+        self.nh, self.nope, self.rope_dim, self.vd = c["num_attention_heads"], c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"]
+        self.lora = c["kv_lora_rank"]
+        inv, self.af = rope_inv_freq(c)
+        self.inv_freq = inv.to(torch.float32)
+        self.scale = softmax_scale(c)
+        V = c["vocab_size"]
+        if self.ngram:
+            N, K = c["emb_neighbor_num"], c["emb_split_num"]
+            m = int(math.floor(c["ngram_vocab_size_ratio"] * V))
+            sizes = c.get("ngram_table_sizes") or [m + 2 * i + 1 for i in range(K * (N - 1))]
+            self.tables = [(2 + i // K, M, [pow(V, k, M) for k in range(1, 2 + i // K)]) for i, M in enumerate(sizes)]
+            self.keep = N - 1
+        # Absorbed MLA weights per attention layer: W_k [nh, nope, lora], W_v [nh, vd, lora].
+        self.absorbed = {}
+        for l in range(c["num_layers"]):
+            for j in (0, 1):
+                p = f"model.layers.{l}.self_attn.{j}."
+                kvb = self.w[p + "kv_b_proj.weight"].view(self.nh, self.nope + self.vd, self.lora)
+                self.absorbed[p] = (kvb[:, : self.nope].contiguous(), kvb[:, self.nope :].contiguous())
+
+    def rms(self, x, w):
+        return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+    def hash_ids(self, tokens, ctx):
+        out = []
+        for x in tokens:
+            out.append([(x + sum(ctx[-k] * p for k, p in enumerate(pw, 1) if k <= len(ctx))) % M for _, M, pw in self.tables])
+            if x == self.cfg["eos_token_id"]:
+                ctx.clear()
+            else:
+                ctx.append(x)
+                del ctx[: max(0, len(ctx) - self.keep)]
+        return torch.tensor(out)
+
+    def embed(self, tokens, state):
+        w = self.w
+        x = w["model.embed_tokens.weight"][torch.tensor(tokens)]
+        if self.ngram:
+            ids = self.hash_ids(tokens, state["ctx"])
+            for i in range(ids.shape[1]):
+                x = x + w[f"model.ngram_embeddings.embedders.{i}.weight"][ids[:, i]] @ w[f"model.ngram_embeddings.post_projs.{i}.weight"].T
+            x = x / (1 + ids.shape[1])
+        return x
+
+    def apply_rope(self, x, pos):  # interleaved pairs, in place of the de-interleaved layout (same dot products)
+        ang = pos[:, None].to(torch.float32) * self.inv_freq[None, :]
+        cos, sin = (ang.cos() * self.af), (ang.sin() * self.af)
+        while cos.dim() < x.dim():
+            cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+        a, b = x[..., 0::2], x[..., 1::2]
+        return torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(-2)
+
+    def mla(self, p, x, pos, state):
+        w, c, T = self.w, self.cfg, x.shape[0]
+        if c.get("q_lora_rank"):
+            q = self.rms(x @ w[p + "q_a_proj.weight"].T, w[p + "q_a_layernorm.weight"]) @ w[p + "q_b_proj.weight"].T
+            if c.get("mla_scale_q_lora", True):
+                q = q * math.sqrt(c["hidden_size"] / c["q_lora_rank"])
+        else:
+            q = x @ w[p + "q_proj.weight"].T
+        q = q.view(T, self.nh, self.nope + self.rope_dim)
+        q_nope, q_rope = q[..., : self.nope], self.apply_rope(q[..., self.nope :], pos)
+        kv = x @ w[p + "kv_a_proj_with_mqa.weight"].T
+        lat = self.rms(kv[:, : self.lora], w[p + "kv_a_layernorm.weight"])
+        if c.get("mla_scale_kv_lora", True):
+            lat = lat * math.sqrt(c["hidden_size"] / self.lora)
+        k_rope = self.apply_rope(kv[:, self.lora :], pos)
+        cache = state["cache"].setdefault(p, [None, None])
+        cache[0] = lat if cache[0] is None else torch.cat([cache[0], lat])
+        cache[1] = k_rope if cache[1] is None else torch.cat([cache[1], k_rope])
+        wk, wv = self.absorbed[p]
+        q_lat = torch.einsum("thn,hnl->htl", q_nope, wk)
+        scores = (q_lat @ cache[0].T + torch.einsum("thr,sr->hts", q_rope, cache[1])) * self.scale
+        S = cache[0].shape[0]
+        mask = torch.arange(S)[None, :] > (pos[:, None])
+        probs = scores.masked_fill(mask, float("-inf")).softmax(-1)
+        out = torch.einsum("hts,sl->htl", probs, cache[0])
+        out = torch.einsum("htl,hvl->thv", out, wv).reshape(T, self.nh * self.vd)
+        return out @ w[p + "o_proj.weight"].T
+
+    def swiglu(self, p, x):
+        w = self.w
+        return (torch.nn.functional.silu(x @ w[p + "gate_proj.weight"].T) * (x @ w[p + "up_proj.weight"].T)) @ w[p + "down_proj.weight"].T
+
+    def moe(self, p, x):
+        c, w = self.cfg, self.w
+        probs = (x @ w[p + "router.classifier.weight"].T).softmax(-1)
+        idx = torch.topk(probs + w[p + "router.e_score_correction_bias"], c["moe_topk"], dim=-1).indices
+        gate = probs.gather(1, idx) * c["routed_scaling_factor"]
+        out = torch.zeros_like(x)
+        for e in idx.unique().tolist():
+            rows, slot = (idx == e).nonzero(as_tuple=True)
+            y = self.swiglu(f"{p}experts.{e}.", x[rows]) if e < c["n_routed_experts"] else x[rows]
+            out.index_add_(0, rows, y * gate[rows, slot, None])
+        return out
+
+    def forward(self, tokens, state):
+        w, c = self.w, self.cfg
+        pos = torch.arange(state["n"], state["n"] + len(tokens))
+        h = self.embed(tokens, state)
+        for l in range(c["num_layers"]):
+            p = f"model.layers.{l}."
+            a = h + self.mla(p + "self_attn.0.", self.rms(h, w[p + "input_layernorm.0.weight"]), pos, state)
+            u = self.rms(a, w[p + "post_attention_layernorm.0.weight"])
+            shortcut = self.moe(p + "mlp.", u)
+            b = a + self.swiglu(p + "mlps.0.", u)
+            cc = b + self.mla(p + "self_attn.1.", self.rms(b, w[p + "input_layernorm.1.weight"]), pos, state)
+            h = cc + self.swiglu(p + "mlps.1.", self.rms(cc, w[p + "post_attention_layernorm.1.weight"])) + shortcut
+        state["n"] += len(tokens)
+        return self.rms(h[-1:], w["model.norm.weight"]) @ w["lm_head.weight"].T
+
+
+def main():
+    model_dir, prompt_len, decode_len, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    torch.set_num_threads(threads)
+    dec = Decoder(model_dir)
+    V = dec.cfg["vocab_size"]
+    prompt = [3 + (i * 7919) % (V - 3) for i in range(prompt_len)]
+
+    def run():
+        state = {"n": 0, "ctx": [], "cache": {}}
+        t0 = time.perf_counter()
+        out = [int(dec.forward(prompt, state).argmax())]
+        t1 = time.perf_counter()
+        for _ in range(decode_len - 1):
+            out.append(int(dec.forward([out[-1]], state).argmax()))
+        return out, t1 - t0, time.perf_counter() - t1
+
+    run()  # warm-up
+    tokens, prefill_s, decode_s = run()
+    print(json.dumps({"prefill_tok_s": round(prompt_len / prefill_s, 2), "decode_tok_s": round((decode_len - 1) / decode_s, 2), "tokens": tokens}))
+
+
+if __name__ == "__main__":
+    main()
