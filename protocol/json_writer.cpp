@@ -89,6 +89,9 @@ json_writer& json_writer::value(double v) {
   // Keep integral doubles recognisable as numbers with the shortest exact form.
   std::snprintf(buf, sizeof buf, "%.15g", v);
   if (std::strtod(buf, nullptr) == v) s = buf;
+  // Keep a double recognisable as one ("3.0", not "3"): typed readers such as transformers'
+  // config classes reject an integer where a float field is expected.
+  if (s.find_first_of(".eE") == std::string::npos) s += ".0";
   out_ += s;
   return *this;
 }

@@ -1,0 +1,112 @@
+#include "gpu/cuda/ngram_cache.hpp"
+
+#include "gpu/cuda/cuda_check.hpp"
+#include "model/config.hpp"
+
+namespace troupe {
+namespace {
+
+// One block per sequence, one thread per table. 128-bit products are not needed on the
+// device: each term s_k * (V^k mod M) < V * M, summed in unsigned 64-bit as the CPU bound
+// check in the constructor guarantees.
+__global__ void hash_decode_kernel(const std::int32_t* tokens, const std::int32_t* slots, std::int64_t* ids,
+                                   const std::int64_t* moduli, const std::int64_t* powers, std::int32_t* tails,
+                                   std::int32_t* lengths, int num_tables, int width, std::int32_t eos) {
+  const int i = blockIdx.x;
+  const int slot = slots[i];
+  const std::int32_t x = tokens[i];
+  std::int32_t* tail = tails + static_cast<std::int64_t>(slot) * width;
+  const int len = lengths[slot];
+  for (int t = threadIdx.x; t < num_tables; t += blockDim.x) {
+    const std::int64_t m = moduli[t];
+    unsigned long long h = static_cast<unsigned long long>(x) % m;
+    for (int k = 1; k <= width && k <= len; ++k) {
+      const unsigned long long p = static_cast<unsigned long long>(powers[t * width + k - 1]);
+      if (p == 0) break;  // beyond this table's order
+      h = (h + static_cast<unsigned long long>(tail[len - k]) * p) % m;
+    }
+    ids[static_cast<std::int64_t>(i) * num_tables + t] = static_cast<std::int64_t>(h);
+  }
+  __syncthreads();  // every table has read the old context before it moves
+  if (threadIdx.x == 0) {
+    if (x == eos) {
+      lengths[slot] = 0;
+    } else if (width > 0) {
+      if (len == width) {
+        for (int k = 1; k < width; ++k) tail[k - 1] = tail[k];
+        tail[width - 1] = x;
+      } else {
+        tail[len] = x;
+        lengths[slot] = len + 1;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+device_ngram_cache::device_ngram_cache(const model_config& c, int max_sequences)
+    : num_tables_(static_cast<int>(c.num_ngram_tables())),
+      width_(static_cast<int>(c.emb_neighbor_num > 0 ? c.emb_neighbor_num - 1 : 0)),
+      max_sequences_(max_sequences),
+      eos_(c.eos_token_id) {
+  std::vector<std::int64_t> moduli(static_cast<std::size_t>(num_tables_));
+  std::vector<std::int64_t> powers(static_cast<std::size_t>(num_tables_ * width_), 0);
+  for (int t = 0; t < num_tables_; ++t) {
+    const std::int64_t m = c.ngram_table_rows(t);
+    // Partial sums stay below 2 * M and products below V * M: both must fit in 64 bits.
+    if (static_cast<double>(c.vocab_size) * static_cast<double>(m) > 9.0e18)
+      throw std::invalid_argument("device_ngram_cache: table " + std::to_string(t) + " too large for 64-bit hashing");
+    moduli[static_cast<std::size_t>(t)] = m;
+    unsigned long long p = 1;
+    for (int k = 1; k < c.ngram_table_order(t); ++k) {
+      p = static_cast<unsigned long long>((static_cast<unsigned __int128>(p) * c.vocab_size) % m);
+      powers[static_cast<std::size_t>(t * width_ + k - 1)] = p ? static_cast<std::int64_t>(p) : m;  // 0 marks "no term"
+    }
+  }
+  // A power of 0 (V^k divisible by M) contributes nothing; storing M keeps the sum exact mod M
+  // while leaving 0 free to mark orders beyond the table's.
+  TROUPE_CUDA_CHECK(cudaMalloc(&moduli_, sizeof(std::int64_t) * moduli.size()));
+  TROUPE_CUDA_CHECK(cudaMalloc(&powers_, sizeof(std::int64_t) * (powers.empty() ? 1 : powers.size())));
+  TROUPE_CUDA_CHECK(cudaMalloc(&tails_, sizeof(std::int32_t) * static_cast<std::size_t>(max_sequences) * (width_ ? width_ : 1)));
+  TROUPE_CUDA_CHECK(cudaMalloc(&lengths_, sizeof(std::int32_t) * static_cast<std::size_t>(max_sequences)));
+  TROUPE_CUDA_CHECK(cudaMemcpy(moduli_, moduli.data(), sizeof(std::int64_t) * moduli.size(), cudaMemcpyHostToDevice));
+  if (!powers.empty())
+    TROUPE_CUDA_CHECK(cudaMemcpy(powers_, powers.data(), sizeof(std::int64_t) * powers.size(), cudaMemcpyHostToDevice));
+  TROUPE_CUDA_CHECK(cudaMemset(lengths_, 0, sizeof(std::int32_t) * static_cast<std::size_t>(max_sequences)));
+}
+
+device_ngram_cache::~device_ngram_cache() {
+  cudaFree(moduli_);
+  cudaFree(powers_);
+  cudaFree(tails_);
+  cudaFree(lengths_);
+}
+
+void device_ngram_cache::reset_async(int slot, cudaStream_t stream) {
+  if (slot < 0 || slot >= max_sequences_) throw std::out_of_range("device_ngram_cache: slot out of range");
+  TROUPE_CUDA_CHECK(cudaMemsetAsync(lengths_ + slot, 0, sizeof(std::int32_t), stream));
+}
+
+void device_ngram_cache::hash_decode_async(const std::int32_t* tokens, const std::int32_t* slots, int count,
+                                           std::int64_t* ids, cudaStream_t stream) {
+  if (count == 0 || num_tables_ == 0) return;
+  const int threads = ((num_tables_ + 31) / 32) * 32;
+  hash_decode_kernel<<<count, threads, 0, stream>>>(tokens, slots, ids, moduli_, powers_, tails_, lengths_, num_tables_,
+                                                     width_, eos_);
+  TROUPE_CUDA_CHECK_LAUNCH();
+}
+
+std::vector<std::int32_t> device_ngram_cache::context(int slot, cudaStream_t stream) const {
+  std::int32_t len = 0;
+  std::vector<std::int32_t> out(static_cast<std::size_t>(width_));
+  TROUPE_CUDA_CHECK(cudaMemcpyAsync(&len, lengths_ + slot, sizeof len, cudaMemcpyDeviceToHost, stream));
+  if (width_)
+    TROUPE_CUDA_CHECK(cudaMemcpyAsync(out.data(), tails_ + static_cast<std::int64_t>(slot) * width_,
+                                      sizeof(std::int32_t) * out.size(), cudaMemcpyDeviceToHost, stream));
+  TROUPE_CUDA_CHECK(cudaStreamSynchronize(stream));
+  out.resize(static_cast<std::size_t>(len));
+  return out;
+}
+
+}  // namespace troupe

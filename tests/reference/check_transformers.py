@@ -1,0 +1,100 @@
+#!/usr/bin/env python3
+"""Checks Troupe's backbone against transformers' own LongcatFlashForCausalLM (the numeric
+reference the spec names), in float64, on the GPU machine (transformers 5.x is installed
+there, not here). For each model directory (plain LongcatFlashForCausalLM configs with random
+weights from `troupe init-model`) it loads the safetensors into the transformers model (fusing
+the per-expert weights into its gate_up_proj/down_proj layout), runs the token ids, and
+compares with the logits Troupe wrote (`troupe logits`), plus greedy argmax per position.
+
+    check_transformers.py --case DIR IDS.json TROUPE_LOGITS.npy [--case ...] [--tol 1e-4]
+"""
+import argparse
+import json
+import os
+import struct
+import sys
+
+import numpy as np
+import torch
+
+
+def load_safetensors(path):
+    out = {}
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        data = f.read()
+    for name, e in header.items():
+        if name == "__metadata__":
+            continue
+        raw = data[e["data_offsets"][0]:e["data_offsets"][1]]
+        if e["dtype"] == "BF16":
+            arr = (np.frombuffer(raw, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+        else:
+            arr = np.frombuffer(raw, dtype={"F32": np.float32, "F16": np.float16}[e["dtype"]]).astype(np.float32)
+        out[name] = torch.from_numpy(arr.reshape(e["shape"]).copy()).double()
+    return out
+
+
+def hf_model(model_dir):
+    from transformers import LongcatFlashConfig, LongcatFlashForCausalLM
+    c = json.load(open(os.path.join(model_dir, "config.json")))
+    assert c["architectures"][0] == "LongcatFlashForCausalLM", "transformers has no n-gram embedding"
+    rope = {"rope_type": "default", "rope_theta": c["rope_theta"]}
+    if c.get("rope_scaling"):
+        rope = dict(c["rope_scaling"], rope_theta=c["rope_theta"])
+    keys = ["vocab_size", "hidden_size", "num_layers", "num_attention_heads", "q_lora_rank", "kv_lora_rank",
+            "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "ffn_hidden_size", "expert_ffn_hidden_size",
+            "n_routed_experts", "zero_expert_num", "moe_topk", "routed_scaling_factor", "rms_norm_eps",
+            "bos_token_id", "eos_token_id"]
+    floats = {"routed_scaling_factor", "rms_norm_eps"}
+    cfg = LongcatFlashConfig(**{k: float(c[k]) if k in floats else c[k] for k in keys}, num_hidden_layers=2 * c["num_layers"],
+                             head_dim=c["qk_rope_head_dim"], rope_parameters=rope,
+                             max_position_embeddings=4096, tie_word_embeddings=False)
+    cfg._attn_implementation = "eager"
+    model = LongcatFlashForCausalLM(cfg).double().eval()
+    w = load_safetensors(os.path.join(model_dir, "model.safetensors"))
+    state = model.state_dict()
+    n_routed, F = c["n_routed_experts"], c["expert_ffn_hidden_size"]
+    for l in range(c["num_layers"]):
+        p = f"model.layers.{l}.mlp.experts."
+        if p + "gate_up_proj" in state:
+            gu = state[p + "gate_up_proj"].clone()
+            dn = state[p + "down_proj"].clone()
+            for e in range(n_routed):
+                gu[e] = torch.cat([w.pop(f"{p}{e}.gate_proj.weight"), w.pop(f"{p}{e}.up_proj.weight")])
+                dn[e] = w.pop(f"{p}{e}.down_proj.weight")
+            w[p + "gate_up_proj"], w[p + "down_proj"] = gu, dn
+    missing = [k for k in state if k not in w]
+    unused = [k for k in w if k not in state]
+    if missing or unused:
+        sys.exit(f"key mismatch: missing {missing[:5]}, unused {unused[:5]}")
+    model.load_state_dict({k: w[k] for k in state})
+    return model
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--case", nargs=3, action="append", required=True, metavar=("DIR", "IDS", "LOGITS"))
+    ap.add_argument("--tol", type=float, default=1e-4)
+    args = ap.parse_args()
+    import transformers
+    print(f"transformers {transformers.__version__}, torch {torch.__version__}")
+    ok = True
+    with torch.no_grad():
+        for model_dir, ids_path, logits_path in args.case:
+            model = hf_model(model_dir)
+            ids = torch.tensor([json.load(open(ids_path))])
+            ref = model(input_ids=ids).logits[0].numpy()
+            got = np.load(logits_path).astype(np.float64)
+            err = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+            agree = float(np.mean(got.argmax(-1) == ref.argmax(-1)))
+            good = err < args.tol and agree == 1.0
+            ok &= good
+            print(f"{os.path.basename(model_dir)}: relative L2 {err:.2e} (tol {args.tol:.0e}), argmax agreement {agree:.3f}"
+                  f" -> {'ok' if good else 'FAIL'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
