@@ -13,7 +13,7 @@ ninja -C build-gpu troupe troupe_cuda_tests
 rm -rf gpu-bundle
 ../shared/scripts/gpu-bundle.sh gpu-bundle build-gpu/gpu/cuda/troupe_cuda_tests build-gpu/troupe
 mkdir -p gpu-bundle/cases
-cp tests/reference/check_transformers.py gpu-bundle/
+cp tests/reference/check_transformers.py tests/reference/longcat_reference.py gpu-bundle/
 /usr/bin/python3 - <<'PY'
 import json, random
 base = json.load(open("tests/reference/configs/plain.json"))

@@ -20,10 +20,16 @@ ids = [r.randrange(3, 211) for _ in range(48)]
 ids[15] = ids[31] = 2
 json.dump(ids, open('$work/ids.json', 'w'))"
 status=0
-for cfg in "$here"/configs/*.json; do
-  name=$(basename "$cfg" .json)
-  echo "== $name"
-  "$troupe" init-model --config "$cfg" --out "$work/$name" --seed 11 --tokenizer "" >/dev/null 2>&1
+# Every config as bf16 (the released dtype), plus the n-gram config as f16 and as float32 in
+# 50 kB shards (model.safetensors.index.json), so each reader path meets the reference.
+cases=()
+for cfg in "$here"/configs/*.json; do cases+=("$(basename "$cfg" .json):$cfg:bf16:2048"); done
+cases+=("ngram_f16:$here/configs/ngram.json:f16:2048" "ngram_f32_sharded:$here/configs/ngram.json:f32:0.05")
+for case in "${cases[@]}"; do
+  IFS=: read -r name cfg dtype shard_mb <<<"$case"
+  echo "== $name ($dtype)"
+  "$troupe" init-model --config "$cfg" --out "$work/$name" --seed 11 --tokenizer "" --dtype "$dtype" \
+      --max-shard-mb "$shard_mb" >/dev/null 2>&1
   "$troupe" logits --model "$work/$name" --ids "$work/ids.json" --out "$work/$name.prefill.npy" --ngram-ids "$work/$name.ngram.npy" --threads 1
   "$troupe" logits --model "$work/$name" --ids "$work/ids.json" --out "$work/$name.decode1.npy" --chunk 1 --threads 1
   "$troupe" logits --model "$work/$name" --ids "$work/ids.json" --out "$work/$name.decode5.npy" --chunk 5 --threads 1

@@ -11,29 +11,13 @@ compares with the logits Troupe wrote (`troupe logits`), plus greedy argmax per 
 import argparse
 import json
 import os
-import struct
 import sys
 
 import numpy as np
 import torch
 
-
-def load_safetensors(path):
-    out = {}
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-        data = f.read()
-    for name, e in header.items():
-        if name == "__metadata__":
-            continue
-        raw = data[e["data_offsets"][0]:e["data_offsets"][1]]
-        if e["dtype"] == "BF16":
-            arr = (np.frombuffer(raw, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
-        else:
-            arr = np.frombuffer(raw, dtype={"F32": np.float32, "F16": np.float16}[e["dtype"]]).astype(np.float32)
-        out[name] = torch.from_numpy(arr.reshape(e["shape"]).copy()).double()
-    return out
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from longcat_reference import load_safetensors  # noqa: E402  (float64 tensors)
 
 
 def hf_model(model_dir):
