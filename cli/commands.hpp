@@ -12,5 +12,6 @@ namespace troupe::cli {
 
 void add_model_commands(CLI::App& app, std::function<int()>& run);
 void add_tokenizer_commands(CLI::App& app, std::function<int()>& run);
+void add_ngram_plan_command(CLI::App& app, std::function<int()>& run);
 
 }  // namespace troupe::cli

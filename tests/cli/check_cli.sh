@@ -20,7 +20,7 @@ expect_error() {
 }
 
 # Help.
-for sub in "" init-model generate logits tokenize detokenize train-tokenizer; do
+for sub in "" init-model generate logits tokenize detokenize train-tokenizer ngram-plan; do
   if "$troupe" $sub --help >/dev/null 2>&1; then pass "help $sub"; else fail "help $sub"; fi
 done
 if grep -q "A subcommand is required" <<<"$("$troupe" 2>&1)"; then pass "no subcommand explains"; else fail "no subcommand"; fi
@@ -75,6 +75,28 @@ echo '{"model": {"type": "WordPiece"}}' > "$work/wp.json"
 expect_error "unsupported tokenizer" "BPE" sh -c "echo hi | '$troupe' tokenize --tokenizer '$work/wp.json'"
 expect_error "tokenizer larger than the model vocab" "ids but the config's vocab_size is 97" \
   "$troupe" init-model --config <(sed 's/"vocab_size": 4096/"vocab_size": 97/' "$cfg") --out "$work/x"
+
+# ngram-plan: sizes written into a config that init-model and logits then honour.
+printf 'In the beginning God created the heaven and the earth.\nAnd the earth was without form, and void.\n%.0s' {1..200} > "$work/small.txt"
+if "$troupe" ngram-plan --tokenizer "$tok" --corpus "$work/small.txt" --config "$cfg" --out "$work/planned.json" \
+     --candidates 16 > "$work/plan.txt" 2>/dev/null && grep -q '"ngram_table_sizes"' "$work/planned.json" \
+   && "$troupe" init-model --config "$work/planned.json" --out "$work/planned" --seed 1 >/dev/null 2>&1 \
+   && "$troupe" logits --model "$work/planned" --ids "$work/ids.json" --out "$work/p.npy"; then
+  pass "ngram-plan --out sizes are honoured by init-model and logits"
+else
+  fail "ngram-plan --out"
+fi
+: > "$work/empty.txt"
+expect_error "ngram-plan: empty corpus" "corpus is empty" "$troupe" ngram-plan --tokenizer "$tok" --corpus "$work/empty.txt"
+expect_error "ngram-plan: missing corpus" "does not exist" "$troupe" ngram-plan --tokenizer "$tok" --corpus "$work/nope.txt"
+expect_error "ngram-plan: tokenizer does not match V" "does not match the model's vocabulary" \
+  "$troupe" ngram-plan --tokenizer "$tok" --corpus "$work/small.txt" --vocab-size 1000
+expect_error "ngram-plan: impossible budget" "leaves no room" \
+  "$troupe" ngram-plan --tokenizer "$tok" --corpus "$work/small.txt" --vocab-ratio 0.0001
+expect_error "ngram-plan: --out without --config" "needs --config" \
+  "$troupe" ngram-plan --tokenizer "$tok" --corpus "$work/small.txt" --out "$work/x.json" --candidates 8
+expect_error "ngram-plan: bad --eval size" "not a positive integer" \
+  "$troupe" ngram-plan --tokenizer "$tok" --corpus "$work/small.txt" --eval 12X --candidates 8
 
 echo "$failures failure(s)"
 [ $failures -eq 0 ]
