@@ -10,13 +10,27 @@
 
 namespace troupe {
 
-struct model::step {
-  std::span<const step_input> batch;
-  std::int64_t num_rows = 0;
-  tensor tokens;     // i32 [T]
-  tensor positions;  // i64 [T]
-  std::vector<std::int64_t> row_begin;  // per sequence
-};
+step_layout step_layout::make(std::span<const std::int64_t> num_rows, std::span<const std::int64_t> first_position) {
+  if (num_rows.size() != first_position.size()) throw std::logic_error("step_layout: sizes differ");
+  step_layout l;
+  for (std::size_t i = 0; i < num_rows.size(); ++i) {
+    if (num_rows[i] <= 0) throw input_error("a sequence in the step has no new tokens");
+    l.row_begin.push_back(l.total_rows);
+    l.num_rows.push_back(num_rows[i]);
+    l.first_position.push_back(first_position[i]);
+    l.total_rows += num_rows[i];
+  }
+  l.positions = tensor::empty({l.total_rows}, dtype::i64);
+  for (std::size_t i = 0; i < num_rows.size(); ++i)
+    for (std::int64_t j = 0; j < num_rows[i]; ++j) l.positions.data<std::int64_t>()[l.row_begin[i] + j] = first_position[i] + j;
+  return l;
+}
+
+std::vector<std::int64_t> step_layout::last_rows() const {
+  std::vector<std::int64_t> out;
+  for (std::size_t i = 0; i < row_begin.size(); ++i) out.push_back(row_begin[i] + num_rows[i] - 1);
+  return out;
+}
 
 model::model(model_config config, model_weights weights, backend& be)
     : config_(std::move(config)),
@@ -45,27 +59,31 @@ tensor model::norm(const tensor& x, const tensor& w) {
   return y;
 }
 
-tensor model::embed(step& s) {
-  const auto t = s.num_rows;
+tensor model::embed(const tensor& tokens, const step_layout& layout, std::span<ngram_context* const> contexts) {
+  const auto t = layout.total_rows;
+  const auto* tok = tokens.data<std::int32_t>();
+  for (std::int64_t r = 0; r < t; ++r)
+    if (tok[r] < 0 || tok[r] >= config_.vocab_size)
+      throw input_error("token id " + std::to_string(tok[r]) + " is outside the vocabulary of " +
+                        std::to_string(config_.vocab_size));
   tensor out = be_.empty({t, config_.hidden_size}, dtype::f32);
   if (config_.embedding == embedding_kind::plain) {
     tensor ids = tensor::empty({t}, dtype::i64);
-    for (std::int64_t r = 0; r < t; ++r) ids.data<std::int64_t>()[r] = s.tokens.data<std::int32_t>()[r];
+    for (std::int64_t r = 0; r < t; ++r) ids.data<std::int64_t>()[r] = tok[r];
     be_.gather_rows(weights_.embed, ids, out);
     return out;
   }
   tensor ngram = tensor::empty({t, hasher_.num_tables()}, dtype::i64);
-  for (std::size_t i = 0; i < s.batch.size(); ++i) {
-    const auto& in = s.batch[i];
-    hasher_.hash(in.tokens, in.state->ngram, ngram.data<std::int64_t>() + s.row_begin[i] * hasher_.num_tables());
-  }
-  be_.ngram_embed(weights_.embed, s.tokens, ngram, weights_.ngram_tables, weights_.ngram_projections, out);
+  for (std::size_t i = 0; i < layout.num_sequences(); ++i)
+    hasher_.hash({tok + layout.row_begin[i], static_cast<std::size_t>(layout.num_rows[i])}, *contexts[i],
+                 ngram.data<std::int64_t>() + layout.row_begin[i] * hasher_.num_tables());
+  be_.ngram_embed(weights_.embed, tokens, ngram, weights_.ngram_tables, weights_.ngram_projections, out);
   return out;
 }
 
-tensor model::attention(const mla_weights& w, std::int64_t layer, const tensor& x, step& s) {
+tensor model::attention(const mla_weights& w, const tensor& x, const step_layout& layout, std::span<tensor* const> caches) {
   const auto& c = config_;
-  const auto t = s.num_rows, heads = c.num_attention_heads;
+  const auto t = layout.total_rows, heads = c.num_attention_heads;
   const std::int64_t latent_width = c.kv_lora_rank + c.qk_rope_head_dim;
   const float eps = static_cast<float>(c.rms_norm_eps);
 
@@ -80,29 +98,27 @@ tensor model::attention(const mla_weights& w, std::int64_t layer, const tensor& 
   } else {
     be_.linear(x, w.q_b, q, write_mode::overwrite);
   }
-  be_.rope_interleaved(q, heads, c.qk_head_dim(), c.qk_nope_head_dim, s.positions, rope_);
+  be_.rope_interleaved(q, heads, c.qk_head_dim(), c.qk_nope_head_dim, layout.positions, rope_);
 
   tensor kv = be_.empty({t, latent_width}, dtype::f32);  // [T, kv_lora | rope]: the cache row layout
   be_.linear(x, w.kv_a, kv, write_mode::overwrite);
   const float kv_scale =
       c.mla_scale_kv_lora ? static_cast<float>(std::sqrt(static_cast<double>(c.hidden_size) / static_cast<double>(c.kv_lora_rank))) : 1.0f;
   be_.rms_norm_prefix_inplace(kv, c.kv_lora_rank, w.kv_a_norm, eps, kv_scale);
-  be_.rope_interleaved(kv, 1, latent_width, c.kv_lora_rank, s.positions, rope_);
+  be_.rope_interleaved(kv, 1, latent_width, c.kv_lora_rank, layout.positions, rope_);
 
   std::vector<attention_segment> segments;
-  for (std::size_t i = 0; i < s.batch.size(); ++i) {
-    auto& st = *s.batch[i].state;
-    const auto rows = static_cast<std::int64_t>(s.batch[i].tokens.size());
-    tensor& cache = st.latents[static_cast<std::size_t>(layer)];
-    const std::int64_t need = st.num_tokens + rows;
+  for (std::size_t i = 0; i < layout.num_sequences(); ++i) {
+    tensor& cache = *caches[i];
+    const std::int64_t used = layout.first_position[i], rows = layout.num_rows[i], need = used + rows;
     if (!cache.defined() || cache.dim(0) < need) {  // grow geometrically; old rows move once
       const std::int64_t capacity = std::max<std::int64_t>({need, 64, cache.defined() ? 2 * cache.dim(0) : 0});
       tensor grown = be_.empty({capacity, latent_width}, dtype::f32);
-      if (cache.defined() && st.num_tokens) be_.copy_rows(cache.rows(0, st.num_tokens), grown, 0);
+      if (cache.defined() && used) be_.copy_rows(cache.rows(0, used), grown, 0);
       cache = grown;
     }
-    be_.copy_rows(kv.rows(s.row_begin[i], s.row_begin[i] + rows), cache, st.num_tokens);
-    segments.push_back({s.row_begin[i], rows, st.num_tokens, cache});
+    be_.copy_rows(kv.rows(layout.row_begin[i], layout.row_begin[i] + rows), cache, used);
+    segments.push_back({layout.row_begin[i], rows, used, cache});
   }
   tensor attn = be_.empty({t, heads * c.v_head_dim}, dtype::f32);
   be_.mla_attention(q, w.kv_b, segments,
@@ -124,8 +140,31 @@ tensor model::swiglu(const swiglu_weights& w, const tensor& x) {
   return out;
 }
 
-tensor model::moe(const block_weights& w, const tensor& u) {
+block_front model::block_front_half(std::int64_t block, const tensor& h, const step_layout& layout,
+                                    std::span<tensor* const> caches) {
+  const auto& b = weights_.blocks.at(static_cast<std::size_t>(block));
+  block_front f;
+  f.a = attention(b.attention[0], norm(h, b.input_norm[0]), layout, caches);
+  be_.add(f.a, h);  // a = h + MLA_0(RMS(h))
+  f.u = norm(f.a, b.post_attention_norm[0]);
+  return f;
+}
+
+tensor model::block_back_half(std::int64_t block, const block_front& front, const step_layout& layout,
+                              std::span<tensor* const> caches) {
+  const auto& b = weights_.blocks.at(static_cast<std::size_t>(block));
+  tensor m0 = swiglu(b.mlp[0], front.u);
+  be_.add(m0, front.a);  // b = a + MLP_0(u)
+  tensor c1 = attention(b.attention[1], norm(m0, b.input_norm[1]), layout, caches);
+  be_.add(c1, m0);  // c = b + MLA_1(RMS(b))
+  tensor out = swiglu(b.mlp[1], norm(c1, b.post_attention_norm[1]));
+  be_.add(out, c1);  // c + MLP_1(v); the caller adds the MoE term
+  return out;
+}
+
+moe_routing model::route(std::int64_t block, const tensor& u) {
   const auto& c = config_;
+  const auto& w = weights_.blocks.at(static_cast<std::size_t>(block));
   const auto t = u.dim(0), k = c.moe_topk;
   tensor logits = be_.empty({t, c.num_router_experts()}, dtype::f32);
   be_.linear(u, w.router, logits, write_mode::overwrite);
@@ -134,94 +173,99 @@ tensor model::moe(const block_weights& w, const tensor& u) {
   be_.router_topk(logits, w.router_bias, static_cast<int>(k), static_cast<float>(c.routed_scaling_factor), idx, gate);
   const tensor host_idx = be_.download(idx);
   const tensor host_gate = be_.download(gate);
-
-  // Dispatch: the token rows and gate weights of each expert, in expert order.
-  std::vector<std::vector<std::int32_t>> rows(static_cast<std::size_t>(c.num_router_experts()));
-  std::vector<std::vector<float>> weights(rows.size());
-  for (std::int64_t r = 0; r < t; ++r)
+  moe_routing r;
+  r.rows.resize(static_cast<std::size_t>(c.num_router_experts()));
+  r.gates.resize(r.rows.size());
+  for (std::int64_t row = 0; row < t; ++row)
     for (std::int64_t j = 0; j < k; ++j) {
-      const auto e = static_cast<std::size_t>(host_idx.data<std::int32_t>()[r * k + j]);
-      rows[e].push_back(static_cast<std::int32_t>(r));
-      weights[e].push_back(host_gate.data<float>()[r * k + j]);
+      const auto e = static_cast<std::size_t>(host_idx.data<std::int32_t>()[row * k + j]);
+      r.rows[e].push_back(static_cast<std::int32_t>(row));
+      r.gates[e].push_back(host_gate.data<float>()[row * k + j]);
     }
-  tensor out = be_.empty({t, c.hidden_size}, dtype::f32);
+  return r;
+}
+
+tensor model::gather(const tensor& x, std::span<const std::int32_t> rows) {
+  const auto n = static_cast<std::int64_t>(rows.size());
+  tensor ids = tensor::empty({n}, dtype::i64);
+  for (std::int64_t i = 0; i < n; ++i) ids.data<std::int64_t>()[i] = rows[static_cast<std::size_t>(i)];
+  tensor out = be_.empty({n, x.dim(1)}, dtype::f32);
+  be_.gather_rows(x, ids, out);
+  return out;
+}
+
+tensor model::expert_forward(std::int64_t block, std::int64_t expert, const tensor& x) {
+  if (expert < 0 || expert >= config_.n_routed_experts)
+    throw std::logic_error("expert_forward: expert " + std::to_string(expert) + " is not a routed expert");
+  return swiglu(weights_.blocks.at(static_cast<std::size_t>(block)).experts[static_cast<std::size_t>(expert)], x);
+}
+
+void model::combine(const moe_routing& routing, std::int64_t expert, const tensor& y, tensor& out) {
+  const auto& rows = routing.rows[static_cast<std::size_t>(expert)];
+  const auto& gates = routing.gates[static_cast<std::size_t>(expert)];
+  const auto n = static_cast<std::int64_t>(rows.size());
+  tensor row_ids = tensor::empty({n}, dtype::i32);
+  tensor gate_w = tensor::empty({n}, dtype::f32);
+  std::copy(rows.begin(), rows.end(), row_ids.data<std::int32_t>());
+  std::copy(gates.begin(), gates.end(), gate_w.data<float>());
+  be_.scatter_add_rows(y, row_ids, gate_w, out);
+}
+
+tensor model::moe(std::int64_t block, const tensor& u) {
+  const moe_routing routing = route(block, u);
+  tensor out = be_.empty({u.dim(0), config_.hidden_size}, dtype::f32);
   std::memset(out.raw(), 0, out.nbytes());
-  for (std::size_t e = 0; e < rows.size(); ++e) {
-    const auto n = static_cast<std::int64_t>(rows[e].size());
-    if (n == 0) continue;
-    tensor row_ids = tensor::empty({n}, dtype::i64);
-    tensor row_i32 = tensor::empty({n}, dtype::i32);
-    tensor gate_w = tensor::empty({n}, dtype::f32);
-    for (std::int64_t i = 0; i < n; ++i) {
-      row_ids.data<std::int64_t>()[i] = rows[e][i];
-      row_i32.data<std::int32_t>()[i] = rows[e][i];
-      gate_w.data<float>()[i] = weights[e][i];
-    }
-    tensor x = be_.empty({n, c.hidden_size}, dtype::f32);
-    be_.gather_rows(u, row_ids, x);
-    // Zero (identity) experts add their gated input and cost no GEMM.
-    const tensor y = static_cast<std::int64_t>(e) < c.n_routed_experts ? swiglu(w.experts[e], x) : x;
-    be_.scatter_add_rows(y, row_i32, gate_w, out);
+  // In expert order; zero (identity) experts add their gated input and cost no GEMM.
+  for (std::int64_t e = 0; e < config_.num_router_experts(); ++e) {
+    const auto& rows = routing.rows[static_cast<std::size_t>(e)];
+    if (rows.empty()) continue;
+    const tensor x = gather(u, rows);
+    combine(routing, e, e < config_.n_routed_experts ? expert_forward(block, e, x) : x, out);
   }
   return out;
 }
 
+tensor model::head(const tensor& h) {
+  tensor normed = norm(h, weights_.final_norm);
+  tensor logits = be_.empty({normed.dim(0), config_.vocab_size}, dtype::f32);
+  be_.linear(normed, weights_.lm_head, logits, write_mode::overwrite);
+  return logits;
+}
+
 tensor model::forward(std::span<const step_input> batch, logits_mode mode) {
   const auto& c = config_;
-  step s;
-  s.batch = batch;
+  std::vector<std::int64_t> num_rows, first_position;
   for (const auto& in : batch) {
-    if (in.tokens.empty()) throw input_error("model::forward: a sequence in the batch has no new tokens");
-    s.row_begin.push_back(s.num_rows);
-    s.num_rows += static_cast<std::int64_t>(in.tokens.size());
+    num_rows.push_back(static_cast<std::int64_t>(in.tokens.size()));
+    first_position.push_back(in.state->num_tokens);
     if (c.max_position_embeddings && in.state->num_tokens + static_cast<std::int64_t>(in.tokens.size()) > c.max_position_embeddings)
       throw input_error("sequence of " + std::to_string(in.state->num_tokens + in.tokens.size()) +
                         " tokens exceeds max_position_embeddings = " + std::to_string(c.max_position_embeddings));
   }
-  s.tokens = tensor::empty({s.num_rows}, dtype::i32);
-  s.positions = tensor::empty({s.num_rows}, dtype::i64);
+  const step_layout layout = step_layout::make(num_rows, first_position);
+  tensor tokens = tensor::empty({layout.total_rows}, dtype::i32);
+  std::vector<ngram_context*> contexts;
   for (std::size_t i = 0; i < batch.size(); ++i) {
-    auto& st = *batch[i].state;
-    if (st.latents.empty()) st.latents.resize(static_cast<std::size_t>(c.num_attention_layers()));
-    for (std::size_t j = 0; j < batch[i].tokens.size(); ++j) {
-      const std::int32_t tok = batch[i].tokens[j];
-      if (tok < 0 || tok >= c.vocab_size)
-        throw input_error("token id " + std::to_string(tok) + " is outside the vocabulary of " + std::to_string(c.vocab_size));
-      s.tokens.data<std::int32_t>()[s.row_begin[i] + j] = tok;
-      s.positions.data<std::int64_t>()[s.row_begin[i] + j] = st.num_tokens + static_cast<std::int64_t>(j);
-    }
+    std::copy(batch[i].tokens.begin(), batch[i].tokens.end(), tokens.data<std::int32_t>() + layout.row_begin[i]);
+    contexts.push_back(&batch[i].state->ngram);
+    if (batch[i].state->latents.empty()) batch[i].state->latents.resize(static_cast<std::size_t>(c.num_attention_layers()));
   }
-
-  tensor h = embed(s);
+  tensor h = embed(tokens, layout, contexts);
+  std::vector<tensor*> caches(batch.size());
   for (std::int64_t l = 0; l < c.num_layers; ++l) {
-    const auto& b = weights_.blocks[static_cast<std::size_t>(l)];
-    tensor a = attention(b.attention[0], 2 * l, norm(h, b.input_norm[0]), s);
-    be_.add(a, h);                                   // a = h + MLA_0(RMS(h))
-    tensor u = norm(a, b.post_attention_norm[0]);
-    tensor shortcut = moe(b, u);                     // added at the end of the block
-    tensor m0 = swiglu(b.mlp[0], u);
-    be_.add(m0, a);                                  // b = a + MLP_0(u)
-    tensor c1 = attention(b.attention[1], 2 * l + 1, norm(m0, b.input_norm[1]), s);
-    be_.add(c1, m0);                                 // c = b + MLA_1(RMS(b))
-    tensor out = swiglu(b.mlp[1], norm(c1, b.post_attention_norm[1]));
-    be_.add(out, c1);
-    be_.add(out, shortcut);                          // out = (c + MLP_1(v)) + moe
-    h = out;
+    for (std::size_t i = 0; i < batch.size(); ++i) caches[i] = &batch[i].state->latents[static_cast<std::size_t>(2 * l)];
+    const block_front front = block_front_half(l, h, layout, caches);
+    const tensor shortcut = moe(l, front.u);  // added at the end of the block
+    for (std::size_t i = 0; i < batch.size(); ++i) caches[i] = &batch[i].state->latents[static_cast<std::size_t>(2 * l + 1)];
+    h = block_back_half(l, front, layout, caches);
+    be_.add(h, shortcut);  // out = (c + MLP_1(v)) + moe
   }
   for (const auto& in : batch) in.state->num_tokens += static_cast<std::int64_t>(in.tokens.size());
-
-  tensor selected = h;
   if (mode == logits_mode::last_token) {
-    selected = be_.empty({static_cast<std::int64_t>(batch.size()), c.hidden_size}, dtype::f32);
-    for (std::size_t i = 0; i < batch.size(); ++i) {
-      const auto last = s.row_begin[i] + static_cast<std::int64_t>(batch[i].tokens.size()) - 1;
-      be_.copy_rows(h.rows(last, last + 1), selected, static_cast<std::int64_t>(i));
-    }
+    const auto last = layout.last_rows();
+    h = gather(h, std::vector<std::int32_t>(last.begin(), last.end()));
   }
-  tensor normed = norm(selected, weights_.final_norm);
-  tensor logits = be_.empty({normed.dim(0), c.vocab_size}, dtype::f32);
-  be_.linear(normed, weights_.lm_head, logits, write_mode::overwrite);
-  return be_.download(logits);
+  return be_.download(head(h));
 }
 
 }  // namespace troupe

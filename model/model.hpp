@@ -21,7 +21,8 @@
 
 namespace troupe {
 
-/// Everything the model keeps for one live sequence between steps.
+/// Everything the model keeps for one live sequence between steps (the single-process path;
+/// in the actor graph each stage keeps its own share: the n-gram context, its layers' caches).
 struct sequence_state {
   ngram_context ngram;          // the N-gram cache: last N-1 tokens of the current segment
   std::vector<tensor> latents;  // per attention layer [capacity, kv_lora + rope] on the backend
@@ -35,6 +36,32 @@ struct step_input {
 };
 
 enum class logits_mode : std::uint8_t { last_token, all_tokens };
+
+/// Which rows of a step belong to which sequence, and each row's position. Built once per step
+/// by whoever plans it (the scheduler, or forward()) and shared by every stage of the step.
+struct step_layout {
+  std::vector<std::int64_t> row_begin, num_rows, first_position;  // per sequence
+  std::int64_t total_rows = 0;
+  tensor positions;  // i64 [T]
+
+  /// Sequence i contributes num_rows[i] rows starting at position first_position[i].
+  static step_layout make(std::span<const std::int64_t> num_rows, std::span<const std::int64_t> first_position);
+  std::size_t num_sequences() const { return row_begin.size(); }
+  /// The row of each sequence's last token.
+  std::vector<std::int64_t> last_rows() const;
+};
+
+/// A block's routing for one step: per router expert (routed then zero experts), the rows it
+/// takes and their gate weights, in row order.
+struct moe_routing {
+  std::vector<std::vector<std::int32_t>> rows;
+  std::vector<std::vector<float>> gates;
+};
+
+/// The first half of a ScMoE block: a = h + MLA_0(RMS(h)), u = RMS(a) (u feeds the MoE).
+struct block_front {
+  tensor a, u;
+};
 
 class model {
  public:
@@ -53,12 +80,33 @@ class model {
   /// The n-gram ids the step would use for `tokens` after `context` (diagnostics and tests).
   std::vector<std::int64_t> ngram_ids(std::span<const std::int32_t> tokens, ngram_context context) const;
 
+  // The pieces forward() is made of; the actor graph calls the same ones from its stages.
+
+  /// Embedding of a step's tokens (i32 [T]); advances each sequence's n-gram context.
+  tensor embed(const tensor& tokens, const step_layout& layout, std::span<ngram_context* const> contexts);
+  /// a and u of block `block`; appends the step's latents to caches[i] (attention layer 2*block).
+  block_front block_front_half(std::int64_t block, const tensor& h, const step_layout& layout,
+                               std::span<tensor* const> caches);
+  /// c + MLP_1(RMS(c)) with c = b + MLA_1(RMS(b)), b = a + MLP_0(u): the block without its MoE
+  /// term (attention layer 2*block+1 uses caches). The block's output is this plus moe(u).
+  tensor block_back_half(std::int64_t block, const block_front& front, const step_layout& layout,
+                         std::span<tensor* const> caches);
+  /// The router of block `block`: softmax, biased top-k, scaled gates.
+  moe_routing route(std::int64_t block, const tensor& u);
+  /// The SwiGLU of routed expert `expert` (< n_routed_experts) of block `block` on rows x.
+  tensor expert_forward(std::int64_t block, std::int64_t expert, const tensor& x);
+  /// out[rows] += gates * y for one router expert's rows (zero experts pass u's rows as y).
+  void combine(const moe_routing& routing, std::int64_t expert, const tensor& y, tensor& out);
+  /// The whole MoE of a block in this process: route, every expert, combine.
+  tensor moe(std::int64_t block, const tensor& u);
+  /// Final norm and lm_head over rows of hidden states: device logits [rows, V].
+  tensor head(const tensor& h);
+  /// Rows `rows` of x (i64 host list) as a new tensor.
+  tensor gather(const tensor& x, std::span<const std::int32_t> rows);
+
  private:
-  struct step;  // per-call row layout and scratch
-  tensor embed(step& s);
-  tensor attention(const mla_weights& w, std::int64_t layer, const tensor& x, step& s);
+  tensor attention(const mla_weights& w, const tensor& x, const step_layout& layout, std::span<tensor* const> caches);
   tensor swiglu(const swiglu_weights& w, const tensor& x);
-  tensor moe(const block_weights& w, const tensor& u);
   tensor norm(const tensor& x, const tensor& w);
 
   model_config config_;
