@@ -17,7 +17,10 @@ thread_pool::~thread_pool() {
 
 void thread_pool::parallel_for(std::int64_t n, const std::function<void(std::int64_t, std::int64_t)>& fn) {
   const int parts = size();
-  if (parts == 1 || n < 2) {
+  // One parallel region at a time: a caller that finds the pool busy (another actor's op on
+  // another thread) runs its work inline rather than waiting.
+  std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
+  if (parts == 1 || n < 2 || !busy.owns_lock()) {
     fn(0, n);
     return;
   }

@@ -1,6 +1,7 @@
 // A fixed pool of worker threads for the CPU backend's own kernels (OpenBLAS has its own).
 // Invariant: parallel_for returns only after every chunk ran; chunks never overlap, so each
 // output element is written by exactly one thread and results do not depend on scheduling.
+// Safe to call from several threads (actors): one caller at a time gets the workers.
 #pragma once
 
 #include <condition_variable>
@@ -28,6 +29,7 @@ class thread_pool {
   void work(int index);
 
   std::vector<std::thread> workers_;
+  std::mutex busy_;  // held by the thread whose parallel_for owns the workers
   std::mutex mutex_;
   std::condition_variable wake_, done_;
   const std::function<void(std::int64_t, std::int64_t)>* task_ = nullptr;

@@ -1,0 +1,14 @@
+#include "actors/compute.hpp"
+
+#include "gpu/cpu/cpu_backend.hpp"
+
+namespace troupe {
+
+shared_compute load_compute(const std::string& model_dir, int threads) {
+  auto c = std::make_shared<compute_context>();
+  c->be = std::make_unique<cpu_backend>(threads);
+  c->net = model::load(model_dir, *c->be);
+  return c;
+}
+
+}  // namespace troupe

@@ -1,0 +1,22 @@
+// What the actors of one process share: the loaded model (immutable weights, the backend).
+// Each actor keeps its own per-sequence state; the model object holds none.
+#pragma once
+
+#include <memory>
+
+#include "gpu/backend.hpp"
+#include "model/model.hpp"
+
+namespace troupe {
+
+struct compute_context {
+  std::unique_ptr<backend> be;
+  std::unique_ptr<model> net;
+};
+
+using shared_compute = std::shared_ptr<compute_context>;
+
+/// Loads `model_dir` on a CPU backend with `threads` threads (0 = all cores).
+shared_compute load_compute(const std::string& model_dir, int threads);
+
+}  // namespace troupe

@@ -1,0 +1,229 @@
+#include "actors/pipeline_actors.hpp"
+
+#include <caf/actor_system.hpp>
+#include <caf/stateful_actor.hpp>
+#include <caf/typed_event_based_actor.hpp>
+
+#include <unordered_map>
+
+#include "protocol/errors.hpp"
+
+namespace troupe {
+namespace {
+
+step_layout layout_of(const step_plan& p) { return step_layout::make(p.num_tokens, p.first_position); }
+
+// Exceptions must not escape a handler (CAF would kill the actor with a bare error): convert.
+template <class F>
+auto guarded(const char* actor, F&& f) -> caf::result<decltype(f())> {
+  try {
+    return f();
+  } catch (const std::exception& e) {
+    return caf::make_error(caf::sec::runtime_error, std::string(actor) + ": " + e.what());
+  }
+}
+
+// ---- embedding -------------------------------------------------------------------------
+
+struct embedding_state {
+  embedding_state() = default;  // not an aggregate: CAF would otherwise initialise the first member from the actor pointer
+  shared_compute compute;
+  stage_actor next;
+  std::unordered_map<seq_id, ngram_context> contexts;
+  static inline const char* name = "troupe.embedding";
+};
+
+embedding_actor::behavior_type embedding_impl(embedding_actor::stateful_pointer<embedding_state> self,
+                                              shared_compute compute, stage_actor next) {
+  self->state.compute = std::move(compute);
+  self->state.next = std::move(next);
+  return {
+      [=](forward_atom, step_plan& plan) -> caf::result<step_result> {
+        auto& st = self->state;
+        std::vector<ngram_context*> contexts;
+        hidden_batch out;
+        try {
+          const step_layout layout = layout_of(plan);
+          for (std::size_t i = 0; i < plan.sequences.size(); ++i) {
+            auto& ctx = st.contexts[plan.sequences[i]];
+            if (plan.first_position[i] == 0) ctx = {};  // a new sequence starts without history
+            contexts.push_back(&ctx);
+          }
+          tensor tokens = tensor::empty({layout.total_rows}, dtype::i32);
+          std::copy(plan.tokens.begin(), plan.tokens.end(), tokens.data<std::int32_t>());
+          out.hidden = st.compute->net->embed(tokens, layout, contexts);
+        } catch (const std::exception& e) {
+          return caf::make_error(caf::sec::runtime_error, std::string("embedding: ") + e.what());
+        }
+        out.plan = std::move(plan);
+        return self->delegate(st.next, forward_atom::value, std::move(out));
+      },
+      [=](free_atom, std::vector<seq_id>& ids) {
+        for (auto id : ids) self->state.contexts.erase(id);
+      },
+  };
+}
+
+// ---- attention stage -------------------------------------------------------------------
+
+struct stage_job {
+  hidden_batch batch;
+  step_layout layout;
+  std::vector<std::vector<tensor>*> caches;  // per sequence: this stage's layers
+  block_front front;
+  tensor back;
+  bool failed = false;  // an error was delivered; a late MoE reply is ignored
+};
+
+struct stage_state {
+  stage_state() = default;  // not an aggregate: CAF would otherwise initialise the first member from the actor pointer
+  shared_compute compute;
+  std::int64_t first = 0, last = 0;
+  router_actor router;
+  stage_actor next;
+  std::chrono::milliseconds timeout{0};
+  std::unordered_map<seq_id, std::vector<tensor>> caches;
+  static inline const char* name = "troupe.stage";
+};
+
+using stage_pointer = stage_actor::stateful_pointer<stage_state>;
+
+std::vector<tensor*> layer_caches(stage_job& job, std::int64_t local_layer) {
+  std::vector<tensor*> out;
+  for (auto* c : job.caches) out.push_back(&(*c)[static_cast<std::size_t>(local_layer)]);
+  return out;
+}
+
+void run_block(stage_pointer self, std::shared_ptr<stage_job> job, std::int64_t block,
+               caf::typed_response_promise<step_result> rp) {
+  auto& st = self->state;
+  if (block == st.last) {
+    rp.delegate(st.next, forward_atom::value, std::move(job->batch));
+    return;
+  }
+  model& net = *st.compute->net;
+  const std::int64_t local = 2 * (block - st.first);
+  try {
+    job->front = net.block_front_half(block, job->batch.hidden, job->layout, layer_caches(*job, local));
+  } catch (const std::exception& e) {
+    rp.deliver(caf::make_error(caf::sec::runtime_error, "stage block " + std::to_string(block) + ": " + e.what()));
+    return;
+  }
+  // The MoE runs in the router and expert shards while this stage computes the rest of the block.
+  self->request(st.router, st.timeout, moe_atom::value, static_cast<std::int32_t>(block), job->front.u)
+      .then(
+          [=](tensor& moe_out) mutable {
+            if (job->failed) return;
+            self->state.compute->be->add(job->back, moe_out);  // out = (c + MLP_1(v)) + moe
+            job->batch.hidden = job->back;
+            run_block(self, job, block + 1, rp);
+          },
+          [=](caf::error& err) mutable {
+            if (!job->failed) rp.deliver(std::move(err));
+            job->failed = true;
+          });
+  try {
+    job->back = net.block_back_half(block, job->front, job->layout, layer_caches(*job, local + 1));
+  } catch (const std::exception& e) {
+    job->failed = true;
+    rp.deliver(caf::make_error(caf::sec::runtime_error, "stage block " + std::to_string(block) + ": " + e.what()));
+  }
+}
+
+stage_actor::behavior_type stage_impl(stage_pointer self, shared_compute compute, std::int64_t first, std::int64_t last,
+                                      router_actor router, stage_actor next, std::chrono::milliseconds timeout) {
+  auto& st = self->state;
+  st.compute = std::move(compute);
+  st.first = first;
+  st.last = last;
+  st.router = std::move(router);
+  st.next = std::move(next);
+  st.timeout = timeout;
+  return {
+      [=](forward_atom, hidden_batch& batch) -> caf::result<step_result> {
+        auto job = std::make_shared<stage_job>();
+        try {
+          job->layout = layout_of(batch.plan);
+        } catch (const std::exception& e) {
+          return caf::make_error(caf::sec::runtime_error, std::string("stage: ") + e.what());
+        }
+        const auto layers = static_cast<std::size_t>(2 * (self->state.last - self->state.first));
+        for (std::size_t i = 0; i < batch.plan.sequences.size(); ++i) {
+          auto& c = self->state.caches[batch.plan.sequences[i]];
+          if (batch.plan.first_position[i] == 0 || c.size() != layers) c.assign(layers, tensor());
+          job->caches.push_back(&c);
+        }
+        job->batch = std::move(batch);
+        auto rp = self->make_response_promise<step_result>();
+        run_block(self, job, self->state.first, rp);
+        return rp;
+      },
+      [=](free_atom, std::vector<seq_id>& ids) {
+        for (auto id : ids) self->state.caches.erase(id);
+      },
+  };
+}
+
+// ---- head ------------------------------------------------------------------------------
+
+struct sequence_sampler {
+  sampler pick;
+  std::vector<std::int32_t> context;  // prompt and generated tokens, for the repetition penalty
+};
+
+struct head_state {
+  head_state() = default;  // not an aggregate: CAF would otherwise initialise the first member from the actor pointer
+  shared_compute compute;
+  std::unordered_map<seq_id, sequence_sampler> samplers;
+  static inline const char* name = "troupe.head";
+};
+
+stage_actor::behavior_type head_impl(stage_actor::stateful_pointer<head_state> self, shared_compute compute) {
+  self->state.compute = std::move(compute);
+  return {
+      [=](forward_atom, hidden_batch& batch) -> caf::result<step_result> {
+        return guarded("head", [&] {
+          auto& st = self->state;
+          const auto& plan = batch.plan;
+          const step_layout layout = layout_of(plan);
+          const auto last = layout.last_rows();
+          model& net = *st.compute->net;
+          const tensor logits = st.compute->be->download(
+              net.head(net.gather(batch.hidden, std::vector<std::int32_t>(last.begin(), last.end()))));
+          const auto vocab = static_cast<std::size_t>(logits.dim(1));
+          step_result out;
+          out.step = plan.step;
+          out.sequences = plan.sequences;
+          for (std::size_t i = 0; i < plan.sequences.size(); ++i) {
+            auto it = st.samplers.find(plan.sequences[i]);
+            if (plan.first_position[i] == 0 || it == st.samplers.end())
+              it = st.samplers.insert_or_assign(plan.sequences[i], sequence_sampler{sampler(plan.sampling[i]), {}}).first;
+            auto& s = it->second;
+            const auto* t = plan.tokens.data() + layout.row_begin[i];
+            s.context.insert(s.context.end(), t, t + layout.num_rows[i]);
+            const std::int32_t token = s.pick.sample({logits.data<float>() + i * vocab, vocab}, s.context);
+            out.tokens.push_back(token);
+          }
+          return out;
+        });
+      },
+      [=](free_atom, std::vector<seq_id>& ids) {
+        for (auto id : ids) self->state.samplers.erase(id);
+      },
+  };
+}
+
+}  // namespace
+
+embedding_actor spawn_embedding(caf::actor_system& sys, shared_compute compute, stage_actor next) {
+  return sys.spawn(embedding_impl, std::move(compute), std::move(next));
+}
+
+stage_actor spawn_stage(caf::actor_system& sys, shared_compute compute, std::int64_t first_block, std::int64_t last_block,
+                        router_actor router, stage_actor next, std::chrono::milliseconds timeout) {
+  return sys.spawn(stage_impl, std::move(compute), first_block, last_block, std::move(router), std::move(next), timeout);
+}
+
+stage_actor spawn_head(caf::actor_system& sys, shared_compute compute) { return sys.spawn(head_impl, std::move(compute)); }
+
+}  // namespace troupe

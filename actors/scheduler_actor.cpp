@@ -1,0 +1,267 @@
+#include "actors/scheduler_actor.hpp"
+
+#include <caf/actor_system.hpp>
+#include <caf/send.hpp>
+#include <caf/stateful_actor.hpp>
+#include <caf/typed_event_based_actor.hpp>
+
+#include <deque>
+#include <map>
+
+#include "protocol/errors.hpp"
+
+namespace troupe {
+namespace {
+
+using clock_type = std::chrono::steady_clock;
+
+struct request_state {
+  generate_request req;
+  caf::actor subscriber;
+  seq_id seq = 0;
+  std::int64_t blocks = 0;            // KV blocks reserved
+  std::int64_t cached = 0;            // tokens in the caches
+  std::vector<std::int32_t> generated;
+  bool cancelled = false;
+  clock_type::time_point arrived, first_token, last_token;
+};
+
+struct scheduler_state {
+  scheduler_state() = default;  // not an aggregate: CAF would otherwise initialise the first member from the actor pointer
+  embedding_actor entry;
+  std::vector<caf::actor> stateful;
+  scheduler_limits limits;
+  std::deque<request_state> waiting;
+  std::map<seq_id, request_state> running;
+  std::int64_t blocks_used = 0;
+  seq_id next_seq = 1;
+  std::uint64_t next_step = 1;
+  bool step_in_flight = false;
+  scheduler_metrics metrics;
+  double ttft_sum = 0, itl_sum = 0;
+  std::int64_t ttft_n = 0, itl_n = 0;
+  static inline const char* name = "troupe.scheduler";
+};
+
+using scheduler_pointer = scheduler_actor::stateful_pointer<scheduler_state>;
+
+void finish(scheduler_pointer self, request_state& r, request_end reason, const std::string& error = {}) {
+  auto& st = self->state;
+  request_done done;
+  done.id = r.req.id;
+  done.reason = reason;
+  done.error = error;
+  done.prompt_tokens = static_cast<std::int64_t>(r.req.prompt.size());
+  done.completion_tokens = static_cast<std::int64_t>(r.generated.size());
+  const auto now = clock_type::now();
+  done.total_s = std::chrono::duration<double>(now - r.arrived).count();
+  if (!r.generated.empty()) done.time_to_first_token_s = std::chrono::duration<double>(r.first_token - r.arrived).count();
+  caf::anon_send(r.subscriber, done_atom::value, std::move(done));
+  st.blocks_used -= r.blocks;
+  switch (reason) {
+    case request_end::error: ++st.metrics.requests_failed; break;
+    case request_end::cancelled: ++st.metrics.requests_cancelled; break;
+    default: ++st.metrics.requests_finished; break;
+  }
+}
+
+void free_sequences(scheduler_pointer self, std::vector<seq_id> ids) {
+  if (ids.empty()) return;
+  for (const auto& a : self->state.stateful) caf::anon_send(a, free_atom::value, ids);
+}
+
+void schedule(scheduler_pointer self);
+
+// Moves waiting requests into the running batch while the KV budget and batch size allow.
+void admit(scheduler_pointer self) {
+  auto& st = self->state;
+  while (!st.waiting.empty() && static_cast<std::int64_t>(st.running.size()) < st.limits.max_running) {
+    auto& r = st.waiting.front();
+    if (r.cancelled) {
+      finish(self, r, request_end::cancelled);
+      st.waiting.pop_front();
+      continue;
+    }
+    if (st.blocks_used + r.blocks > st.limits.kv_blocks) break;  // first come, first served
+    st.blocks_used += r.blocks;
+    r.seq = st.next_seq++;
+    st.running.emplace(r.seq, std::move(r));
+    st.waiting.pop_front();
+  }
+}
+
+void on_step_done(scheduler_pointer self, const std::vector<seq_id>& sequences, const step_result& result) {
+  auto& st = self->state;
+  std::vector<seq_id> ended;
+  const auto now = clock_type::now();
+  for (std::size_t i = 0; i < result.sequences.size(); ++i) {
+    auto it = st.running.find(result.sequences[i]);
+    if (it == st.running.end()) continue;
+    auto& r = it->second;
+    r.cached += r.generated.empty() ? static_cast<std::int64_t>(r.req.prompt.size()) : 1;
+    if (r.cancelled) {
+      finish(self, r, request_end::cancelled);
+      ended.push_back(r.seq);
+      continue;
+    }
+    const std::int32_t token = result.tokens[i];
+    if (r.generated.empty()) {
+      r.first_token = now;
+      st.ttft_sum += std::chrono::duration<double>(now - r.arrived).count();
+      ++st.ttft_n;
+    } else {
+      st.itl_sum += std::chrono::duration<double>(now - r.last_token).count();
+      ++st.itl_n;
+    }
+    r.last_token = now;
+    r.generated.push_back(token);
+    ++st.metrics.generated_tokens;
+    caf::anon_send(r.subscriber, token_atom::value, r.req.id, token);
+    if (r.req.stop_on_eos && token == st.limits.eos_token_id) finish(self, r, request_end::eos), ended.push_back(r.seq);
+    else if (static_cast<std::int32_t>(r.generated.size()) >= r.req.max_tokens) finish(self, r, request_end::length), ended.push_back(r.seq);
+  }
+  (void)sequences;
+  for (auto id : ended) st.running.erase(id);
+  free_sequences(self, std::move(ended));
+}
+
+void on_step_failed(scheduler_pointer self, const std::vector<seq_id>& sequences, const caf::error& err) {
+  auto& st = self->state;
+  const std::string what = "step failed: " + self->system().render(err);
+  std::vector<seq_id> ended;
+  for (auto id : sequences) {
+    auto it = st.running.find(id);
+    if (it == st.running.end()) continue;
+    finish(self, it->second, request_end::error, what);
+    ended.push_back(id);
+    st.running.erase(it);
+  }
+  free_sequences(self, std::move(ended));
+}
+
+// Plans and sends the next step if none is in flight.
+void schedule(scheduler_pointer self) {
+  auto& st = self->state;
+  if (st.step_in_flight) return;
+  admit(self);
+  // Cancelled sequences not yet in a step leave now.
+  std::vector<seq_id> ended;
+  for (auto it = st.running.begin(); it != st.running.end();) {
+    if (it->second.cancelled) {
+      finish(self, it->second, request_end::cancelled);
+      ended.push_back(it->first);
+      it = st.running.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  free_sequences(self, std::move(ended));
+  st.metrics.waiting = static_cast<std::int64_t>(st.waiting.size());
+  st.metrics.running = static_cast<std::int64_t>(st.running.size());
+  if (st.running.empty()) return;
+  step_plan plan;
+  plan.step = st.next_step++;
+  for (auto& [id, r] : st.running) {
+    plan.sequences.push_back(id);
+    plan.first_position.push_back(r.cached);
+    plan.sampling.push_back(r.req.sampling);
+    if (r.generated.empty()) {
+      plan.num_tokens.push_back(static_cast<std::int64_t>(r.req.prompt.size()));
+      plan.tokens.insert(plan.tokens.end(), r.req.prompt.begin(), r.req.prompt.end());
+      st.metrics.prompt_tokens += static_cast<std::int64_t>(r.req.prompt.size());
+    } else {
+      plan.num_tokens.push_back(1);
+      plan.tokens.push_back(r.generated.back());
+    }
+  }
+  st.step_in_flight = true;
+  ++st.metrics.steps;
+  auto sequences = plan.sequences;
+  self->request(st.entry, st.limits.step_timeout, forward_atom::value, std::move(plan))
+      .then(
+          [=](step_result& result) {
+            self->state.step_in_flight = false;
+            on_step_done(self, sequences, result);
+            schedule(self);
+          },
+          [=](caf::error& err) {
+            self->state.step_in_flight = false;
+            on_step_failed(self, sequences, err);
+            schedule(self);
+          });
+}
+
+scheduler_actor::behavior_type scheduler_impl(scheduler_pointer self, embedding_actor entry,
+                                              std::vector<caf::actor> stateful, scheduler_limits limits) {
+  auto& st = self->state;
+  st.entry = std::move(entry);
+  st.stateful = std::move(stateful);
+  st.limits = limits;
+  st.metrics.kv_blocks_total = limits.kv_blocks;
+  return {
+      [=](generate_atom, generate_request& req, caf::actor subscriber) -> caf::result<bool> {
+        auto& st = self->state;
+        auto refuse = [&](const std::string& why) {
+          ++st.metrics.requests_rejected;
+          return caf::make_error(caf::sec::runtime_error, "request '" + req.id + "' refused: " + why);
+        };
+        if (req.prompt.empty()) return refuse("the prompt is empty");
+        if (req.max_tokens < 0) return refuse("max_tokens must be >= 0");
+        try {
+          validate(req.sampling);
+        } catch (const input_error& e) {
+          return refuse(e.what());
+        }
+        const std::int64_t total = static_cast<std::int64_t>(req.prompt.size()) + req.max_tokens;
+        if (st.limits.max_context && total > st.limits.max_context)
+          return refuse("prompt (" + std::to_string(req.prompt.size()) + ") + max_tokens (" +
+                        std::to_string(req.max_tokens) + ") exceeds the context length " +
+                        std::to_string(st.limits.max_context));
+        const std::int64_t blocks = (total + st.limits.kv_block_tokens - 1) / st.limits.kv_block_tokens;
+        if (blocks > st.limits.kv_blocks)
+          return refuse("needs " + std::to_string(blocks) + " KV blocks, the whole budget is " +
+                        std::to_string(st.limits.kv_blocks));
+        if (static_cast<std::int64_t>(st.waiting.size()) >= st.limits.max_waiting)
+          return refuse("the queue is full (" + std::to_string(st.limits.max_waiting) + " waiting); retry later");
+        request_state r;
+        r.req = std::move(req);
+        r.subscriber = std::move(subscriber);
+        r.blocks = blocks;
+        r.arrived = clock_type::now();
+        if (r.req.max_tokens == 0) {
+          finish(self, r, request_end::length);
+          return true;
+        }
+        st.waiting.push_back(std::move(r));
+        schedule(self);
+        return true;
+      },
+      [=](cancel_atom, std::string& id) {
+        auto& st = self->state;
+        for (auto& r : st.waiting)
+          if (r.req.id == id) r.cancelled = true;
+        for (auto& [seq, r] : st.running)
+          if (r.req.id == id) r.cancelled = true;
+        schedule(self);
+      },
+      [=](metrics_atom) -> scheduler_metrics {
+        auto& st = self->state;
+        auto m = st.metrics;
+        m.waiting = static_cast<std::int64_t>(st.waiting.size());
+        m.running = static_cast<std::int64_t>(st.running.size());
+        m.kv_blocks_used = st.blocks_used;
+        m.mean_time_to_first_token_s = st.ttft_n ? st.ttft_sum / static_cast<double>(st.ttft_n) : 0;
+        m.mean_inter_token_s = st.itl_n ? st.itl_sum / static_cast<double>(st.itl_n) : 0;
+        return m;
+      },
+  };
+}
+
+}  // namespace
+
+scheduler_actor spawn_scheduler(caf::actor_system& sys, embedding_actor entry, std::vector<caf::actor> stateful,
+                                scheduler_limits limits) {
+  return sys.spawn(scheduler_impl, std::move(entry), std::move(stateful), limits);
+}
+
+}  // namespace troupe

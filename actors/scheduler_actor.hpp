@@ -1,0 +1,33 @@
+// The scheduler: continuous batching over the graph. Requests wait in a bounded queue, are
+// admitted at step boundaries while the KV-cache budget (paged blocks) allows, join the
+// running batch with their whole prompt, then add one token per step; finished, cancelled and
+// failed ones leave at step boundaries and every stateful actor is told to free them.
+// Invariant: one step is in flight at a time, and a request's tokens reach its subscriber in
+// order, followed by exactly one done event.
+#pragma once
+
+#include <caf/fwd.hpp>
+
+#include <chrono>
+#include <vector>
+
+#include "protocol/interfaces.hpp"
+
+namespace troupe {
+
+struct scheduler_limits {
+  std::int64_t max_waiting = 256;        // queued requests beyond this are refused
+  std::int64_t max_running = 64;         // sequences in one step at most
+  std::int64_t kv_block_tokens = 16;     // tokens per KV block
+  std::int64_t kv_blocks = 4096;         // the KV budget, in blocks
+  std::int64_t max_context = 0;          // prompt + max_tokens limit (0: none)
+  std::int32_t eos_token_id = 2;
+  std::chrono::milliseconds step_timeout{300000};
+};
+
+/// `entry` runs a step through the graph; `stateful` are every actor holding per-sequence
+/// state (sent free_atom with finished sequences).
+scheduler_actor spawn_scheduler(caf::actor_system& sys, embedding_actor entry, std::vector<caf::actor> stateful,
+                                scheduler_limits limits);
+
+}  // namespace troupe

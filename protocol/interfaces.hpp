@@ -1,0 +1,60 @@
+// The typed interfaces of the inference graph's actors: each line is one message an actor
+// accepts and what it answers. CAF-version-specific spellings stay in this folder.
+// Include only from .cpp files (CAF headers are heavy).
+#pragma once
+
+#include <caf/atom.hpp>
+#include <caf/replies_to.hpp>
+#include <caf/typed_actor.hpp>
+
+#include <string>
+#include <vector>
+
+#include "protocol/messages.hpp"
+#include "protocol/serialization.hpp"  // every sender of these messages must see inspect()
+
+namespace troupe {
+
+using forward_atom = caf::atom_constant<caf::atom("forward")>;
+using moe_atom = caf::atom_constant<caf::atom("moe")>;
+using experts_atom = caf::atom_constant<caf::atom("experts")>;
+using free_atom = caf::atom_constant<caf::atom("free")>;
+using generate_atom = caf::atom_constant<caf::atom("generate")>;
+using cancel_atom = caf::atom_constant<caf::atom("cancel")>;
+using metrics_atom = caf::atom_constant<caf::atom("metrics")>;
+using token_atom = caf::atom_constant<caf::atom("token")>;
+using done_atom = caf::atom_constant<caf::atom("done")>;
+using step_done_atom = caf::atom_constant<caf::atom("stepdone")>;
+
+/// Embedding, attention stages and head: run a step from here to the end of the graph.
+/// The embedding takes the plan, every later stage the hidden states; all answer with the
+/// step's sampled tokens (each stage delegates onward, the head replies).
+using embedding_actor = caf::typed_actor<
+    caf::replies_to<forward_atom, step_plan>::with<step_result>,   // embed, then run the rest
+    caf::reacts_to<free_atom, std::vector<seq_id>>>;                // drop these sequences' n-gram caches
+
+using stage_actor = caf::typed_actor<
+    caf::replies_to<forward_atom, hidden_batch>::with<step_result>,  // my blocks, then the rest
+    caf::reacts_to<free_atom, std::vector<seq_id>>>;                  // drop these sequences' KV caches
+
+/// The router of every MoE block: picks experts per row, sends each shard only its rows,
+/// combines the gated outputs (zero experts locally, without messages).
+using router_actor = caf::typed_actor<
+    caf::replies_to<moe_atom, std::int32_t, tensor>::with<tensor>>;  // (block, u [T,H]) -> moe [T,H]
+
+/// One shard of experts (a range of expert ids, every block).
+using expert_shard_actor = caf::typed_actor<
+    caf::replies_to<experts_atom, expert_batch>::with<tensor>>;  // -> y [rows, H] in the batch's order
+
+}  // namespace troupe
+
+namespace troupe {
+
+/// The scheduler: continuous batching over the graph. Subscribers receive
+/// (token_atom, request id, token) per generated token and (done_atom, request_done) once.
+using scheduler_actor = caf::typed_actor<
+    caf::replies_to<generate_atom, generate_request, caf::actor>::with<bool>,  // queued, or an error saying why not
+    caf::reacts_to<cancel_atom, std::string>,                                   // cancel by request id
+    caf::replies_to<metrics_atom>::with<scheduler_metrics>>;                    // counters for /metrics
+
+}  // namespace troupe

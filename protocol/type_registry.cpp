@@ -1,0 +1,26 @@
+#include "protocol/type_registry.hpp"
+
+#include <caf/actor_system_config.hpp>
+
+#include "protocol/interfaces.hpp"
+#include "protocol/serialization.hpp"
+
+namespace troupe {
+
+void add_message_types(caf::actor_system_config& cfg) {
+  cfg.add_message_type<tensor>("troupe::tensor");
+  cfg.add_message_type<sampling_params>("troupe::sampling_params");
+  cfg.add_message_type<std::vector<sampling_params>>("std::vector<troupe::sampling_params>");
+  cfg.add_message_type<step_plan>("troupe::step_plan");
+  cfg.add_message_type<hidden_batch>("troupe::hidden_batch");
+  cfg.add_message_type<expert_batch>("troupe::expert_batch");
+  cfg.add_message_type<step_result>("troupe::step_result");
+  cfg.add_message_type<generate_request>("troupe::generate_request");
+  cfg.add_message_type<request_done>("troupe::request_done");
+  cfg.add_message_type<scheduler_metrics>("troupe::scheduler_metrics");
+  cfg.add_message_type<std::vector<seq_id>>("std::vector<troupe::seq_id>");
+  cfg.add_message_type<std::vector<std::int32_t>>("std::vector<int32_t>");
+  cfg.add_message_type<std::vector<std::int64_t>>("std::vector<int64_t>");
+}
+
+}  // namespace troupe

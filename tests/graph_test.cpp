@@ -1,0 +1,229 @@
+// The inference graph against the plain forward pass: greedy tokens must be identical for one
+// request and for many concurrent requests of different lengths (continuous batching), with
+// several attention stages and expert shards; plus refusals, cancellation and failures.
+#include <gtest/gtest.h>
+
+#include <caf/actor_system.hpp>
+#include <caf/actor_system_config.hpp>
+#include <caf/io/middleman.hpp>
+#include <caf/scoped_actor.hpp>
+
+#include <map>
+
+#include "actors/compute.hpp"
+#include "graph/inference_graph.hpp"
+#include "protocol/errors.hpp"
+#include "protocol/type_registry.hpp"
+#include "tests/test_support.hpp"
+
+namespace troupe {
+namespace {
+
+struct graph_fixture {
+  caf::actor_system_config cfg;
+  std::unique_ptr<caf::actor_system> sys;
+  shared_compute compute;
+  inference_graph graph;
+
+  graph_fixture(const std::string& name, const std::string& topology_json) {
+    add_message_types(cfg);
+    cfg.load<caf::io::middleman>();
+    sys = std::make_unique<caf::actor_system>(cfg);
+    const auto dir = test::make_model(name, test::tiny_config(R"("num_layers": 3, "max_position_embeddings": 256)"), 9);
+    compute = load_compute(dir.string(), 1);
+    graph = inference_graph::start(*sys, compute, parse_topology(topology_json, "test-topology", compute->net->config()));
+  }
+  ~graph_fixture() { graph.stop(*sys); }
+};
+
+struct outcome {
+  std::vector<std::int32_t> tokens;
+  request_done done;
+};
+
+// Submits every request, then collects events until each has its done event.
+std::map<std::string, outcome> run_requests(graph_fixture& f, const std::vector<generate_request>& reqs,
+                                            std::vector<std::string>* refusals = nullptr) {
+  caf::scoped_actor self{*f.sys};
+  std::map<std::string, outcome> out;
+  std::size_t open = 0;
+  for (const auto& r : reqs) {
+    self->request(f.graph.scheduler, std::chrono::seconds(10), generate_atom::value, r, caf::actor_cast<caf::actor>(self))
+        .receive([&](bool) { ++open; },
+                 [&](caf::error& e) {
+                   if (refusals) refusals->push_back(f.sys->render(e));
+                   else ADD_FAILURE() << f.sys->render(e);
+                 });
+  }
+  bool timed_out = false;
+  while (open > 0 && !timed_out) {
+    self->receive([&](token_atom, std::string& id, std::int32_t token) { out[id].tokens.push_back(token); },
+                  [&](done_atom, request_done& d) {
+                    out[d.id].done = d;
+                    --open;
+                  },
+                  caf::after(std::chrono::seconds(60)) >> [&] { timed_out = true; });
+  }
+  EXPECT_FALSE(timed_out) << "requests did not finish";
+  return out;
+}
+
+// Greedy generation with the plain forward pass; records the smallest top-1/top-2 logit gap
+// relative to the logits' spread, to show agreement cannot come from luck.
+std::vector<std::int32_t> plain_greedy(model& m, const std::vector<std::int32_t>& prompt, int max_tokens, double& min_gap) {
+  sequence_state s;
+  std::vector<std::int32_t> out, step = prompt;
+  for (int i = 0; i < max_tokens; ++i) {
+    const step_input in{&s, step};
+    const tensor logits = m.forward({&in, 1}, logits_mode::last_token);
+    std::vector<float> l(logits.data<float>(), logits.data<float>() + logits.dim(1));
+    const auto best = argmax(l);
+    float second = -1e30f, lo = 1e30f, hi = -1e30f;
+    for (std::size_t j = 0; j < l.size(); ++j) {
+      if (static_cast<std::int32_t>(j) != best) second = std::max(second, l[j]);
+      lo = std::min(lo, l[j]), hi = std::max(hi, l[j]);
+    }
+    min_gap = std::min(min_gap, static_cast<double>(l[static_cast<std::size_t>(best)] - second) / (hi - lo));
+    out.push_back(best);
+    if (best == m.config().eos_token_id) break;
+    step.assign(1, best);
+  }
+  return out;
+}
+
+generate_request greedy_request(const std::string& id, std::vector<std::int32_t> prompt, int max_tokens) {
+  generate_request r;
+  r.id = id;
+  r.prompt = std::move(prompt);
+  r.sampling.temperature = 0;
+  r.max_tokens = max_tokens;
+  return r;
+}
+
+std::vector<std::int32_t> prompt_of(int length, int seed) {
+  std::vector<std::int32_t> p;
+  for (int i = 0; i < length; ++i) p.push_back(3 + (i * 37 + seed * 11) % 90);
+  return p;
+}
+
+}  // namespace
+
+TEST(graph, one_request_matches_the_plain_forward_pass) {
+  graph_fixture f("graph_one", R"({"stages": 2, "expert_shards": 3})");
+  double gap = 1;
+  const auto prompt = prompt_of(9, 1);
+  const auto expected = plain_greedy(*f.compute->net, prompt, 12, gap);
+  const auto got = run_requests(f, {greedy_request("a", prompt, 12)});
+  EXPECT_EQ(got.at("a").tokens, expected);
+  EXPECT_NE(got.at("a").done.reason, request_end::error) << got.at("a").done.error;
+}
+
+// Batching changes GEMM shapes (and so float rounding in the last bits) but every greedy
+// choice below has a top-1/top-2 gap of at least 1e-4 of the logit range, ~1000x the
+// rounding difference, so identical tokens are not luck.
+TEST(graph, concurrent_requests_of_different_lengths_match_each_alone) {
+  graph_fixture f("graph_many", R"({"stages": 3, "expert_shards": 2, "scheduler": {"max_running": 5}})");
+  std::vector<generate_request> reqs;
+  std::map<std::string, std::vector<std::int32_t>> expected;
+  double gap = 1;
+  for (int i = 0; i < 8; ++i) {
+    const auto prompt = prompt_of(3 + 5 * i, i);
+    const int max_tokens = 4 + 3 * (i % 4);
+    const std::string id = "r" + std::to_string(i);
+    expected[id] = plain_greedy(*f.compute->net, prompt, max_tokens, gap);
+    reqs.push_back(greedy_request(id, prompt, max_tokens));
+  }
+  EXPECT_GT(gap, 1e-4);
+  const auto got = run_requests(f, reqs);
+  for (const auto& [id, tokens] : expected) {
+    EXPECT_EQ(got.at(id).tokens, tokens) << id;
+    EXPECT_EQ(got.at(id).done.completion_tokens, static_cast<std::int64_t>(tokens.size()));
+  }
+  caf::scoped_actor self{*f.sys};
+  self->request(f.graph.scheduler, std::chrono::seconds(5), metrics_atom::value)
+      .receive(
+          [&](scheduler_metrics& m) {
+            EXPECT_EQ(m.requests_finished, 8);
+            EXPECT_EQ(m.running, 0);
+            EXPECT_EQ(m.kv_blocks_used, 0);  // every request's blocks came back
+            EXPECT_GT(m.steps, 0);
+          },
+          [&](caf::error& e) { ADD_FAILURE() << f.sys->render(e); });
+}
+
+TEST(graph, bad_requests_are_refused_or_fail_alone) {
+  graph_fixture f("graph_bad", R"({"stages": 1, "expert_shards": 1, "scheduler": {"max_waiting": 4, "kv_blocks": 64}})");
+  std::vector<std::string> refusals;
+  auto too_long = greedy_request("long", prompt_of(200, 1), 100);  // 300 > max_position_embeddings 256
+  auto empty = greedy_request("empty", {}, 4);
+  auto bad_temp = greedy_request("temp", prompt_of(4, 1), 4);
+  bad_temp.sampling.temperature = -1;
+  run_requests(f, {too_long, empty, bad_temp}, &refusals);
+  ASSERT_EQ(refusals.size(), 3u);
+  EXPECT_NE(refusals[0].find("exceeds the context length"), std::string::npos) << refusals[0];
+  EXPECT_NE(refusals[1].find("prompt is empty"), std::string::npos) << refusals[1];
+  EXPECT_NE(refusals[2].find("temperature"), std::string::npos) << refusals[2];
+  // A token outside the vocabulary fails its own request in the embedding, not the others.
+  auto bad_token = greedy_request("bad", {5, 97, 6}, 4);
+  auto good = greedy_request("good", prompt_of(5, 2), 4);
+  const auto got = run_requests(f, {bad_token});
+  EXPECT_EQ(got.at("bad").done.reason, request_end::error);
+  EXPECT_NE(got.at("bad").done.error.find("outside the vocabulary"), std::string::npos) << got.at("bad").done.error;
+  const auto after = run_requests(f, {good});
+  EXPECT_EQ(after.at("good").done.reason, request_end::length);
+  EXPECT_EQ(after.at("good").tokens.size(), 4u);
+}
+
+TEST(graph, cancelling_ends_a_request_and_frees_its_blocks) {
+  graph_fixture f("graph_cancel", R"({"stages": 2})");
+  caf::scoped_actor self{*f.sys};
+  auto req = greedy_request("c", prompt_of(6, 3), 200);
+  req.stop_on_eos = false;
+  self->request(f.graph.scheduler, std::chrono::seconds(5), generate_atom::value, req, caf::actor_cast<caf::actor>(self))
+      .receive([](bool) {}, [&](caf::error& e) { FAIL() << f.sys->render(e); });
+  int tokens = 0;
+  bool done = false;
+  request_done result;
+  while (!done) {
+    self->receive(
+        [&](token_atom, std::string&, std::int32_t) {
+          if (++tokens == 3) self->send(f.graph.scheduler, cancel_atom::value, std::string("c"));
+        },
+        [&](done_atom, request_done& d) {
+          result = d;
+          done = true;
+        },
+        caf::after(std::chrono::seconds(60)) >> [&] { done = true; });
+  }
+  EXPECT_EQ(result.reason, request_end::cancelled);
+  EXPECT_LT(tokens, 200);
+  self->request(f.graph.scheduler, std::chrono::seconds(5), metrics_atom::value)
+      .receive([&](scheduler_metrics& m) { EXPECT_EQ(m.kv_blocks_used, 0); },
+               [&](caf::error& e) { ADD_FAILURE() << f.sys->render(e); });
+}
+
+TEST(graph, topology_errors_name_the_field) {
+  const auto cfg = test::tiny_config(R"("num_layers": 3)");
+  auto error_of = [&](const std::string& json) {
+    try {
+      parse_topology(json, "topo.json", cfg);
+    } catch (const input_error& e) {
+      return std::string(e.what());
+    }
+    return std::string();
+  };
+  EXPECT_NE(error_of(R"({"stages": 4})").find("'stages'"), std::string::npos);
+  EXPECT_NE(error_of(R"({"stage_blocks": [[0, 1], [2, 3]]})").find("'stage_blocks'"), std::string::npos);
+  EXPECT_NE(error_of(R"({"expert_shards": 7})").find("'expert_shards'"), std::string::npos);
+  EXPECT_NE(error_of(R"({"stagez": 1})").find("'stagez' is not a topology field"), std::string::npos);
+  EXPECT_NE(error_of(R"({"remote_expert_shards": [{"shard": 0, "endpoint": "nohost"}]})").find("endpoint"),
+            std::string::npos);
+  EXPECT_NE(error_of(R"({"scheduler": {"kv_blocks": 0}})").find("'scheduler'"), std::string::npos);
+  EXPECT_NE(error_of("{oops").find("not a JSON object"), std::string::npos);
+  const auto t = parse_topology(R"({"stage_blocks": [[0, 2], [2, 3]], "expert_shards": 4})", "t", cfg);
+  ASSERT_EQ(t.stage_blocks.size(), 2u);
+  EXPECT_EQ(t.stage_blocks[1], (std::pair<std::int64_t, std::int64_t>{2, 3}));
+  EXPECT_EQ(t.shard_experts.size(), 4u);
+}
+
+}  // namespace troupe
