@@ -2,16 +2,30 @@
 // and, when one is chosen, sets `run` to the function that executes it.
 #pragma once
 
+#include <cstdint>
 #include <functional>
+#include <string>
+#include <vector>
 
 namespace CLI {
 class App;
 }
+
+namespace troupe {
+class tokenizer;
+struct generation_params;
+}  // namespace troupe
 
 namespace troupe::cli {
 
 void add_model_commands(CLI::App& app, std::function<int()>& run);
 void add_tokenizer_commands(CLI::App& app, std::function<int()>& run);
 void add_ngram_plan_command(CLI::App& app, std::function<int()>& run);
+void add_graph_commands(CLI::App& app, std::function<int()>& run);
+
+/// Runs one request through the actor graph of `topology_spec` ("local" or a topology file),
+/// streaming its text to stdout; returns the exit status.
+int generate_with_graph(const std::string& model_dir, const std::string& topology_spec, const tokenizer& tok,
+                        const std::vector<std::int32_t>& prompt, const generation_params& params, int threads);
 
 }  // namespace troupe::cli

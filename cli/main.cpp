@@ -16,6 +16,7 @@ int main(int argc, char** argv) {
   troupe::cli::add_model_commands(app, run);
   troupe::cli::add_tokenizer_commands(app, run);
   troupe::cli::add_ngram_plan_command(app, run);
+  troupe::cli::add_graph_commands(app, run);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -75,7 +75,7 @@ void add_model_commands(CLI::App& app, std::function<int()>& run) {
 
   // generate
   struct gen_opts {
-    std::string model = "models/demo", prompt, tokenizer;
+    std::string model = "models/demo", prompt, tokenizer, topology;
     generation_params params;
     int threads = 0;
     bool quiet = false;
@@ -96,12 +96,15 @@ void add_model_commands(CLI::App& app, std::function<int()>& run) {
   gen->add_option("--stop", go->params.stop, "stop string (repeatable); not included in the output");
   gen->add_option("--threads", go->threads, "CPU threads for matrix products; 0 = all cores")->capture_default_str();
   gen->add_flag("--quiet", go->quiet, "do not print timing statistics to stderr");
+  gen->add_option("--topology", go->topology,
+                  "run through the actor graph of this topology file ('local' for the embedded default)");
   gen->callback([&run, go] {
     run = [go] {
-      cpu_backend be(go->threads);
       const tokenizer tok = tokenizer::load(model_tokenizer(go->model, go->tokenizer));
-      auto m = model::load(go->model, be);
       const auto prompt = tok.encode(go->prompt, special_tokens::parse);
+      if (!go->topology.empty()) return generate_with_graph(go->model, go->topology, tok, prompt, go->params, go->threads);
+      cpu_backend be(go->threads);
+      auto m = model::load(go->model, be);
       const auto result = generate(*m, tok, prompt, go->params, [](std::string_view text, std::int32_t) {
         std::cout << text << std::flush;
       });
