@@ -152,10 +152,16 @@ router_actor::behavior_type router_impl(router_actor::stateful_pointer<router_st
                   [=](caf::error& err) mutable {
                     if (job->failed) return;
                     job->failed = true;
-                    rp.deliver(std::move(err));
+                    rp.deliver(caf::make_error(caf::sec::runtime_error, "expert shard " + std::to_string(s) + " failed: " +
+                                                                            self->system().render(err)));
                   });
         }
         return rp;
+      },
+      [=](new_shard_atom, std::int64_t shard, caf::actor& handle) {
+        auto& shards = self->state.shards;
+        if (shard >= 0 && shard < static_cast<std::int64_t>(shards.size()))
+          shards[static_cast<std::size_t>(shard)] = caf::actor_cast<expert_shard_actor>(handle);
       },
   };
 }

@@ -45,6 +45,9 @@ embedding_actor::behavior_type embedding_impl(embedding_actor::stateful_pointer<
         try {
           const step_layout layout = layout_of(plan);
           for (std::size_t i = 0; i < plan.sequences.size(); ++i) {
+            if (plan.first_position[i] > 0 && !st.contexts.count(plan.sequences[i]))
+              throw std::runtime_error("no n-gram context for sequence " + std::to_string(plan.sequences[i]) +
+                                       " (lost in a restart)");
             auto& ctx = st.contexts[plan.sequences[i]];
             if (plan.first_position[i] == 0) ctx = {};  // a new sequence starts without history
             contexts.push_back(&ctx);
@@ -60,7 +63,9 @@ embedding_actor::behavior_type embedding_impl(embedding_actor::stateful_pointer<
       },
       [=](free_atom, std::vector<seq_id>& ids) {
         for (auto id : ids) self->state.contexts.erase(id);
+        self->send(self->state.next, free_atom::value, std::move(ids));  // frees travel down the pipeline
       },
+      [=](new_next_atom, caf::actor& next) { self->state.next = caf::actor_cast<stage_actor>(next); },
   };
 }
 
@@ -119,7 +124,9 @@ void run_block(stage_pointer self, std::shared_ptr<stage_job> job, std::int64_t 
             run_block(self, job, block + 1, rp);
           },
           [=](caf::error& err) mutable {
-            if (!job->failed) rp.deliver(std::move(err));
+            if (!job->failed)
+              rp.deliver(caf::make_error(caf::sec::runtime_error, "MoE of block " + std::to_string(block) + ": " +
+                                                                      self->system().render(err)));
             job->failed = true;
           });
   try {
@@ -149,8 +156,15 @@ stage_actor::behavior_type stage_impl(stage_pointer self, shared_compute compute
         }
         const auto layers = static_cast<std::size_t>(2 * (self->state.last - self->state.first));
         for (std::size_t i = 0; i < batch.plan.sequences.size(); ++i) {
-          auto& c = self->state.caches[batch.plan.sequences[i]];
-          if (batch.plan.first_position[i] == 0 || c.size() != layers) c.assign(layers, tensor());
+          const seq_id id = batch.plan.sequences[i];
+          if (batch.plan.first_position[i] > 0 && !self->state.caches.count(id))
+            return caf::make_error(caf::sec::runtime_error,
+                                   "stage (blocks " + std::to_string(self->state.first) + "-" +
+                                       std::to_string(self->state.last - 1) + ") has no KV cache for sequence " +
+                                       std::to_string(id) + " at position " + std::to_string(batch.plan.first_position[i]) +
+                                       " (lost in a restart)");
+          auto& c = self->state.caches[id];
+          if (batch.plan.first_position[i] == 0) c.assign(layers, tensor());
           job->caches.push_back(&c);
         }
         job->batch = std::move(batch);
@@ -160,7 +174,10 @@ stage_actor::behavior_type stage_impl(stage_pointer self, shared_compute compute
       },
       [=](free_atom, std::vector<seq_id>& ids) {
         for (auto id : ids) self->state.caches.erase(id);
+        self->send(self->state.next, free_atom::value, std::move(ids));
       },
+      [=](new_next_atom, caf::actor& next) { self->state.next = caf::actor_cast<stage_actor>(next); },
+      [=](new_router_atom, caf::actor& router) { self->state.router = caf::actor_cast<router_actor>(router); },
   };
 }
 
@@ -196,7 +213,10 @@ stage_actor::behavior_type head_impl(stage_actor::stateful_pointer<head_state> s
           out.sequences = plan.sequences;
           for (std::size_t i = 0; i < plan.sequences.size(); ++i) {
             auto it = st.samplers.find(plan.sequences[i]);
-            if (plan.first_position[i] == 0 || it == st.samplers.end())
+            if (plan.first_position[i] > 0 && it == st.samplers.end())
+              throw std::runtime_error("no sampler state for sequence " + std::to_string(plan.sequences[i]) +
+                                       " (lost in a restart)");
+            if (plan.first_position[i] == 0)
               it = st.samplers.insert_or_assign(plan.sequences[i], sequence_sampler{sampler(plan.sampling[i]), {}}).first;
             auto& s = it->second;
             const auto* t = plan.tokens.data() + layout.row_begin[i];
@@ -210,6 +230,8 @@ stage_actor::behavior_type head_impl(stage_actor::stateful_pointer<head_state> s
       [=](free_atom, std::vector<seq_id>& ids) {
         for (auto id : ids) self->state.samplers.erase(id);
       },
+      [=](new_next_atom, caf::actor&) {},    // the head is last: it has no successor
+      [=](new_router_atom, caf::actor&) {},  // and no MoE
   };
 }
 

@@ -29,7 +29,6 @@ struct request_state {
 struct scheduler_state {
   scheduler_state() = default;  // not an aggregate: CAF would otherwise initialise the first member from the actor pointer
   embedding_actor entry;
-  std::vector<caf::actor> stateful;
   scheduler_limits limits;
   std::deque<request_state> waiting;
   std::map<seq_id, request_state> running;
@@ -37,6 +36,8 @@ struct scheduler_state {
   seq_id next_seq = 1;
   std::uint64_t next_step = 1;
   bool step_in_flight = false;
+  std::uint64_t in_flight_step = 0;          // a reply for any other step is stale and ignored
+  std::vector<seq_id> in_flight_sequences;
   scheduler_metrics metrics;
   double ttft_sum = 0, itl_sum = 0;
   std::int64_t ttft_n = 0, itl_n = 0;
@@ -67,7 +68,7 @@ void finish(scheduler_pointer self, request_state& r, request_end reason, const 
 
 void free_sequences(scheduler_pointer self, std::vector<seq_id> ids) {
   if (ids.empty()) return;
-  for (const auto& a : self->state.stateful) caf::anon_send(a, free_atom::value, ids);
+  self->send(self->state.entry, free_atom::value, std::move(ids));
 }
 
 void schedule(scheduler_pointer self);
@@ -175,27 +176,30 @@ void schedule(scheduler_pointer self) {
     }
   }
   st.step_in_flight = true;
+  st.in_flight_step = plan.step;
+  st.in_flight_sequences = plan.sequences;
   ++st.metrics.steps;
+  const auto step = plan.step;
   auto sequences = plan.sequences;
   self->request(st.entry, st.limits.step_timeout, forward_atom::value, std::move(plan))
       .then(
           [=](step_result& result) {
+            if (self->state.in_flight_step != step) return;  // abandoned when an actor died
             self->state.step_in_flight = false;
             on_step_done(self, sequences, result);
             schedule(self);
           },
           [=](caf::error& err) {
+            if (self->state.in_flight_step != step) return;
             self->state.step_in_flight = false;
             on_step_failed(self, sequences, err);
             schedule(self);
           });
 }
 
-scheduler_actor::behavior_type scheduler_impl(scheduler_pointer self, embedding_actor entry,
-                                              std::vector<caf::actor> stateful, scheduler_limits limits) {
+scheduler_actor::behavior_type scheduler_impl(scheduler_pointer self, embedding_actor entry, scheduler_limits limits) {
   auto& st = self->state;
   st.entry = std::move(entry);
-  st.stateful = std::move(stateful);
   st.limits = limits;
   st.metrics.kv_blocks_total = limits.kv_blocks;
   return {
@@ -244,6 +248,17 @@ scheduler_actor::behavior_type scheduler_impl(scheduler_pointer self, embedding_
           if (r.req.id == id) r.cancelled = true;
         schedule(self);
       },
+      [=](new_entry_atom, caf::actor& entry) { self->state.entry = caf::actor_cast<embedding_actor>(entry); },
+      [=](actor_down_atom, std::string& what) {
+        // A graph actor died: the step in flight may be waiting on it for ever (a promise it
+        // held is gone), so it fails now rather than at the step timeout.
+        auto& st = self->state;
+        if (!st.step_in_flight) return;
+        st.step_in_flight = false;
+        st.in_flight_step = 0;
+        on_step_failed(self, st.in_flight_sequences, caf::make_error(caf::sec::runtime_error, what));
+        schedule(self);
+      },
       [=](metrics_atom) -> scheduler_metrics {
         auto& st = self->state;
         auto m = st.metrics;
@@ -259,9 +274,8 @@ scheduler_actor::behavior_type scheduler_impl(scheduler_pointer self, embedding_
 
 }  // namespace
 
-scheduler_actor spawn_scheduler(caf::actor_system& sys, embedding_actor entry, std::vector<caf::actor> stateful,
-                                scheduler_limits limits) {
-  return sys.spawn(scheduler_impl, std::move(entry), std::move(stateful), limits);
+scheduler_actor spawn_scheduler(caf::actor_system& sys, embedding_actor entry, scheduler_limits limits) {
+  return sys.spawn(scheduler_impl, std::move(entry), limits);
 }
 
 }  // namespace troupe

@@ -25,9 +25,8 @@ struct scheduler_limits {
   std::chrono::milliseconds step_timeout{300000};
 };
 
-/// `entry` runs a step through the graph; `stateful` are every actor holding per-sequence
-/// state (sent free_atom with finished sequences).
-scheduler_actor spawn_scheduler(caf::actor_system& sys, embedding_actor entry, std::vector<caf::actor> stateful,
-                                scheduler_limits limits);
+/// `entry` runs a step through the graph; finished sequences are freed by a free_atom message
+/// to it, which every stage passes on to its successor.
+scheduler_actor spawn_scheduler(caf::actor_system& sys, embedding_actor entry, scheduler_limits limits);
 
 }  // namespace troupe

@@ -7,38 +7,94 @@
 #include "actors/moe_actors.hpp"
 #include "actors/pipeline_actors.hpp"
 #include "actors/scheduler_actor.hpp"
+#include "actors/supervisor.hpp"
 #include "protocol/errors.hpp"
 
 namespace troupe {
 
+namespace {
+
+// The current handle of every local actor, shared by the respawn/rewire closures (which all
+// run in the supervisor, one at a time).
+struct live_handles {
+  embedding_actor embedding;
+  std::vector<stage_actor> stages;  // then the head
+  router_actor router;
+  std::vector<expert_shard_actor> shards;
+  scheduler_actor scheduler;
+};
+
+}  // namespace
+
 inference_graph inference_graph::start(caf::actor_system& sys, shared_compute compute, const topology& topo) {
   const auto& config = compute->net->config();
-  inference_graph g;
+  auto live = std::make_shared<live_handles>();
+  std::vector<supervised_actor> watched;
   std::vector<std::int64_t> shard_first;
   for (std::size_t s = 0; s < topo.shard_experts.size(); ++s) {
-    shard_first.push_back(topo.shard_experts[s].first);
+    const auto range = topo.shard_experts[s];
+    shard_first.push_back(range.first);
     const auto remote = std::find_if(topo.remote_shards.begin(), topo.remote_shards.end(),
                                      [&](const remote_shard& r) { return r.shard == static_cast<std::int64_t>(s); });
     if (remote == topo.remote_shards.end()) {
-      g.shards.push_back(spawn_expert_shard(sys, compute, topo.shard_experts[s].first, topo.shard_experts[s].second));
+      live->shards.push_back(spawn_expert_shard(sys, compute, range.first, range.second));
+      watched.push_back({"expert shard " + std::to_string(s), caf::actor_cast<caf::actor>(live->shards.back()),
+                         [&sys, compute, range] {
+                           return caf::actor_cast<caf::actor>(spawn_expert_shard(sys, compute, range.first, range.second));
+                         },
+                         [live, s](const caf::actor& a) {
+                           live->shards[s] = caf::actor_cast<expert_shard_actor>(a);
+                           caf::anon_send(live->router, new_shard_atom::value, static_cast<std::int64_t>(s), a);
+                         }});
       continue;
     }
     auto handle = sys.middleman().remote_actor<expert_shard_actor>(remote->host, remote->port);
     if (!handle)
       throw input_error("expert shard " + std::to_string(s) + " at " + remote->host + ":" + std::to_string(remote->port) +
                         " is unreachable: " + sys.render(handle.error()));
-    g.shards.push_back(*handle);
+    live->shards.push_back(*handle);  // supervised by its own process
   }
-  g.router = spawn_router(sys, compute, g.shards, shard_first, topo.timeout);
-  stage_actor next = spawn_head(sys, compute);
-  g.stages.push_back(next);
-  for (auto it = topo.stage_blocks.rbegin(); it != topo.stage_blocks.rend(); ++it) {
-    next = spawn_stage(sys, compute, it->first, it->second, g.router, next, topo.timeout);
-    g.stages.insert(g.stages.begin(), next);
+  live->router = spawn_router(sys, compute, live->shards, shard_first, topo.timeout);
+  const auto num_stages = topo.stage_blocks.size();
+  watched.push_back({"router", caf::actor_cast<caf::actor>(live->router),
+                     [&sys, compute, live, shard_first, timeout = topo.timeout] {
+                       return caf::actor_cast<caf::actor>(spawn_router(sys, compute, live->shards, shard_first, timeout));
+                     },
+                     [live, num_stages](const caf::actor& a) {
+                       live->router = caf::actor_cast<router_actor>(a);
+                       for (std::size_t k = 0; k < num_stages; ++k) caf::anon_send(live->stages[k], new_router_atom::value, a);
+                     }});
+  // Stages back to front, each knowing its successor; the head is last.
+  live->stages.resize(num_stages + 1);
+  live->stages[num_stages] = spawn_head(sys, compute);
+  for (std::size_t k = num_stages; k-- > 0;)
+    live->stages[k] = spawn_stage(sys, compute, topo.stage_blocks[k].first, topo.stage_blocks[k].second, live->router,
+                                  live->stages[k + 1], topo.timeout);
+  live->embedding = spawn_embedding(sys, compute, live->stages[0]);
+  for (std::size_t k = 0; k <= num_stages; ++k) {
+    const bool head = k == num_stages;
+    const auto blocks = head ? std::pair<std::int64_t, std::int64_t>{} : topo.stage_blocks[k];
+    watched.push_back(
+        {head ? std::string("head") : "stage " + std::to_string(k) + " (blocks " + std::to_string(blocks.first) + "-" +
+                                          std::to_string(blocks.second - 1) + ")",
+         caf::actor_cast<caf::actor>(live->stages[k]),
+         [&sys, compute, live, k, head, blocks, timeout = topo.timeout] {
+           return caf::actor_cast<caf::actor>(head ? spawn_head(sys, compute)
+                                                   : spawn_stage(sys, compute, blocks.first, blocks.second, live->router,
+                                                                 live->stages[k + 1], timeout));
+         },
+         [live, k](const caf::actor& a) {
+           live->stages[k] = caf::actor_cast<stage_actor>(a);
+           if (k == 0) caf::anon_send(live->embedding, new_next_atom::value, a);
+           else caf::anon_send(live->stages[k - 1], new_next_atom::value, a);
+         }});
   }
-  g.embedding = spawn_embedding(sys, compute, next);
-  std::vector<caf::actor> stateful = {caf::actor_cast<caf::actor>(g.embedding)};
-  for (const auto& s : g.stages) stateful.push_back(caf::actor_cast<caf::actor>(s));
+  watched.push_back({"embedding", caf::actor_cast<caf::actor>(live->embedding),
+                     [&sys, compute, live] { return caf::actor_cast<caf::actor>(spawn_embedding(sys, compute, live->stages[0])); },
+                     [live](const caf::actor& a) {
+                       live->embedding = caf::actor_cast<embedding_actor>(a);
+                       caf::anon_send(live->scheduler, new_entry_atom::value, a);
+                     }});
   scheduler_limits limits;
   limits.max_waiting = topo.max_waiting;
   limits.max_running = topo.max_running;
@@ -47,21 +103,23 @@ inference_graph inference_graph::start(caf::actor_system& sys, shared_compute co
   limits.max_context = config.max_position_embeddings;
   limits.eos_token_id = config.eos_token_id;
   limits.step_timeout = topo.timeout;
-  g.scheduler = spawn_scheduler(sys, g.embedding, std::move(stateful), limits);
+  live->scheduler = spawn_scheduler(sys, live->embedding, limits);
+
+  inference_graph g;
+  g.scheduler = live->scheduler;
+  g.embedding = live->embedding;
+  g.stages = live->stages;
+  g.router = live->router;
+  g.shards = live->shards;
+  for (const auto& w : watched) g.supervised_names.push_back(w.name);
+  g.supervisor = spawn_supervisor(sys, std::move(watched), caf::actor_cast<caf::actor>(live->scheduler));
   return g;
 }
 
 void inference_graph::stop(caf::actor_system& sys) {
   (void)sys;
-  auto kill = [](const auto& a) {
-    if (a) caf::anon_send_exit(a, caf::exit_reason::user_shutdown);
-  };
-  kill(scheduler);
-  kill(embedding);
-  for (const auto& s : stages) kill(s);
-  kill(router);
-  for (const auto& s : shards)
-    if (s && s.node() == scheduler.node()) kill(s);  // remote shards belong to their own process
+  if (supervisor) caf::anon_send_exit(supervisor, caf::exit_reason::user_shutdown);
+  if (scheduler) caf::anon_send_exit(scheduler, caf::exit_reason::user_shutdown);
 }
 
 std::vector<expert_shard_actor> host_expert_shards(caf::actor_system& sys, shared_compute compute, const topology& topo,

@@ -13,16 +13,20 @@
 
 namespace troupe {
 
+/// The handles of a running graph as spawned; after a restart the supervisor holds the new
+/// ones (ask it with metrics_atom for the restart counts, in `supervised_names` order).
 struct inference_graph {
   scheduler_actor scheduler;
   embedding_actor embedding;
   std::vector<stage_actor> stages;  // attention stages, then the head
   router_actor router;
   std::vector<expert_shard_actor> shards;
+  caf::actor supervisor;
+  std::vector<std::string> supervised_names;
 
   /// Spawns the graph; throws input_error when a remote shard cannot be reached.
   static inference_graph start(caf::actor_system& sys, shared_compute compute, const topology& topo);
-  /// Stops every actor of the graph.
+  /// Stops every actor of the graph (the supervisor stops those it watches).
   void stop(caf::actor_system& sys);
 };
 

@@ -24,23 +24,33 @@ using cancel_atom = caf::atom_constant<caf::atom("cancel")>;
 using metrics_atom = caf::atom_constant<caf::atom("metrics")>;
 using token_atom = caf::atom_constant<caf::atom("token")>;
 using done_atom = caf::atom_constant<caf::atom("done")>;
-using step_done_atom = caf::atom_constant<caf::atom("stepdone")>;
+// Rewiring after the supervisor restarts an actor: the new handle goes to whoever sends to it.
+using new_next_atom = caf::atom_constant<caf::atom("newnext")>;      // stage_actor successor
+using new_router_atom = caf::atom_constant<caf::atom("newrouter")>;  // router_actor
+using new_shard_atom = caf::atom_constant<caf::atom("newshard")>;    // expert_shard_actor of a shard index
+using new_entry_atom = caf::atom_constant<caf::atom("newentry")>;    // embedding_actor
+using actor_down_atom = caf::atom_constant<caf::atom("actordown")>;  // a graph actor died (supervisor -> scheduler)
 
 /// Embedding, attention stages and head: run a step from here to the end of the graph.
 /// The embedding takes the plan, every later stage the hidden states; all answer with the
 /// step's sampled tokens (each stage delegates onward, the head replies).
-using embedding_actor = caf::typed_actor<
-    caf::replies_to<forward_atom, step_plan>::with<step_result>,   // embed, then run the rest
-    caf::reacts_to<free_atom, std::vector<seq_id>>>;                // drop these sequences' n-gram caches
-
+/// Every later stage, and the head (the last stage), which replies.
 using stage_actor = caf::typed_actor<
     caf::replies_to<forward_atom, hidden_batch>::with<step_result>,  // my blocks, then the rest
-    caf::reacts_to<free_atom, std::vector<seq_id>>>;                  // drop these sequences' KV caches
+    caf::reacts_to<free_atom, std::vector<seq_id>>,                   // drop these sequences' KV caches
+    caf::reacts_to<new_next_atom, caf::actor>,                        // my successor (a stage_actor) restarted
+    caf::reacts_to<new_router_atom, caf::actor>>;                     // the router (a router_actor) restarted
+
+using embedding_actor = caf::typed_actor<
+    caf::replies_to<forward_atom, step_plan>::with<step_result>,   // embed, then run the rest
+    caf::reacts_to<free_atom, std::vector<seq_id>>,                 // drop these sequences' n-gram caches
+    caf::reacts_to<new_next_atom, caf::actor>>;                     // my successor (a stage_actor) restarted
 
 /// The router of every MoE block: picks experts per row, sends each shard only its rows,
 /// combines the gated outputs (zero experts locally, without messages).
 using router_actor = caf::typed_actor<
-    caf::replies_to<moe_atom, std::int32_t, tensor>::with<tensor>>;  // (block, u [T,H]) -> moe [T,H]
+    caf::replies_to<moe_atom, std::int32_t, tensor>::with<tensor>,  // (block, u [T,H]) -> moe [T,H]
+    caf::reacts_to<new_shard_atom, std::int64_t, caf::actor>>;      // shard i (an expert_shard_actor) restarted
 
 /// One shard of experts (a range of expert ids, every block).
 using expert_shard_actor = caf::typed_actor<
@@ -55,6 +65,8 @@ namespace troupe {
 using scheduler_actor = caf::typed_actor<
     caf::replies_to<generate_atom, generate_request, caf::actor>::with<bool>,  // queued, or an error saying why not
     caf::reacts_to<cancel_atom, std::string>,                                   // cancel by request id
+    caf::reacts_to<new_entry_atom, caf::actor>,                                 // the embedding restarted
+    caf::reacts_to<actor_down_atom, std::string>,                               // fail the step in flight: who died, why
     caf::replies_to<metrics_atom>::with<scheduler_metrics>>;                    // counters for /metrics
 
 }  // namespace troupe

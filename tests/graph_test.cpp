@@ -9,6 +9,7 @@
 #include <caf/scoped_actor.hpp>
 
 #include <map>
+#include <thread>
 
 #include "actors/compute.hpp"
 #include "graph/inference_graph.hpp"
@@ -200,6 +201,73 @@ TEST(graph, cancelling_ends_a_request_and_frees_its_blocks) {
   self->request(f.graph.scheduler, std::chrono::seconds(5), metrics_atom::value)
       .receive([&](scheduler_metrics& m) { EXPECT_EQ(m.kv_blocks_used, 0); },
                [&](caf::error& e) { ADD_FAILURE() << f.sys->render(e); });
+}
+
+// Kills one actor while a request streams: that request ends with an error naming what failed
+// (no hang), the supervisor restarts the actor from its weights, and the next request gets
+// exactly the plain forward pass's tokens.
+void kill_mid_generation(const std::string& victim_name, const std::function<caf::actor(graph_fixture&)>& victim) {
+  graph_fixture f("graph_fault", R"({"stages": 2, "expert_shards": 2})");
+  caf::scoped_actor self{*f.sys};
+  auto req = greedy_request("long", prompt_of(6, 5), 200);
+  req.stop_on_eos = false;
+  self->request(f.graph.scheduler, std::chrono::seconds(5), generate_atom::value, req, caf::actor_cast<caf::actor>(self))
+      .receive([](bool) {}, [&](caf::error& e) { FAIL() << f.sys->render(e); });
+  request_done result;
+  int tokens = 0;
+  for (bool done = false; !done;) {
+    self->receive(
+        [&](token_atom, std::string&, std::int32_t) {
+          if (++tokens == 3) caf::anon_send_exit(victim(f), caf::exit_reason::kill);
+        },
+        [&](done_atom, request_done& d) {
+          result = d;
+          done = true;
+        },
+        caf::after(std::chrono::seconds(60)) >> [&] {
+          ADD_FAILURE() << "the request hung after " << victim_name << " died";
+          done = true;
+        });
+  }
+  EXPECT_EQ(result.reason, request_end::error) << victim_name;
+  EXPECT_FALSE(result.error.empty());
+  std::cerr << "  " << victim_name << " killed: request error: " << result.error << "\n";
+  // Wait for the restart.
+  const auto index = static_cast<std::size_t>(
+      std::find(f.graph.supervised_names.begin(), f.graph.supervised_names.end(), victim_name) - f.graph.supervised_names.begin());
+  ASSERT_LT(index, f.graph.supervised_names.size()) << victim_name;
+  int restarts = 0;
+  for (int attempt = 0; attempt < 200 && restarts == 0; ++attempt) {
+    self->request(f.graph.supervisor, std::chrono::seconds(5), metrics_atom::value)
+        .receive([&](std::vector<int>& r) { restarts = r[index]; }, [&](caf::error&) {});
+    if (restarts == 0) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_EQ(restarts, 1) << victim_name;
+  double gap = 1;
+  const auto prompt = prompt_of(7, 6);
+  const auto expected = plain_greedy(*f.compute->net, prompt, 8, gap);
+  const auto got = run_requests(f, {greedy_request("next", prompt, 8)});
+  EXPECT_EQ(got.at("next").tokens, expected) << "after restarting " << victim_name;
+}
+
+TEST(graph, killed_expert_shard_fails_its_request_and_is_restarted) {
+  kill_mid_generation("expert shard 1", [](graph_fixture& f) { return caf::actor_cast<caf::actor>(f.graph.shards[1]); });
+}
+
+TEST(graph, killed_stage_fails_its_request_and_is_restarted) {
+  kill_mid_generation("stage 1 (blocks 1-2)", [](graph_fixture& f) { return caf::actor_cast<caf::actor>(f.graph.stages[1]); });
+}
+
+TEST(graph, killed_head_fails_its_request_and_is_restarted) {
+  kill_mid_generation("head", [](graph_fixture& f) { return caf::actor_cast<caf::actor>(f.graph.stages.back()); });
+}
+
+TEST(graph, killed_embedding_fails_its_request_and_is_restarted) {
+  kill_mid_generation("embedding", [](graph_fixture& f) { return caf::actor_cast<caf::actor>(f.graph.embedding); });
+}
+
+TEST(graph, killed_router_fails_its_request_and_is_restarted) {
+  kill_mid_generation("router", [](graph_fixture& f) { return caf::actor_cast<caf::actor>(f.graph.router); });
 }
 
 TEST(graph, topology_errors_name_the_field) {
