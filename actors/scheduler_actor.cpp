@@ -23,6 +23,7 @@ struct request_state {
   std::int64_t cached = 0;            // tokens in the caches
   std::vector<std::int32_t> generated;
   bool cancelled = false;
+  bool in_step = false;               // in a step in flight (a sequence is in at most one)
   clock_type::time_point arrived, first_token, last_token;
 };
 
@@ -35,9 +36,7 @@ struct scheduler_state {
   std::int64_t blocks_used = 0;
   seq_id next_seq = 1;
   std::uint64_t next_step = 1;
-  bool step_in_flight = false;
-  std::uint64_t in_flight_step = 0;          // a reply for any other step is stale and ignored
-  std::vector<seq_id> in_flight_sequences;
+  std::map<std::uint64_t, std::vector<seq_id>> in_flight;  // step -> its sequences; replies to others are stale
   scheduler_metrics metrics;
   double ttft_sum = 0, itl_sum = 0;
   std::int64_t ttft_n = 0, itl_n = 0;
@@ -72,6 +71,7 @@ void free_sequences(scheduler_pointer self, std::vector<seq_id> ids) {
 }
 
 void schedule(scheduler_pointer self);
+void send_step(scheduler_pointer self, const std::vector<seq_id>& sequences);
 
 // Moves waiting requests into the running batch while the KV budget and batch size allow.
 void admit(scheduler_pointer self) {
@@ -140,29 +140,13 @@ void on_step_failed(scheduler_pointer self, const std::vector<seq_id>& sequences
   free_sequences(self, std::move(ended));
 }
 
-// Plans and sends the next step if none is in flight.
-void schedule(scheduler_pointer self) {
+void send_step(scheduler_pointer self, const std::vector<seq_id>& sequences) {
   auto& st = self->state;
-  if (st.step_in_flight) return;
-  admit(self);
-  // Cancelled sequences not yet in a step leave now.
-  std::vector<seq_id> ended;
-  for (auto it = st.running.begin(); it != st.running.end();) {
-    if (it->second.cancelled) {
-      finish(self, it->second, request_end::cancelled);
-      ended.push_back(it->first);
-      it = st.running.erase(it);
-    } else {
-      ++it;
-    }
-  }
-  free_sequences(self, std::move(ended));
-  st.metrics.waiting = static_cast<std::int64_t>(st.waiting.size());
-  st.metrics.running = static_cast<std::int64_t>(st.running.size());
-  if (st.running.empty()) return;
   step_plan plan;
   plan.step = st.next_step++;
-  for (auto& [id, r] : st.running) {
+  for (auto id : sequences) {
+    auto& r = st.running.at(id);
+    r.in_step = true;
     plan.sequences.push_back(id);
     plan.first_position.push_back(r.cached);
     plan.sampling.push_back(r.req.sampling);
@@ -175,26 +159,60 @@ void schedule(scheduler_pointer self) {
       plan.tokens.push_back(r.generated.back());
     }
   }
-  st.step_in_flight = true;
-  st.in_flight_step = plan.step;
-  st.in_flight_sequences = plan.sequences;
-  ++st.metrics.steps;
   const auto step = plan.step;
-  auto sequences = plan.sequences;
+  st.in_flight.emplace(step, sequences);
+  ++st.metrics.steps;
+  auto release = [self, step] {
+    auto& st = self->state;
+    auto it = st.in_flight.find(step);
+    if (it == st.in_flight.end()) return false;  // abandoned when an actor died
+    for (auto id : it->second)
+      if (auto r = st.running.find(id); r != st.running.end()) r->second.in_step = false;
+    st.in_flight.erase(it);
+    return true;
+  };
   self->request(st.entry, st.limits.step_timeout, forward_atom::value, std::move(plan))
       .then(
           [=](step_result& result) {
-            if (self->state.in_flight_step != step) return;  // abandoned when an actor died
-            self->state.step_in_flight = false;
+            if (!release()) return;
             on_step_done(self, sequences, result);
             schedule(self);
           },
           [=](caf::error& err) {
-            if (self->state.in_flight_step != step) return;
-            self->state.step_in_flight = false;
+            if (!release()) return;
             on_step_failed(self, sequences, err);
             schedule(self);
           });
+}
+
+// Admits waiting requests and keeps up to `micro_batches` steps in flight, each with a share
+// of the running sequences that are not in a step, so every pipeline stage has work.
+void schedule(scheduler_pointer self) {
+  auto& st = self->state;
+  admit(self);
+  // Cancelled sequences not in a step leave now.
+  std::vector<seq_id> ended;
+  for (auto it = st.running.begin(); it != st.running.end();) {
+    if (it->second.cancelled && !it->second.in_step) {
+      finish(self, it->second, request_end::cancelled);
+      ended.push_back(it->first);
+      it = st.running.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  free_sequences(self, std::move(ended));
+  st.metrics.waiting = static_cast<std::int64_t>(st.waiting.size());
+  st.metrics.running = static_cast<std::int64_t>(st.running.size());
+  const auto depth = static_cast<std::size_t>(std::max<std::int64_t>(1, st.limits.micro_batches));
+  const std::size_t per_step = std::max<std::size_t>(1, (st.running.size() + depth - 1) / depth);
+  while (st.in_flight.size() < depth) {
+    std::vector<seq_id> ready;
+    for (const auto& [id, r] : st.running)
+      if (!r.in_step && ready.size() < per_step) ready.push_back(id);
+    if (ready.empty()) break;
+    send_step(self, ready);
+  }
 }
 
 scheduler_actor::behavior_type scheduler_impl(scheduler_pointer self, embedding_actor entry, scheduler_limits limits) {
@@ -249,14 +267,19 @@ scheduler_actor::behavior_type scheduler_impl(scheduler_pointer self, embedding_
         schedule(self);
       },
       [=](new_entry_atom, caf::actor& entry) { self->state.entry = caf::actor_cast<embedding_actor>(entry); },
-      [=](actor_down_atom, std::string& what) {
-        // A graph actor died: the step in flight may be waiting on it for ever (a promise it
-        // held is gone), so it fails now rather than at the step timeout.
+      [=](actor_down_atom, std::string& what, bool stateful) {
+        // A graph actor died. Steps in flight may wait on it for ever (a promise it held is
+        // gone): they fail now rather than at the step timeout. If it held per-sequence state
+        // (KV caches, n-gram contexts, samplers), every running sequence lost some: all fail.
         auto& st = self->state;
-        if (!st.step_in_flight) return;
-        st.step_in_flight = false;
-        st.in_flight_step = 0;
-        on_step_failed(self, st.in_flight_sequences, caf::make_error(caf::sec::runtime_error, what));
+        std::vector<seq_id> affected;
+        for (const auto& [step, seqs] : st.in_flight) affected.insert(affected.end(), seqs.begin(), seqs.end());
+        st.in_flight.clear();
+        if (stateful)
+          for (const auto& [id, r] : st.running)
+            if (!r.in_step) affected.push_back(id);
+        for (auto& [id, r] : st.running) r.in_step = false;
+        if (!affected.empty()) on_step_failed(self, affected, caf::make_error(caf::sec::runtime_error, what));
         schedule(self);
       },
       [=](metrics_atom) -> scheduler_metrics {

@@ -2,8 +2,10 @@
 // admitted at step boundaries while the KV-cache budget (paged blocks) allows, join the
 // running batch with their whole prompt, then add one token per step; finished, cancelled and
 // failed ones leave at step boundaries and every stateful actor is told to free them.
-// Invariant: one step is in flight at a time, and a request's tokens reach its subscriber in
-// order, followed by exactly one done event.
+// Up to `micro_batches` steps are in flight, each with its own share of the running sequences,
+// so S pipeline stages work on S micro-batches at once.
+// Invariant: a sequence is in at most one step in flight, and a request's tokens reach its
+// subscriber in order, followed by exactly one done event.
 #pragma once
 
 #include <caf/fwd.hpp>
@@ -22,6 +24,7 @@ struct scheduler_limits {
   std::int64_t kv_blocks = 4096;         // the KV budget, in blocks
   std::int64_t max_context = 0;          // prompt + max_tokens limit (0: none)
   std::int32_t eos_token_id = 2;
+  std::int64_t micro_batches = 1;        // steps in flight at once (one per pipeline stage keeps all busy)
   std::chrono::milliseconds step_timeout{300000};
 };
 

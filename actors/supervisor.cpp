@@ -39,7 +39,7 @@ caf::behavior supervisor_impl(caf::stateful_actor<supervisor_state>* self, std::
       if (a.current.address() != down.source) continue;
       if (down.reason == caf::exit_reason::user_shutdown || down.reason == caf::exit_reason::normal) return;
       const std::string why = self->system().render(down.reason);
-      caf::anon_send(st.scheduler, actor_down_atom::value, a.name + " died (" + why + ")");
+      caf::anon_send(st.scheduler, actor_down_atom::value, a.name + " died (" + why + ")", a.holds_sequence_state);
       if (st.restarts[i] >= st.max_restarts) {
         std::cerr << "[supervisor] " << a.name << " died (" << why << ") after " << st.restarts[i]
                   << " restarts; leaving it down\n";

@@ -18,6 +18,7 @@ struct supervised_actor {
   caf::actor current;
   std::function<caf::actor()> respawn;              // a fresh actor, from the weights
   std::function<void(const caf::actor&)> rewire;    // hand the new actor to its senders
+  bool holds_sequence_state = false;                // its death loses running sequences' state
 };
 
 /// At most `max_restarts` restarts per actor; past that it stays down (and says so).

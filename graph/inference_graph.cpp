@@ -87,14 +87,16 @@ inference_graph inference_graph::start(caf::actor_system& sys, shared_compute co
            live->stages[k] = caf::actor_cast<stage_actor>(a);
            if (k == 0) caf::anon_send(live->embedding, new_next_atom::value, a);
            else caf::anon_send(live->stages[k - 1], new_next_atom::value, a);
-         }});
+         },
+         true});
   }
   watched.push_back({"embedding", caf::actor_cast<caf::actor>(live->embedding),
                      [&sys, compute, live] { return caf::actor_cast<caf::actor>(spawn_embedding(sys, compute, live->stages[0])); },
                      [live](const caf::actor& a) {
                        live->embedding = caf::actor_cast<embedding_actor>(a);
                        caf::anon_send(live->scheduler, new_entry_atom::value, a);
-                     }});
+                     },
+                     true});
   scheduler_limits limits;
   limits.max_waiting = topo.max_waiting;
   limits.max_running = topo.max_running;
@@ -103,6 +105,7 @@ inference_graph inference_graph::start(caf::actor_system& sys, shared_compute co
   limits.max_context = config.max_position_embeddings;
   limits.eos_token_id = config.eos_token_id;
   limits.step_timeout = topo.timeout;
+  limits.micro_batches = topo.micro_batches ? topo.micro_batches : static_cast<std::int64_t>(num_stages);
   live->scheduler = spawn_scheduler(sys, live->embedding, limits);
 
   inference_graph g;

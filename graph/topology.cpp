@@ -111,11 +111,14 @@ topology parse_topology(std::string_view json, const std::string& source, const 
     t.kv_block_tokens = integer(sched, "kv_block_tokens", t.kv_block_tokens, "scheduler.kv_block_tokens");
     t.kv_blocks = integer(sched, "kv_blocks", t.kv_blocks, "scheduler.kv_blocks");
     t.timeout = std::chrono::milliseconds(integer(sched, "step_timeout_ms", t.timeout.count(), "scheduler.step_timeout_ms"));
+    t.micro_batches = integer(sched, "micro_batches", 0, "scheduler.micro_batches");
     for (auto [key, value] : sched) {
-      static const std::set<std::string> fields = {"max_waiting", "max_running", "kv_block_tokens", "kv_blocks", "step_timeout_ms"};
+      static const std::set<std::string> fields = {"max_waiting", "max_running", "kv_block_tokens", "kv_blocks",
+                                                   "step_timeout_ms", "micro_batches"};
       if (!fields.count(std::string(key))) fail("scheduler." + std::string(key), "is not a scheduler field");
     }
-    if (t.max_waiting < 0 || t.max_running < 1 || t.kv_block_tokens < 1 || t.kv_blocks < 1 || t.timeout.count() < 1)
+    if (t.max_waiting < 0 || t.max_running < 1 || t.kv_block_tokens < 1 || t.kv_blocks < 1 || t.timeout.count() < 1 ||
+        t.micro_batches < 0)
       fail("scheduler", "limits must be positive");
   }
   return t;

@@ -28,6 +28,7 @@ struct topology {
   int threads = 0;
   // scheduler limits
   std::int64_t max_waiting = 256, max_running = 64, kv_block_tokens = 16, kv_blocks = 4096;
+  std::int64_t micro_batches = 0;  // steps in flight; 0: one per attention stage
   std::chrono::milliseconds timeout{300000};
 };
 

@@ -66,7 +66,7 @@ using scheduler_actor = caf::typed_actor<
     caf::replies_to<generate_atom, generate_request, caf::actor>::with<bool>,  // queued, or an error saying why not
     caf::reacts_to<cancel_atom, std::string>,                                   // cancel by request id
     caf::reacts_to<new_entry_atom, caf::actor>,                                 // the embedding restarted
-    caf::reacts_to<actor_down_atom, std::string>,                               // fail the step in flight: who died, why
+    caf::reacts_to<actor_down_atom, std::string, bool>,                         // who died and why; did it hold sequence state
     caf::replies_to<metrics_atom>::with<scheduler_metrics>>;                    // counters for /metrics
 
 }  // namespace troupe
