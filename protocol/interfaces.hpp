@@ -29,6 +29,9 @@ using new_next_atom = caf::atom_constant<caf::atom("newnext")>;      // stage_ac
 using new_router_atom = caf::atom_constant<caf::atom("newrouter")>;  // router_actor
 using new_shard_atom = caf::atom_constant<caf::atom("newshard")>;    // expert_shard_actor of a shard index
 using new_entry_atom = caf::atom_constant<caf::atom("newentry")>;    // embedding_actor
+using encode_atom = caf::atom_constant<caf::atom("encode")>;
+using decode_atom = caf::atom_constant<caf::atom("decode")>;
+using flush_atom = caf::atom_constant<caf::atom("flush")>;
 using actor_down_atom = caf::atom_constant<caf::atom("actordown")>;  // a graph actor died (supervisor -> scheduler)
 
 /// Embedding, attention stages and head: run a step from here to the end of the graph.
@@ -68,5 +71,16 @@ using scheduler_actor = caf::typed_actor<
     caf::reacts_to<new_entry_atom, caf::actor>,                                 // the embedding restarted
     caf::reacts_to<actor_down_atom, std::string, bool>,                         // who died and why; did it hold sequence state
     caf::replies_to<metrics_atom>::with<scheduler_metrics>>;                    // counters for /metrics
+
+}  // namespace troupe
+
+namespace troupe {
+
+/// Text <-> ids, with one streaming decoder per request so streamed text never splits a UTF-8
+/// character.
+using tokenizer_actor = caf::typed_actor<
+    caf::replies_to<encode_atom, std::string, bool>::with<std::vector<std::int32_t>>,  // (text, parse specials) -> ids
+    caf::replies_to<decode_atom, std::string, std::int32_t>::with<std::string>,        // (request id, token) -> newly final text
+    caf::replies_to<flush_atom, std::string>::with<std::string>>;                      // end of a request's stream: held-back bytes
 
 }  // namespace troupe

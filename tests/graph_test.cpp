@@ -12,6 +12,7 @@
 #include <thread>
 
 #include "actors/compute.hpp"
+#include "actors/tokenizer_actor.hpp"
 #include "graph/inference_graph.hpp"
 #include "protocol/errors.hpp"
 #include "protocol/type_registry.hpp"
@@ -268,6 +269,44 @@ TEST(graph, killed_embedding_fails_its_request_and_is_restarted) {
 
 TEST(graph, killed_router_fails_its_request_and_is_restarted) {
   kill_mid_generation("router", [](graph_fixture& f) { return caf::actor_cast<caf::actor>(f.graph.router); });
+}
+
+TEST(graph, tokenizer_actor_encodes_and_streams_whole_characters) {
+  caf::actor_system_config cfg;
+  add_message_types(cfg);
+  caf::actor_system sys{cfg};
+  auto tok = std::make_shared<const tokenizer>(
+      tokenizer::load(std::string(TROUPE_SOURCE_DIR) + "/configs/tokenizers/troupe-bpe-4k.json"));
+  auto actor = spawn_tokenizer(sys, tok);
+  caf::scoped_actor self{sys};
+  const std::string text = "Caf\xc3\xa9 \xe2\x82\xac 42 <|eos|>";
+  std::vector<std::int32_t> ids;
+  self->request(actor, std::chrono::seconds(5), encode_atom::value, text, true)
+      .receive([&](std::vector<std::int32_t>& r) { ids = r; }, [&](caf::error& e) { FAIL() << sys.render(e); });
+  EXPECT_EQ(ids, tok->encode(text, special_tokens::parse));
+  EXPECT_EQ(ids.back(), 2);
+  // Two interleaved streams decode independently, each piece ending on a character boundary.
+  std::string a, b;
+  for (auto id : ids) {
+    for (auto* out : {&a, &b}) {
+      self->request(actor, std::chrono::seconds(5), decode_atom::value, std::string(out == &a ? "a" : "b"), id)
+          .receive(
+              [&](std::string& piece) {
+                EXPECT_EQ(complete_utf8_prefix(piece), piece.size());
+                *out += piece;
+              },
+              [&](caf::error& e) { FAIL() << sys.render(e); });
+    }
+  }
+  for (auto* out : {&a, &b})
+    self->request(actor, std::chrono::seconds(5), flush_atom::value, std::string(out == &a ? "a" : "b"))
+        .receive([&](std::string& rest) { *out += rest; }, [&](caf::error&) {});
+  EXPECT_EQ(a, text);
+  EXPECT_EQ(b, text);
+  self->request(actor, std::chrono::seconds(5), decode_atom::value, std::string("c"), std::int32_t{999999})
+      .receive([&](std::string&) { ADD_FAILURE() << "an unknown id must be refused"; },
+               [&](caf::error& e) { EXPECT_NE(sys.render(e).find("outside the tokenizer"), std::string::npos); });
+  caf::anon_send_exit(actor, caf::exit_reason::user_shutdown);
 }
 
 TEST(graph, topology_errors_name_the_field) {
