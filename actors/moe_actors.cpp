@@ -4,7 +4,9 @@
 #include <caf/stateful_actor.hpp>
 #include <caf/typed_event_based_actor.hpp>
 
+#include <algorithm>
 #include <cstring>
+#include <iostream>
 
 namespace troupe {
 namespace {
@@ -43,8 +45,11 @@ expert_shard_actor::behavior_type shard_impl(expert_shard_actor::stateful_pointe
           return caf::make_error(caf::sec::runtime_error, std::string("expert shard: ") + e.what());
         }
       },
+      [=](heartbeat_atom) { return self->state.first; },
   };
 }
+
+struct moe_job;
 
 struct router_state {
   router_state() = default;  // not an aggregate: CAF would otherwise initialise the first member from the actor pointer
@@ -52,6 +57,9 @@ struct router_state {
   std::vector<expert_shard_actor> shards;
   std::vector<std::int64_t> shard_first;
   std::chrono::milliseconds timeout{0};
+  std::chrono::milliseconds heartbeat{0};
+  std::vector<std::string> down;  // per shard: why it is considered down ("" = healthy)
+  std::vector<std::weak_ptr<moe_job>> jobs;  // MoE calls in flight, failed at once if a shard they wait on goes down
   static inline const char* name = "troupe.router";
 };
 
@@ -64,7 +72,19 @@ struct moe_job {
   std::vector<std::vector<std::int64_t>> offsets;  // per shard: row offset of each of its experts
   std::size_t pending = 0;
   bool failed = false;
+  std::vector<bool> waiting;  // per shard: a reply is still out
+  caf::typed_response_promise<tensor> rp;
 };
+
+// A shard stopped answering: fail every MoE call waiting on it rather than at the step timeout.
+void fail_jobs_waiting_on(router_state& st, std::size_t shard, const std::string& why) {
+  for (auto& weak : st.jobs)
+    if (auto job = weak.lock(); job && !job->failed && job->waiting[shard]) {
+      job->failed = true;
+      job->rp.deliver(caf::make_error(caf::sec::runtime_error, why));
+    }
+  st.jobs.erase(std::remove_if(st.jobs.begin(), st.jobs.end(), [](const auto& w) { return w.expired(); }), st.jobs.end());
+}
 
 std::size_t shard_of(const router_state& st, std::int64_t expert) {
   std::size_t s = 0;
@@ -93,12 +113,19 @@ tensor combine_all(router_state& st, moe_job& job) {
 
 router_actor::behavior_type router_impl(router_actor::stateful_pointer<router_state> self, shared_compute compute,
                                         std::vector<expert_shard_actor> shards, std::vector<std::int64_t> shard_first,
-                                        std::chrono::milliseconds timeout) {
+                                        std::chrono::milliseconds timeout, std::chrono::milliseconds heartbeat) {
   auto& st = self->state;
   st.compute = std::move(compute);
   st.shards = std::move(shards);
   st.shard_first = std::move(shard_first);
   st.timeout = timeout;
+  st.heartbeat = heartbeat;
+  st.down.assign(st.shards.size(), std::string());
+  // Remote shards are watched with heartbeats as well as the transport: a frozen peer keeps its
+  // connection open and would otherwise hold requests until the step timeout.
+  const bool any_remote = std::any_of(st.shards.begin(), st.shards.end(),
+                                      [&](const auto& s) { return s.node() != self->node(); });
+  if (any_remote && heartbeat.count() > 0) self->send(self, heartbeat_atom::value);
   return {
       [=](moe_atom, std::int32_t block, tensor& u) -> caf::result<tensor> {
         auto& st = self->state;
@@ -134,13 +161,22 @@ router_actor::behavior_type router_impl(router_actor::stateful_pointer<router_st
         } catch (const std::exception& e) {
           return caf::make_error(caf::sec::runtime_error, "router block " + std::to_string(block) + ": " + e.what());
         }
+        job->waiting.assign(st.shards.size(), false);
+        for (std::size_t s = 0; s < batches.size(); ++s) {
+          if (batches[s].experts.empty()) continue;
+          if (!st.down[s].empty()) return caf::make_error(caf::sec::runtime_error, st.down[s]);
+          job->waiting[s] = true;
+        }
         auto rp = self->make_response_promise<tensor>();
+        job->rp = rp;
+        st.jobs.push_back(job);
         for (std::size_t s = 0; s < batches.size(); ++s) {
           if (batches[s].experts.empty()) continue;
           self->request(st.shards[s], st.timeout, experts_atom::value, std::move(batches[s]))
               .then(
                   [=](tensor& y) mutable {
                     if (job->failed) return;
+                    job->waiting[s] = false;
                     job->replies[s] = std::move(y);
                     if (--job->pending > 0) return;
                     try {
@@ -163,6 +199,29 @@ router_actor::behavior_type router_impl(router_actor::stateful_pointer<router_st
         if (shard >= 0 && shard < static_cast<std::int64_t>(shards.size()))
           shards[static_cast<std::size_t>(shard)] = caf::actor_cast<expert_shard_actor>(handle);
       },
+      [=](heartbeat_atom) {
+        auto& st = self->state;
+        for (std::size_t s = 0; s < st.shards.size(); ++s) {
+          if (st.shards[s].node() == self->node()) continue;  // local shards are watched by the supervisor
+          self->request(st.shards[s], st.heartbeat, heartbeat_atom::value)
+              .then(
+                  [=](std::int64_t) {
+                    auto& d = self->state.down[s];
+                    if (!d.empty()) std::cerr << "[router] expert shard " << s << " answers again\n";
+                    d.clear();
+                  },
+                  [=](caf::error& err) {
+                    auto& st = self->state;
+                    if (st.down[s].empty())
+                      std::cerr << "[router] expert shard " << s << " missed a heartbeat (" << self->system().render(err)
+                                << "); failing the requests that wait on it\n";
+                    st.down[s] = "expert shard " + std::to_string(s) + " does not answer heartbeats within " +
+                                 std::to_string(st.heartbeat.count()) + " ms (" + self->system().render(err) + ")";
+                    fail_jobs_waiting_on(st, s, st.down[s]);
+                  });
+        }
+        self->delayed_send(self, st.heartbeat, heartbeat_atom::value);
+      },
   };
 }
 
@@ -174,8 +233,9 @@ expert_shard_actor spawn_expert_shard(caf::actor_system& sys, shared_compute com
 }
 
 router_actor spawn_router(caf::actor_system& sys, shared_compute compute, std::vector<expert_shard_actor> shards,
-                          std::vector<std::int64_t> shard_first, std::chrono::milliseconds timeout) {
-  return sys.spawn(router_impl, std::move(compute), std::move(shards), std::move(shard_first), timeout);
+                          std::vector<std::int64_t> shard_first, std::chrono::milliseconds timeout,
+                          std::chrono::milliseconds heartbeat) {
+  return sys.spawn(router_impl, std::move(compute), std::move(shards), std::move(shard_first), timeout, heartbeat);
 }
 
 }  // namespace troupe

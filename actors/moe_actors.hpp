@@ -20,7 +20,10 @@ expert_shard_actor spawn_expert_shard(caf::actor_system& sys, shared_compute com
                                       std::int64_t last);
 
 /// shard_first[s] is the first expert of shards[s]; shards cover [0, n_routed_experts) in order.
+/// Shards in other processes get a heartbeat every `heartbeat`; one that misses it is down
+/// until it answers again, and the MoE calls waiting on it fail at once.
 router_actor spawn_router(caf::actor_system& sys, shared_compute compute, std::vector<expert_shard_actor> shards,
-                          std::vector<std::int64_t> shard_first, std::chrono::milliseconds timeout);
+                          std::vector<std::int64_t> shard_first, std::chrono::milliseconds timeout,
+                          std::chrono::milliseconds heartbeat);
 
 }  // namespace troupe

@@ -54,11 +54,12 @@ inference_graph inference_graph::start(caf::actor_system& sys, shared_compute co
                         " is unreachable: " + sys.render(handle.error()));
     live->shards.push_back(*handle);  // supervised by its own process
   }
-  live->router = spawn_router(sys, compute, live->shards, shard_first, topo.timeout);
+  live->router = spawn_router(sys, compute, live->shards, shard_first, topo.timeout, topo.heartbeat);
   const auto num_stages = topo.stage_blocks.size();
   watched.push_back({"router", caf::actor_cast<caf::actor>(live->router),
-                     [&sys, compute, live, shard_first, timeout = topo.timeout] {
-                       return caf::actor_cast<caf::actor>(spawn_router(sys, compute, live->shards, shard_first, timeout));
+                     [&sys, compute, live, shard_first, timeout = topo.timeout, heartbeat = topo.heartbeat] {
+                       return caf::actor_cast<caf::actor>(
+                           spawn_router(sys, compute, live->shards, shard_first, timeout, heartbeat));
                      },
                      [live, num_stages](const caf::actor& a) {
                        live->router = caf::actor_cast<router_actor>(a);

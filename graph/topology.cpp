@@ -112,13 +112,14 @@ topology parse_topology(std::string_view json, const std::string& source, const 
     t.kv_blocks = integer(sched, "kv_blocks", t.kv_blocks, "scheduler.kv_blocks");
     t.timeout = std::chrono::milliseconds(integer(sched, "step_timeout_ms", t.timeout.count(), "scheduler.step_timeout_ms"));
     t.micro_batches = integer(sched, "micro_batches", 0, "scheduler.micro_batches");
+    t.heartbeat = std::chrono::milliseconds(integer(sched, "heartbeat_ms", t.heartbeat.count(), "scheduler.heartbeat_ms"));
     for (auto [key, value] : sched) {
       static const std::set<std::string> fields = {"max_waiting", "max_running", "kv_block_tokens", "kv_blocks",
-                                                   "step_timeout_ms", "micro_batches"};
+                                                   "step_timeout_ms", "micro_batches", "heartbeat_ms"};
       if (!fields.count(std::string(key))) fail("scheduler." + std::string(key), "is not a scheduler field");
     }
     if (t.max_waiting < 0 || t.max_running < 1 || t.kv_block_tokens < 1 || t.kv_blocks < 1 || t.timeout.count() < 1 ||
-        t.micro_batches < 0)
+        t.micro_batches < 0 || t.heartbeat.count() < 1)
       fail("scheduler", "limits must be positive");
   }
   return t;

@@ -30,6 +30,7 @@ struct topology {
   std::int64_t max_waiting = 256, max_running = 64, kv_block_tokens = 16, kv_blocks = 4096;
   std::int64_t micro_batches = 0;  // steps in flight; 0: one per attention stage
   std::chrono::milliseconds timeout{300000};
+  std::chrono::milliseconds heartbeat{1000};  // remote peers must answer within this, checked this often
 };
 
 /// Parses and validates a topology for a model; `source` names the file in errors.

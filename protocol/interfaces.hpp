@@ -29,6 +29,7 @@ using new_next_atom = caf::atom_constant<caf::atom("newnext")>;      // stage_ac
 using new_router_atom = caf::atom_constant<caf::atom("newrouter")>;  // router_actor
 using new_shard_atom = caf::atom_constant<caf::atom("newshard")>;    // expert_shard_actor of a shard index
 using new_entry_atom = caf::atom_constant<caf::atom("newentry")>;    // embedding_actor
+using heartbeat_atom = caf::atom_constant<caf::atom("heartbeat")>;
 using encode_atom = caf::atom_constant<caf::atom("encode")>;
 using decode_atom = caf::atom_constant<caf::atom("decode")>;
 using flush_atom = caf::atom_constant<caf::atom("flush")>;
@@ -53,11 +54,13 @@ using embedding_actor = caf::typed_actor<
 /// combines the gated outputs (zero experts locally, without messages).
 using router_actor = caf::typed_actor<
     caf::replies_to<moe_atom, std::int32_t, tensor>::with<tensor>,  // (block, u [T,H]) -> moe [T,H]
-    caf::reacts_to<new_shard_atom, std::int64_t, caf::actor>>;      // shard i (an expert_shard_actor) restarted
+    caf::reacts_to<new_shard_atom, std::int64_t, caf::actor>,       // shard i (an expert_shard_actor) restarted
+    caf::reacts_to<heartbeat_atom>>;                                // (to itself) time to check remote shards
 
 /// One shard of experts (a range of expert ids, every block).
 using expert_shard_actor = caf::typed_actor<
-    caf::replies_to<experts_atom, expert_batch>::with<tensor>>;  // -> y [rows, H] in the batch's order
+    caf::replies_to<experts_atom, expert_batch>::with<tensor>,  // -> y [rows, H] in the batch's order
+    caf::replies_to<heartbeat_atom>::with<std::int64_t>>;       // alive? -> first expert of the shard
 
 }  // namespace troupe
 

@@ -10,7 +10,8 @@ root=$(cd "$(dirname "$0")/../.." && pwd)
 rm -rf "$work"; mkdir -p "$work"
 "$troupe" init-model --config "$root/configs/models/demo-tiny.json" --out "$work/m" --seed 4 >/dev/null 2>&1
 port=$((20000 + RANDOM % 20000))
-sed "s/127.0.0.1:4300/127.0.0.1:$port/" "$root/configs/topologies/remote-experts.json" > "$work/remote.json"
+sed "s/127.0.0.1:4300/127.0.0.1:$port/" "$root/configs/topologies/remote-experts.json" |
+  sed 's/"expert_shards": 2,/"expert_shards": 2, "scheduler": {"heartbeat_ms": 300},/' > "$work/remote.json"
 "$troupe" expert-host --model "$work/m" --topology "$work/remote.json" --shards 1 --port "$port" --threads 1 \
   2> "$work/host.log" &
 host=$!
@@ -30,6 +31,25 @@ for prompt in "In the beginning" "And God said, Let there be light" "The quick b
     status=1
   fi
 done
+# A frozen peer (SIGSTOP: its TCP connection stays open) must fail the request it holds within
+# a few heartbeats, not hang until the step timeout.
+"$troupe" generate --model "$work/m" --prompt "In the beginning" --temperature 0 --max-tokens 2000 --threads 1 \
+  --topology "$work/remote.json" > "$work/frozen.out" 2> "$work/frozen.err" &
+gen=$!
+sleep 0.5
+kill -STOP $host
+start=$(date +%s)
+if wait $gen; then
+  echo "FAIL generation finished although its expert shard was frozen"; status=1
+else
+  took=$(( $(date +%s) - start ))
+  if grep -q "does not answer heartbeats" "$work/frozen.err" && [ $took -le 10 ]; then
+    echo "ok   frozen expert host: the request failed after ${took}s: $(grep -o 'finish: error.*' "$work/frozen.err" | cut -c1-160)"
+  else
+    echo "FAIL frozen expert host: after ${took}s: $(cat "$work/frozen.err")"; status=1
+  fi
+fi
+kill -CONT $host
 kill -TERM $host
 wait $host || true
 grep -q "stopped" "$work/host.log" && echo "ok   expert host stopped on SIGTERM" || { echo "FAIL expert host did not stop cleanly"; status=1; }
