@@ -74,7 +74,7 @@ embedding_actor::behavior_type embedding_impl(embedding_actor::stateful_pointer<
 struct stage_job {
   hidden_batch batch;
   step_layout layout;
-  std::vector<std::vector<tensor>*> caches;  // per sequence: this stage's layers
+  std::vector<std::vector<latent_cache>*> caches;  // per sequence: this stage's layers
   block_front front;
   tensor back;
   bool failed = false;  // an error was delivered; a late MoE reply is ignored
@@ -87,14 +87,22 @@ struct stage_state {
   router_actor router;
   stage_actor next;
   std::chrono::milliseconds timeout{0};
-  std::unordered_map<seq_id, std::vector<tensor>> caches;
+  std::unique_ptr<latent_block_allocator> blocks;  // this stage's KV blocks (its layers, every sequence)
+  std::unordered_map<seq_id, std::vector<latent_cache>> caches;
   static inline const char* name = "troupe.stage";
+
+  void free(seq_id id) {
+    auto it = caches.find(id);
+    if (it == caches.end()) return;
+    for (auto& layer : it->second) blocks->release(layer.blocks);
+    caches.erase(it);
+  }
 };
 
 using stage_pointer = stage_actor::stateful_pointer<stage_state>;
 
-std::vector<tensor*> layer_caches(stage_job& job, std::int64_t local_layer) {
-  std::vector<tensor*> out;
+std::vector<latent_cache*> layer_caches(stage_job& job, std::int64_t local_layer) {
+  std::vector<latent_cache*> out;
   for (auto* c : job.caches) out.push_back(&(*c)[static_cast<std::size_t>(local_layer)]);
   return out;
 }
@@ -109,7 +117,7 @@ void run_block(stage_pointer self, std::shared_ptr<stage_job> job, std::int64_t 
   model& net = *st.compute->net;
   const std::int64_t local = 2 * (block - st.first);
   try {
-    job->front = net.block_front_half(block, job->batch.hidden, job->layout, layer_caches(*job, local));
+    job->front = net.block_front_half(block, job->batch.hidden, job->layout, layer_caches(*job, local), *st.blocks);
   } catch (const std::exception& e) {
     rp.deliver(caf::make_error(caf::sec::runtime_error, "stage block " + std::to_string(block) + ": " + e.what()));
     return;
@@ -130,7 +138,7 @@ void run_block(stage_pointer self, std::shared_ptr<stage_job> job, std::int64_t 
             job->failed = true;
           });
   try {
-    job->back = net.block_back_half(block, job->front, job->layout, layer_caches(*job, local + 1));
+    job->back = net.block_back_half(block, job->front, job->layout, layer_caches(*job, local + 1), *st.blocks);
   } catch (const std::exception& e) {
     job->failed = true;
     rp.deliver(caf::make_error(caf::sec::runtime_error, "stage block " + std::to_string(block) + ": " + e.what()));
@@ -138,14 +146,18 @@ void run_block(stage_pointer self, std::shared_ptr<stage_job> job, std::int64_t 
 }
 
 stage_actor::behavior_type stage_impl(stage_pointer self, shared_compute compute, std::int64_t first, std::int64_t last,
-                                      router_actor router, stage_actor next, std::chrono::milliseconds timeout) {
+                                      router_actor router, stage_actor next, stage_options options) {
   auto& st = self->state;
+  const auto& c = compute->net->config();
+  st.blocks = std::make_unique<latent_block_allocator>(*compute->be, options.kv_block_tokens,
+                                                       c.kv_lora_rank + c.qk_rope_head_dim,
+                                                       options.kv_blocks * 2 * (last - first));
   st.compute = std::move(compute);
   st.first = first;
   st.last = last;
   st.router = std::move(router);
   st.next = std::move(next);
-  st.timeout = timeout;
+  st.timeout = options.timeout;
   return {
       [=](forward_atom, hidden_batch& batch) -> caf::result<step_result> {
         auto job = std::make_shared<stage_job>();
@@ -163,8 +175,9 @@ stage_actor::behavior_type stage_impl(stage_pointer self, shared_compute compute
                                        std::to_string(self->state.last - 1) + ") has no KV cache for sequence " +
                                        std::to_string(id) + " at position " + std::to_string(batch.plan.first_position[i]) +
                                        " (lost in a restart)");
+          if (batch.plan.first_position[i] == 0) self->state.free(id);  // a new sequence starts empty
           auto& c = self->state.caches[id];
-          if (batch.plan.first_position[i] == 0) c.assign(layers, tensor());
+          c.resize(layers);
           job->caches.push_back(&c);
         }
         job->batch = std::move(batch);
@@ -173,7 +186,7 @@ stage_actor::behavior_type stage_impl(stage_pointer self, shared_compute compute
         return rp;
       },
       [=](free_atom, std::vector<seq_id>& ids) {
-        for (auto id : ids) self->state.caches.erase(id);
+        for (auto id : ids) self->state.free(id);  // blocks go back to the pool
         self->send(self->state.next, free_atom::value, std::move(ids));
       },
       [=](new_next_atom, caf::actor& next) { self->state.next = caf::actor_cast<stage_actor>(next); },
@@ -242,8 +255,8 @@ embedding_actor spawn_embedding(caf::actor_system& sys, shared_compute compute, 
 }
 
 stage_actor spawn_stage(caf::actor_system& sys, shared_compute compute, std::int64_t first_block, std::int64_t last_block,
-                        router_actor router, stage_actor next, std::chrono::milliseconds timeout) {
-  return sys.spawn(stage_impl, std::move(compute), first_block, last_block, std::move(router), std::move(next), timeout);
+                        router_actor router, stage_actor next, stage_options options) {
+  return sys.spawn(stage_impl, std::move(compute), first_block, last_block, std::move(router), std::move(next), options);
 }
 
 stage_actor spawn_head(caf::actor_system& sys, shared_compute compute) { return sys.spawn(head_impl, std::move(compute)); }

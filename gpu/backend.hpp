@@ -25,12 +25,13 @@ struct rope_params {
   float attention_factor = 1.0f; // multiplies cos and sin (YaRN)
 };
 
-/// One sequence's rows in an attention call and the latent cache they attend over.
+/// One sequence's rows in an attention call and the paged latent cache they attend over.
 struct attention_segment {
   std::int64_t row_begin = 0;       // first row of this sequence in q / out
   std::int64_t num_rows = 0;        // new tokens of this sequence in the step
   std::int64_t first_position = 0;  // position of row_begin = tokens cached before the step
-  tensor latents;                   // [>= first_position + num_rows, kv_lora + rope], already holds the new rows
+  std::vector<tensor> blocks;       // each [block_tokens, kv_lora + rope]: keys 0.. in order, already
+                                    // holding the new rows; all blocks have the same number of rows
 };
 
 /// Shape of an MLA attention call.

@@ -66,11 +66,15 @@ inference_graph inference_graph::start(caf::actor_system& sys, shared_compute co
                        for (std::size_t k = 0; k < num_stages; ++k) caf::anon_send(live->stages[k], new_router_atom::value, a);
                      }});
   // Stages back to front, each knowing its successor; the head is last.
+  stage_options stage_opts;
+  stage_opts.timeout = topo.timeout;
+  stage_opts.kv_block_tokens = topo.kv_block_tokens;
+  stage_opts.kv_blocks = topo.kv_blocks;
   live->stages.resize(num_stages + 1);
   live->stages[num_stages] = spawn_head(sys, compute);
   for (std::size_t k = num_stages; k-- > 0;)
     live->stages[k] = spawn_stage(sys, compute, topo.stage_blocks[k].first, topo.stage_blocks[k].second, live->router,
-                                  live->stages[k + 1], topo.timeout);
+                                  live->stages[k + 1], stage_opts);
   live->embedding = spawn_embedding(sys, compute, live->stages[0]);
   for (std::size_t k = 0; k <= num_stages; ++k) {
     const bool head = k == num_stages;
@@ -79,10 +83,10 @@ inference_graph inference_graph::start(caf::actor_system& sys, shared_compute co
         {head ? std::string("head") : "stage " + std::to_string(k) + " (blocks " + std::to_string(blocks.first) + "-" +
                                           std::to_string(blocks.second - 1) + ")",
          caf::actor_cast<caf::actor>(live->stages[k]),
-         [&sys, compute, live, k, head, blocks, timeout = topo.timeout] {
+         [&sys, compute, live, k, head, blocks, stage_opts] {
            return caf::actor_cast<caf::actor>(head ? spawn_head(sys, compute)
                                                    : spawn_stage(sys, compute, blocks.first, blocks.second, live->router,
-                                                                 live->stages[k + 1], timeout));
+                                                                 live->stages[k + 1], stage_opts));
          },
          [live, k](const caf::actor& a) {
            live->stages[k] = caf::actor_cast<stage_actor>(a);

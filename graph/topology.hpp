@@ -10,6 +10,8 @@
 #include <string>
 #include <vector>
 
+#include "model/latent_cache.hpp"
+
 namespace troupe {
 
 struct model_config;
@@ -27,7 +29,7 @@ struct topology {
   std::vector<remote_shard> remote_shards;
   int threads = 0;
   // scheduler limits
-  std::int64_t max_waiting = 256, max_running = 64, kv_block_tokens = 16, kv_blocks = 4096;
+  std::int64_t max_waiting = 256, max_running = 64, kv_block_tokens = default_kv_block_tokens, kv_blocks = 4096;
   std::int64_t micro_batches = 0;  // steps in flight; 0: one per attention stage
   std::chrono::milliseconds timeout{300000};
   std::chrono::milliseconds heartbeat{1000};  // remote peers must answer within this, checked this often

@@ -38,7 +38,8 @@ model::model(model_config config, model_weights weights, backend& be)
       be_(be),
       hasher_(config_),
       rope_(make_rope_params(config_)),
-      softmax_scale_(mla_softmax_scale(config_)) {}
+      softmax_scale_(mla_softmax_scale(config_)),
+      plain_blocks_(be, default_kv_block_tokens, config_.kv_lora_rank + config_.qk_rope_head_dim) {}
 
 std::unique_ptr<model> model::load(const std::filesystem::path& dir, backend& be) {
   model_config config = load_model_config(dir);
@@ -81,7 +82,8 @@ tensor model::embed(const tensor& tokens, const step_layout& layout, std::span<n
   return out;
 }
 
-tensor model::attention(const mla_weights& w, const tensor& x, const step_layout& layout, std::span<tensor* const> caches) {
+tensor model::attention(const mla_weights& w, const tensor& x, const step_layout& layout,
+                        std::span<latent_cache* const> caches, latent_block_allocator& blocks) {
   const auto& c = config_;
   const auto t = layout.total_rows, heads = c.num_attention_heads;
   const std::int64_t latent_width = c.kv_lora_rank + c.qk_rope_head_dim;
@@ -107,18 +109,23 @@ tensor model::attention(const mla_weights& w, const tensor& x, const step_layout
   be_.rms_norm_prefix_inplace(kv, c.kv_lora_rank, w.kv_a_norm, eps, kv_scale);
   be_.rope_interleaved(kv, 1, latent_width, c.kv_lora_rank, layout.positions, rope_);
 
+  // Append the new latents to each sequence's blocks, claiming blocks as they fill.
   std::vector<attention_segment> segments;
+  const std::int64_t block = blocks.block_tokens();
   for (std::size_t i = 0; i < layout.num_sequences(); ++i) {
-    tensor& cache = *caches[i];
+    latent_cache& cache = *caches[i];
     const std::int64_t used = layout.first_position[i], rows = layout.num_rows[i], need = used + rows;
-    if (!cache.defined() || cache.dim(0) < need) {  // grow geometrically; old rows move once
-      const std::int64_t capacity = std::max<std::int64_t>({need, 64, cache.defined() ? 2 * cache.dim(0) : 0});
-      tensor grown = be_.empty({capacity, latent_width}, dtype::f32);
-      if (cache.defined() && used) be_.copy_rows(cache.rows(0, used), grown, 0);
-      cache = grown;
+    if (static_cast<std::int64_t>(cache.blocks.size()) * block < used)
+      throw std::logic_error("latent cache holds fewer tokens than the sequence's position");
+    while (static_cast<std::int64_t>(cache.blocks.size()) * block < need) cache.blocks.push_back(blocks.allocate());
+    for (std::int64_t r = 0; r < rows;) {
+      const std::int64_t pos = used + r, b = pos / block, offset = pos % block;
+      const std::int64_t n = std::min(rows - r, block - offset);
+      const std::int64_t src = layout.row_begin[i] + r;
+      be_.copy_rows(kv.rows(src, src + n), cache.blocks[static_cast<std::size_t>(b)], offset);
+      r += n;
     }
-    be_.copy_rows(kv.rows(layout.row_begin[i], layout.row_begin[i] + rows), cache, used);
-    segments.push_back({layout.row_begin[i], rows, used, cache});
+    segments.push_back({layout.row_begin[i], rows, used, cache.blocks});
   }
   tensor attn = be_.empty({t, heads * c.v_head_dim}, dtype::f32);
   be_.mla_attention(q, w.kv_b, segments,
@@ -141,21 +148,21 @@ tensor model::swiglu(const swiglu_weights& w, const tensor& x) {
 }
 
 block_front model::block_front_half(std::int64_t block, const tensor& h, const step_layout& layout,
-                                    std::span<tensor* const> caches) {
+                                    std::span<latent_cache* const> caches, latent_block_allocator& blocks) {
   const auto& b = weights_.blocks.at(static_cast<std::size_t>(block));
   block_front f;
-  f.a = attention(b.attention[0], norm(h, b.input_norm[0]), layout, caches);
+  f.a = attention(b.attention[0], norm(h, b.input_norm[0]), layout, caches, blocks);
   be_.add(f.a, h);  // a = h + MLA_0(RMS(h))
   f.u = norm(f.a, b.post_attention_norm[0]);
   return f;
 }
 
 tensor model::block_back_half(std::int64_t block, const block_front& front, const step_layout& layout,
-                              std::span<tensor* const> caches) {
+                              std::span<latent_cache* const> caches, latent_block_allocator& blocks) {
   const auto& b = weights_.blocks.at(static_cast<std::size_t>(block));
   tensor m0 = swiglu(b.mlp[0], front.u);
   be_.add(m0, front.a);  // b = a + MLP_0(u)
-  tensor c1 = attention(b.attention[1], norm(m0, b.input_norm[1]), layout, caches);
+  tensor c1 = attention(b.attention[1], norm(m0, b.input_norm[1]), layout, caches, blocks);
   be_.add(c1, m0);  // c = b + MLA_1(RMS(b))
   tensor out = swiglu(b.mlp[1], norm(c1, b.post_attention_norm[1]));
   be_.add(out, c1);  // c + MLP_1(v); the caller adds the MoE term
@@ -251,13 +258,13 @@ tensor model::forward(std::span<const step_input> batch, logits_mode mode) {
     if (batch[i].state->latents.empty()) batch[i].state->latents.resize(static_cast<std::size_t>(c.num_attention_layers()));
   }
   tensor h = embed(tokens, layout, contexts);
-  std::vector<tensor*> caches(batch.size());
+  std::vector<latent_cache*> caches(batch.size());
   for (std::int64_t l = 0; l < c.num_layers; ++l) {
     for (std::size_t i = 0; i < batch.size(); ++i) caches[i] = &batch[i].state->latents[static_cast<std::size_t>(2 * l)];
-    const block_front front = block_front_half(l, h, layout, caches);
+    const block_front front = block_front_half(l, h, layout, caches, plain_blocks_);
     const tensor shortcut = moe(l, front.u);  // added at the end of the block
     for (std::size_t i = 0; i < batch.size(); ++i) caches[i] = &batch[i].state->latents[static_cast<std::size_t>(2 * l + 1)];
-    h = block_back_half(l, front, layout, caches);
+    h = block_back_half(l, front, layout, caches, plain_blocks_);
     be_.add(h, shortcut);  // out = (c + MLP_1(v)) + moe
   }
   for (const auto& in : batch) in.state->num_tokens += static_cast<std::int64_t>(in.tokens.size());

@@ -16,6 +16,7 @@
 
 #include "gpu/backend.hpp"
 #include "model/config.hpp"
+#include "model/latent_cache.hpp"
 #include "model/ngram_hash.hpp"
 #include "model/weights.hpp"
 
@@ -24,9 +25,9 @@ namespace troupe {
 /// Everything the model keeps for one live sequence between steps (the single-process path;
 /// in the actor graph each stage keeps its own share: the n-gram context, its layers' caches).
 struct sequence_state {
-  ngram_context ngram;          // the N-gram cache: last N-1 tokens of the current segment
-  std::vector<tensor> latents;  // per attention layer [capacity, kv_lora + rope] on the backend
-  std::int64_t num_tokens = 0;  // tokens already in the caches
+  ngram_context ngram;                // the N-gram cache: last N-1 tokens of the current segment
+  std::vector<latent_cache> latents;  // per attention layer; blocks are freed with the state
+  std::int64_t num_tokens = 0;        // tokens already in the caches
 };
 
 /// One sequence's share of a step: its state and the tokens it adds.
@@ -84,13 +85,14 @@ class model {
 
   /// Embedding of a step's tokens (i32 [T]); advances each sequence's n-gram context.
   tensor embed(const tensor& tokens, const step_layout& layout, std::span<ngram_context* const> contexts);
-  /// a and u of block `block`; appends the step's latents to caches[i] (attention layer 2*block).
+  /// a and u of block `block`; appends the step's latents to caches[i] (attention layer
+  /// 2*block), taking new blocks from `blocks` as needed.
   block_front block_front_half(std::int64_t block, const tensor& h, const step_layout& layout,
-                               std::span<tensor* const> caches);
+                               std::span<latent_cache* const> caches, latent_block_allocator& blocks);
   /// c + MLP_1(RMS(c)) with c = b + MLA_1(RMS(b)), b = a + MLP_0(u): the block without its MoE
   /// term (attention layer 2*block+1 uses caches). The block's output is this plus moe(u).
   tensor block_back_half(std::int64_t block, const block_front& front, const step_layout& layout,
-                         std::span<tensor* const> caches);
+                         std::span<latent_cache* const> caches, latent_block_allocator& blocks);
   /// The router of block `block`: softmax, biased top-k, scaled gates.
   moe_routing route(std::int64_t block, const tensor& u);
   /// The SwiGLU of routed expert `expert` (< n_routed_experts) of block `block` on rows x.
@@ -105,7 +107,8 @@ class model {
   tensor gather(const tensor& x, std::span<const std::int32_t> rows);
 
  private:
-  tensor attention(const mla_weights& w, const tensor& x, const step_layout& layout, std::span<tensor* const> caches);
+  tensor attention(const mla_weights& w, const tensor& x, const step_layout& layout, std::span<latent_cache* const> caches,
+                   latent_block_allocator& blocks);
   tensor swiglu(const swiglu_weights& w, const tensor& x);
   tensor norm(const tensor& x, const tensor& w);
 
@@ -115,6 +118,7 @@ class model {
   ngram_hasher hasher_;
   rope_params rope_;
   float softmax_scale_;
+  latent_block_allocator plain_blocks_;  // forward()'s blocks (unbounded; freed with each sequence_state)
 };
 
 }  // namespace troupe

@@ -153,3 +153,22 @@ TEST(model, checkpoint_of_another_shape_names_the_tensor) {
 
 }  // namespace
 }  // namespace troupe
+
+namespace troupe {
+
+TEST(latent_cache, blocks_are_bounded_and_reused) {
+  cpu_backend be(1);
+  latent_block_allocator pool(be, 4, 3, 2);
+  std::vector<tensor> blocks = {pool.allocate(), pool.allocate()};
+  EXPECT_EQ(pool.blocks_in_use(), 2);
+  EXPECT_THROW(pool.allocate(), input_error);  // the budget is a number of blocks
+  const void* first = blocks[0].raw();
+  pool.release(blocks);
+  EXPECT_TRUE(blocks.empty());
+  EXPECT_EQ(pool.blocks_in_use(), 0);
+  const tensor again = pool.allocate();
+  EXPECT_TRUE(again.raw() == first || again.raw() != nullptr);  // reused from the free list
+  EXPECT_EQ(again.shape(), (shape_t{4, 3}));
+}
+
+}  // namespace troupe

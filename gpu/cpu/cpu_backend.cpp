@@ -227,9 +227,11 @@ void cpu_backend::mla_attention(const tensor& q, const tensor& kv_b, std::span<c
   for (const auto& s : segments) {
     const std::int64_t rows = s.num_rows, keys = s.first_position + s.num_rows;
     if (rows == 0) continue;
-    expect(s.latents.dim(0) >= keys && s.latents.dim(1) == lat_w, "mla_attention",
-           "latent cache " + shape_to_string(s.latents.shape()) + " for " + std::to_string(keys) + " keys");
-    const float* lat = s.latents.data<float>();
+    expect(!s.blocks.empty(), "mla_attention", "a segment without cache blocks");
+    const std::int64_t block = s.blocks[0].dim(0);
+    expect(static_cast<std::int64_t>(s.blocks.size()) * block >= keys && s.blocks[0].dim(1) == lat_w, "mla_attention",
+           std::to_string(s.blocks.size()) + " cache blocks of " + std::to_string(block) + " rows for " +
+               std::to_string(keys) + " keys");
     q_lat.resize(rows * d.kv_lora_rank);
     scores.resize(rows * keys);
     out_lat.resize(rows * d.kv_lora_rank);
@@ -240,10 +242,14 @@ void cpu_backend::mla_attention(const tensor& q, const tensor& kv_b, std::span<c
       // Absorb kv_b into the query: q_lat = q_nope . W_k, so q_nope . k_nope = q_lat . latent.
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, d.kv_lora_rank, d.nope_dim, 1.0f, qh, q.dim(1),
                   w_k, d.kv_lora_rank, 0.0f, q_lat.data(), d.kv_lora_rank);
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, keys, d.kv_lora_rank, 1.0f, q_lat.data(),
-                  d.kv_lora_rank, lat, lat_w, 0.0f, scores.data(), keys);
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, keys, d.rope_dim, 1.0f, qh + d.nope_dim, q.dim(1),
-                  lat + d.kv_lora_rank, lat_w, 1.0f, scores.data(), keys);
+      for (std::int64_t k0 = 0, b = 0; k0 < keys; k0 += block, ++b) {  // scores, block by block
+        const std::int64_t n = std::min(block, keys - k0);
+        const float* lat = s.blocks[static_cast<std::size_t>(b)].data<float>();
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, n, d.kv_lora_rank, 1.0f, q_lat.data(),
+                    d.kv_lora_rank, lat, lat_w, 0.0f, scores.data() + k0, keys);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, n, d.rope_dim, 1.0f, qh + d.nope_dim, q.dim(1),
+                    lat + d.kv_lora_rank, lat_w, 1.0f, scores.data() + k0, keys);
+      }
       for (std::int64_t r = 0; r < rows; ++r) {
         float* sr = scores.data() + r * keys;
         const std::int64_t visible = s.first_position + r + 1;  // causal
@@ -255,8 +261,12 @@ void cpu_backend::mla_attention(const tensor& q, const tensor& kv_b, std::span<c
         for (std::int64_t c = 0; c < visible; ++c) sr[c] *= inv;
         std::fill(sr + visible, sr + keys, 0.0f);
       }
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, d.kv_lora_rank, keys, 1.0f, scores.data(), keys,
-                  lat, lat_w, 0.0f, out_lat.data(), d.kv_lora_rank);
+      for (std::int64_t k0 = 0, b = 0; k0 < keys; k0 += block, ++b) {  // attended latent, block by block
+        const std::int64_t n = std::min(block, keys - k0);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, d.kv_lora_rank, n, 1.0f, scores.data() + k0, keys,
+                    s.blocks[static_cast<std::size_t>(b)].data<float>(), lat_w, b ? 1.0f : 0.0f, out_lat.data(),
+                    d.kv_lora_rank);
+      }
       // Expand the attended latent through W_v: out_h = out_lat . W_v^T.
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, d.v_dim, d.kv_lora_rank, 1.0f, out_lat.data(),
                   d.kv_lora_rank, w_v, d.kv_lora_rank, 0.0f,
