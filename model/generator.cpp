@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "model/model.hpp"
+#include "model/text_stream.hpp"
 #include "protocol/errors.hpp"
 #include "tokenizer/tokenizer.hpp"
 
@@ -26,15 +27,10 @@ generation_result generate(model& m, const tokenizer& tok, const std::vector<std
   result.prompt_tokens = static_cast<std::int64_t>(prompt.size());
   sampler pick(params.sampling);
   sequence_state state;
-  stream_decoder decoder(tok);
+  text_stream stream(tok, params.stop);
   std::vector<std::int32_t> context = prompt;
-  std::size_t longest_stop = 0;
-  for (const auto& s : params.stop) longest_stop = std::max(longest_stop, s.size());
-  std::size_t emitted = 0;  // bytes of result.text already streamed
-
-  auto emit_until = [&](std::size_t end, std::int32_t id) {
-    if (end > emitted && on_text) on_text(std::string_view(result.text).substr(emitted, end - emitted), id);
-    emitted = std::max(emitted, end);
+  auto emit = [&](const std::string& text, std::int32_t id) {
+    if (!text.empty() && on_text) on_text(text, id);
   };
 
   const auto t0 = clock::now();
@@ -50,34 +46,16 @@ generation_result generate(model& m, const tokenizer& tok, const std::vector<std
       result.reason = finish_reason::eos;
       break;
     }
-    result.text += decoder.push(id);
-    bool stopped = false;
-    for (const auto& s : params.stop) {
-      if (s.empty()) continue;
-      // A match may straddle the streamed part by at most s.size() - 1 bytes.
-      const auto pos = result.text.find(s, emitted >= s.size() ? emitted - s.size() + 1 : 0);
-      if (pos != std::string::npos && pos < result.text.size()) {
-        result.text.resize(pos);
-        stopped = true;
-      }
-    }
-    if (stopped) {
-      emit_until(result.text.size(), id);
+    const auto update = stream.push(id);
+    emit(update.text, id);
+    if (update.stopped) {
       result.reason = finish_reason::stop_string;
       break;
     }
-    // Hold back what could still turn out to be the start of a stop string.
-    const std::size_t hold = longest_stop ? longest_stop - 1 : 0;
-    std::size_t safe = result.text.size() > hold ? result.text.size() - hold : 0;
-    while (safe > emitted && safe < result.text.size() && (static_cast<unsigned char>(result.text[safe]) & 0xc0) == 0x80)
-      --safe;
-    emit_until(safe, id);
     step_tokens.assign(1, id);
   }
-  if (result.reason != finish_reason::stop_string) {
-    result.text += decoder.flush();
-    emit_until(result.text.size(), result.ids.empty() ? -1 : result.ids.back());
-  }
+  emit(stream.finish(), result.ids.empty() ? -1 : result.ids.back());
+  result.text = stream.text();
   result.decode_seconds = std::chrono::duration<double>(clock::now() - t0).count() - result.prefill_seconds;
   return result;
 }
