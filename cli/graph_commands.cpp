@@ -7,11 +7,17 @@
 #include <caf/io/middleman.hpp>
 #include <caf/scoped_actor.hpp>
 
+#include <algorithm>
 #include <csignal>
+#include <filesystem>
+#include <cstdlib>
+#include <fstream>
+#include <sstream>
 #include <iostream>
 #include <thread>
 
 #include "actors/compute.hpp"
+#include "gateway/server.hpp"
 #include "cli/commands.hpp"
 #include "graph/inference_graph.hpp"
 #include "model/generator.hpp"
@@ -78,7 +84,97 @@ int generate_with_graph(const std::string& model_dir, const std::string& topolog
   return status;
 }
 
+namespace {
+
+std::vector<std::string> api_keys(const std::string& file) {
+  std::vector<std::string> keys;
+  auto add_lines = [&](std::istream& in) {
+    for (std::string line; std::getline(in, line);) {
+      line.erase(0, line.find_first_not_of(" \t\r"));
+      line.erase(line.find_last_not_of(" \t\r") + 1);
+      if (!line.empty() && line[0] != '#') keys.push_back(line);
+    }
+  };
+  if (!file.empty()) {
+    std::ifstream in(file);
+    if (!in) throw input_error("cannot read the API key file " + file);
+    add_lines(in);
+  }
+  if (const char* env = std::getenv("TROUPE_API_KEYS")) {  // comma-separated
+    std::string all = env;
+    std::replace(all.begin(), all.end(), ',', '\n');
+    std::istringstream in(all);
+    add_lines(in);
+  }
+  return keys;
+}
+
+}  // namespace
+
 void add_graph_commands(CLI::App& app, std::function<int()>& run) {
+  struct serve_opts {
+    std::string model = "models/demo", topology = "local", host = "127.0.0.1", keys_file, name;
+    int port = 8080, threads = 0, http_threads = 2;
+    int grace_s = 30;
+    gateway::gateway_options gateway;
+  };
+  auto so = std::make_shared<serve_opts>();
+  auto* serve = app.add_subcommand("serve", "Serve a model: the actor graph behind an HTTP + WebSocket gateway");
+  serve->add_option("--model", so->model, "model directory")->capture_default_str();
+  serve->add_option("--topology", so->topology, "topology file, or 'local'")->capture_default_str();
+  serve->add_option("--host", so->host, "address to listen on")->capture_default_str();
+  serve->add_option("--port", so->port, "port to listen on (0: any free port)")->capture_default_str();
+  serve->add_option("--name", so->name, "model name clients use (default: the model directory's name)");
+  serve->add_option("--api-keys-file", so->keys_file,
+                    "file of API keys, one per line; with keys (or TROUPE_API_KEYS=k1,k2) every endpoint but /health "
+                    "needs 'Authorization: Bearer KEY'");
+  serve->add_option("--threads", so->threads, "compute threads; 0 = all cores")->capture_default_str();
+  serve->add_option("--http-threads", so->http_threads, "gateway I/O threads")->capture_default_str();
+  serve->add_option("--max-tokens-limit", so->gateway.limits.max_tokens, "largest max_tokens a request may ask")
+      ->capture_default_str();
+  serve->add_option("--max-connections", so->gateway.max_connections, "open connections at most")->capture_default_str();
+  serve->add_option("--max-requests", so->gateway.max_requests_total, "requests in flight at most")->capture_default_str();
+  serve->add_option("--shutdown-grace", so->grace_s, "on SIGTERM, seconds to let requests in flight finish")
+      ->capture_default_str();
+  serve->callback([&run, so] {
+    run = [so] {
+      caf::actor_system_config cfg;
+      auto sys = make_system(cfg);
+      auto compute = load_compute(so->model, so->threads);
+      const auto& config = compute->net->config();
+      auto tok = std::make_shared<const tokenizer>(tokenizer::load(std::filesystem::path(so->model) / "tokenizer.json"));
+      auto graph = inference_graph::start(*sys, compute, topology_for(so->topology, config));
+      auto opt = so->gateway;
+      opt.host = so->host;
+      opt.port = static_cast<std::uint16_t>(so->port);
+      opt.threads = so->http_threads;
+      opt.model_name = so->name.empty() ? std::filesystem::path(so->model).filename().string() : so->name;
+      opt.api_keys = api_keys(so->keys_file);
+      gateway::gateway_server server(*sys, caf::actor_cast<caf::actor>(graph.scheduler), tok, config, opt);
+      server.start();
+      std::signal(SIGTERM, [](int) { stop_requested = 1; });
+      std::signal(SIGINT, [](int) { stop_requested = 1; });
+      std::cerr << "[serve] model '" << opt.model_name << "' (" << so->model << "), topology " << so->topology
+                << ", listening on http://" << opt.host << ":" << server.port()
+                << (opt.api_keys.empty() ? "" : " (API keys required)") << "\n"
+                << "[serve] try: curl -s http://" << opt.host << ":" << server.port()
+                << "/v1/completions -d '{\"prompt\": \"In the beginning\", \"max_tokens\": 32}'\n"
+                << "[serve]  or: build/troupe chat --port " << server.port() << "   (WebSocket /v1/stream)" << std::endl;
+      while (!stop_requested) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      server.stop_accepting();
+      std::cerr << "[serve] stopping: no new connections; " << server.requests_in_flight()
+                << " request(s) in flight get " << so->grace_s << " s to finish" << std::endl;
+      const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(so->grace_s);
+      while (server.requests_in_flight() > 0 && std::chrono::steady_clock::now() < deadline)
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      const auto left = server.requests_in_flight();
+      server.stop();
+      graph.stop(*sys);
+      std::cerr << "[serve] stopped" << (left ? " (" + std::to_string(left) + " request(s) cut off)" : "") << std::endl;
+      return 0;
+    };
+  });
+
   struct host_opts {
     std::string model, topology = "local", host = "127.0.0.1";
     std::vector<std::int64_t> shards;
