@@ -166,6 +166,7 @@ std::variant<ws_request, parse_error> parse_ws_request(std::string_view frame, c
         if (key != "op") throw bad("unknown field '" + std::string(key) + "' for ping");
       return r;
     }
+    if (op != "generate" && op != "cancel") throw bad("unknown op '" + op + "' (generate, cancel or ping)");
     element id;
     if (obj["id"].get(id)) throw bad("'id' is required for " + op);
     r.id = string(id, "id");
@@ -176,7 +177,6 @@ std::variant<ws_request, parse_error> parse_ws_request(std::string_view frame, c
         if (key != "op" && key != "id") throw bad("unknown field '" + std::string(key) + "' for cancel");
       return r;
     }
-    if (op != "generate") throw bad("unknown op '" + op + "' (generate, cancel or ping)");
     r.op = ws_op::generate;
     auto& g = r.generate;
     g.id = r.id;

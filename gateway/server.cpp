@@ -14,6 +14,7 @@
 #include <deque>
 #include <iostream>
 #include <mutex>
+#include <set>
 #include <thread>
 #include <unordered_map>
 
@@ -127,7 +128,7 @@ class ws_session : public std::enable_shared_from_this<ws_session> {
       : server_(std::move(server)), ws_(std::move(socket)), conn_(server_->next_id++) {}
 
   void run(request_t req) {
-    ws_.read_message_max(server_->opt.max_frame_bytes);
+    ws_.read_message_max(0);  // enforced in on_read, so the close (1009) is a clean handshake
     websocket::stream_base::timeout t = websocket::stream_base::timeout::suggested(beast::role_type::server);
     t.idle_timeout = server_->opt.idle_timeout;
     ws_.set_option(t);
@@ -135,10 +136,7 @@ class ws_session : public std::enable_shared_from_this<ws_session> {
   }
 
   ~ws_session() {
-    for (const auto& [id, relay] : active_) {
-      (void)relay;
-      caf::anon_send(caf::actor_cast<scheduler_actor>(server_->scheduler), cancel_atom::value, global(id));
-    }
+    cancel_all();
     server_->in_flight -= active_.size();
     server_->connections--;
     server_->metrics->connection_closed();
@@ -153,14 +151,39 @@ class ws_session : public std::enable_shared_from_this<ws_session> {
   }
 
   void read() {
-    ws_.async_read(buffer_, beast::bind_front_handler(&ws_session::on_read, shared_from_this()));
+    ws_.async_read_some(buffer_, 64 * 1024, beast::bind_front_handler(&ws_session::on_read, shared_from_this()));
+  }
+
+  // The client is gone (closed, dropped, sent a bad frame): its requests stop now, not when
+  // they would have finished.
+  void cancel_all() {
+    for (const auto& [id, relay] : active_) {
+      if (!cancelled_on_close_.insert(id).second) continue;
+      (void)relay;
+      caf::anon_send(caf::actor_cast<scheduler_actor>(server_->scheduler), cancel_atom::value, global(id));
+    }
   }
 
   void on_read(beast::error_code ec, std::size_t) {
     if (ec) {
-      closed_ = true;  // closed, dropped, too big (CAF relays see cancels from the destructor)
+      closed_ = true;
+      cancel_all();
       return;
     }
+    if (closing_) {  // reading on until the client answers our close frame
+      buffer_.consume(buffer_.size());
+      return read();
+    }
+    if (buffer_.size() > server_->opt.max_frame_bytes) {
+      closing_ = true;
+      buffer_.consume(buffer_.size());
+      cancel_all();
+      // One write at a time: drop what is queued behind a write in progress, close after it.
+      while (queue_.size() > 1) queue_.pop_back();
+      if (queue_.empty()) close_too_big();
+      return read();
+    }
+    if (!ws_.is_message_done()) return read();
     const std::string frame = beast::buffers_to_string(buffer_.data());
     buffer_.consume(buffer_.size());
     handle(frame);
@@ -225,6 +248,12 @@ class ws_session : public std::enable_shared_from_this<ws_session> {
                               server_->eos, server_->metrics, std::move(events), std::move(refused));
   }
 
+  void close_too_big() {
+    ws_.async_close(websocket::close_reason(websocket::close_code::too_big,
+                                            "message exceeds " + std::to_string(server_->opt.max_frame_bytes) + " bytes"),
+                    [self = shared_from_this()](beast::error_code) {});
+  }
+
   void finish(const std::string& id) {
     if (active_.erase(id)) --server_->in_flight;
   }
@@ -239,10 +268,11 @@ class ws_session : public std::enable_shared_from_this<ws_session> {
 
   // Bounded send queue: a reader slower than the stream is dropped, never buffered without limit.
   void send(std::string message) {
-    if (closed_) return;
+    if (closed_ || closing_) return;
     queued_bytes_ += message.size();
-    if (queued_bytes_ > server_->opt.send_buffer_bytes) {
+    if (queued_bytes_ > server_->opt.send_buffer_bytes) {  // a reader this slow is dropped
       closed_ = true;
+      cancel_all();
       beast::get_lowest_layer(ws_).close();
       return;
     }
@@ -262,6 +292,7 @@ class ws_session : public std::enable_shared_from_this<ws_session> {
     }
     queued_bytes_ -= queue_.front().size();
     queue_.pop_front();
+    if (closing_) return close_too_big();
     if (!queue_.empty()) write();
   }
 
@@ -272,7 +303,9 @@ class ws_session : public std::enable_shared_from_this<ws_session> {
   std::deque<std::string> queue_;
   std::size_t queued_bytes_ = 0;
   bool closed_ = false;
+  bool closing_ = false;  // we sent a close frame (message too big)
   std::unordered_map<std::string, caf::actor> active_;  // client id -> relay
+  std::set<std::string> cancelled_on_close_;
 };
 
 // ---- HTTP sessions ------------------------------------------------------------------------

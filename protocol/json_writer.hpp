@@ -41,7 +41,9 @@ class json_writer {
   bool after_key_ = false;
 };
 
-/// Appends `s` to `out` as a quoted, escaped JSON string.
+/// Appends `s` to `out` as a quoted, escaped JSON string; invalid UTF-8 becomes U+FFFD.
 void append_json_string(std::string& out, std::string_view s);
+/// `s` with every byte that does not start a valid UTF-8 character replaced by U+FFFD.
+std::string replace_invalid_utf8(std::string_view s);
 
 }  // namespace troupe

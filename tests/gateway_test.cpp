@@ -1,0 +1,369 @@
+// The gateway over real sockets on loopback: every HTTP endpoint, the WebSocket protocol,
+// and the bad inputs the issue lists, against a served model whose greedy output is known
+// from the plain forward pass.
+#include <gtest/gtest.h>
+
+#include <boost/asio/connect.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/beast/core.hpp>
+#include <boost/beast/http.hpp>
+#include <boost/beast/websocket.hpp>
+#include <caf/actor_system.hpp>
+#include <caf/actor_system_config.hpp>
+#include <caf/io/middleman.hpp>
+#include <caf/scoped_actor.hpp>
+#include <simdjson.h>
+
+#include <thread>
+
+#include "actors/compute.hpp"
+#include "gateway/server.hpp"
+#include "graph/inference_graph.hpp"
+#include "model/generator.hpp"
+#include "model/init_model.hpp"
+#include "protocol/json_writer.hpp"
+#include "protocol/type_registry.hpp"
+#include "tests/test_support.hpp"
+#include "tokenizer/tokenizer.hpp"
+
+namespace troupe {
+namespace {
+
+namespace beast = boost::beast;
+namespace http = beast::http;
+namespace websocket = beast::websocket;
+namespace net = boost::asio;
+using tcp = net::ip::tcp;
+
+struct served {
+  caf::actor_system_config cfg;
+  std::unique_ptr<caf::actor_system> sys;
+  shared_compute compute;
+  std::shared_ptr<const tokenizer> tok;
+  inference_graph graph;
+  std::unique_ptr<gateway::gateway_server> server;
+  std::uint16_t port = 0;
+
+  explicit served(gateway::gateway_options opt = {}) {
+    add_message_types(cfg);
+    cfg.load<caf::io::middleman>();
+    sys = std::make_unique<caf::actor_system>(cfg);
+    static const std::filesystem::path dir = [] {
+      const auto d = test::temp_dir("gateway_model");
+      init_options o;
+      o.seed = 3;
+      o.tokenizer_file = std::string(TROUPE_SOURCE_DIR) + "/configs/tokenizers/troupe-bpe-4k.json";
+      init_model(load_model_config(std::string(TROUPE_SOURCE_DIR) + "/configs/models/demo-tiny.json"), d, o);
+      return d;
+    }();
+    compute = load_compute(dir.string(), 1);
+    tok = std::make_shared<const tokenizer>(tokenizer::load(dir / "tokenizer.json"));
+    graph = inference_graph::start(*sys, compute, local_topology(compute->net->config()));
+    opt.port = 0;
+    opt.model_name = "demo";
+    opt.limits.max_tokens = 64;
+    server = std::make_unique<gateway::gateway_server>(*sys, caf::actor_cast<caf::actor>(graph.scheduler), tok,
+                                                       compute->net->config(), opt);
+    server->start();
+    port = server->port();
+  }
+  ~served() {
+    server->stop();
+    graph.stop(*sys);
+  }
+
+  std::string greedy(const std::string& prompt, int max_tokens) {
+    generation_params p;
+    p.sampling.temperature = 0;
+    p.max_tokens = max_tokens;
+    // As the gateway sends it: JSON text, so bytes that are not UTF-8 arrive as U+FFFD.
+    return replace_invalid_utf8(generate(*compute->net, *tok, tok->encode(prompt, special_tokens::parse), p).text);
+  }
+};
+
+struct http_reply {
+  int status = 0;
+  std::string body, content_type;
+};
+
+http_reply http_call(std::uint16_t port, http::verb verb, const std::string& target, const std::string& body = {},
+                     const std::string& key = {}) {
+  net::io_context ioc;
+  beast::tcp_stream stream(ioc);
+  stream.connect(tcp::endpoint(net::ip::make_address("127.0.0.1"), port));
+  http::request<http::string_body> req{verb, target, 11};
+  req.set(http::field::host, "127.0.0.1");
+  if (!key.empty()) req.set(http::field::authorization, "Bearer " + key);
+  if (!body.empty()) {
+    req.set(http::field::content_type, "application/json");
+    req.body() = body;
+    req.prepare_payload();
+  }
+  beast::error_code write_ec;
+  http::write(stream, req, write_ec);  // the server may answer (413) before reading a huge body
+  beast::flat_buffer buffer;
+  http::response_parser<http::string_body> parser;
+  parser.body_limit(64 << 20);
+  beast::error_code ec;
+  http::read(stream, buffer, parser, ec);
+  http_reply r;
+  r.status = static_cast<int>(parser.get().result_int());
+  r.body = parser.get().body();
+  r.content_type = std::string(parser.get()[http::field::content_type]);
+  return r;
+}
+
+std::string field(const std::string& json, const char* path) {
+  simdjson::dom::parser p;
+  simdjson::padded_string s(json);
+  std::string_view v;
+  if (p.parse(s).at_pointer(path).get_string().get(v)) return "<missing " + std::string(path) + ">";
+  return std::string(v);
+}
+
+struct ws_client {
+  net::io_context ioc;
+  websocket::stream<tcp::socket> ws{ioc};
+  ws_client(std::uint16_t port, const std::string& key = {}) {
+    ws.next_layer().connect(tcp::endpoint(net::ip::make_address("127.0.0.1"), port));
+    if (!key.empty())
+      ws.set_option(websocket::stream_base::decorator(
+          [key](websocket::request_type& req) { req.set(http::field::authorization, "Bearer " + key); }));
+    ws.handshake("127.0.0.1", "/v1/stream");
+  }
+  void send(const std::string& s) { ws.write(net::buffer(s)); }
+  std::string recv() {
+    beast::flat_buffer b;
+    ws.read(b);
+    return beast::buffers_to_string(b.data());
+  }
+};
+
+}  // namespace
+
+TEST(gateway, http_endpoints_answer) {
+  served s;
+  auto health = http_call(s.port, http::verb::get, "/health");
+  EXPECT_EQ(health.status, 200);
+  EXPECT_EQ(health.body, "{\"status\":\"ok\"}");
+  auto models = http_call(s.port, http::verb::get, "/v1/models");
+  EXPECT_EQ(models.status, 200);
+  EXPECT_EQ(field(models.body, "/data/0/id"), "demo");
+  EXPECT_EQ(http_call(s.port, http::verb::get, "/nope").status, 404);
+  EXPECT_EQ(http_call(s.port, http::verb::get, "/v1/completions").status, 405);
+}
+
+TEST(gateway, completions_match_the_plain_forward_pass) {
+  served s;
+  const std::string expected = s.greedy("In the beginning", 12);
+  auto r = http_call(s.port, http::verb::post, "/v1/completions",
+                     R"({"model": "demo", "prompt": "In the beginning", "max_tokens": 12, "temperature": 0})");
+  ASSERT_EQ(r.status, 200) << r.body;
+  EXPECT_EQ(field(r.body, "/object"), "text_completion");
+  EXPECT_EQ(field(r.body, "/choices/0/text"), expected);
+  EXPECT_EQ(field(r.body, "/choices/0/finish_reason"), "length");
+  EXPECT_NE(r.body.find("\"completion_tokens\":12"), std::string::npos) << r.body;
+
+  // The same request streamed as server-sent events gives the same text, then [DONE].
+  auto sse = http_call(s.port, http::verb::post, "/v1/completions",
+                       R"({"prompt": "In the beginning", "max_tokens": 12, "temperature": 0, "stream": true})");
+  ASSERT_EQ(sse.status, 200);
+  EXPECT_EQ(sse.content_type, "text/event-stream");
+  std::string joined;
+  std::size_t pos = 0;
+  int events = 0;
+  while ((pos = sse.body.find("data: ", pos)) != std::string::npos) {
+    const auto end = sse.body.find("\n\n", pos);
+    const std::string data = sse.body.substr(pos + 6, end - pos - 6);
+    pos = end;
+    if (data == "[DONE]") break;
+    ++events;
+    joined += field(data, "/choices/0/text");
+  }
+  EXPECT_EQ(joined, expected);
+  EXPECT_GT(events, 1);
+  EXPECT_NE(sse.body.find("data: [DONE]"), std::string::npos);
+}
+
+TEST(gateway, chat_completions_render_the_template) {
+  served s;
+  const std::string prompt = "<|user|>\nhello\n<|assistant|>\n";
+  const std::string expected = s.greedy(prompt, 6);
+  auto r = http_call(s.port, http::verb::post, "/v1/chat/completions",
+                     R"({"messages": [{"role": "user", "content": "hello"}], "max_tokens": 6, "temperature": 0})");
+  ASSERT_EQ(r.status, 200) << r.body;
+  EXPECT_EQ(field(r.body, "/object"), "chat.completion");
+  EXPECT_EQ(field(r.body, "/choices/0/message/role"), "assistant");
+  EXPECT_EQ(field(r.body, "/choices/0/message/content"), expected);
+}
+
+TEST(gateway, bad_http_requests_say_what_is_wrong) {
+  served s;
+  auto check = [&](const std::string& target, const std::string& body, int status, const std::string& words) {
+    auto r = http_call(s.port, http::verb::post, target, body);
+    EXPECT_EQ(r.status, status) << body << " -> " << r.body;
+    EXPECT_NE(r.body.find(words), std::string::npos) << body << " -> " << r.body;
+  };
+  check("/v1/completions", "{not json", 400, "malformed JSON");
+  check("/v1/completions", R"({"prompt": 3})", 400, "'prompt' must be a string");
+  check("/v1/completions", R"({"prompt": "x", "max_tokens": 1000})", 400, "between 1 and 64");
+  check("/v1/completions", R"({"prompt": "x", "model": "gpt-4"})", 404, "not served here");
+  check("/v1/completions", R"({"prompt": "x", "temperature": -2})", 400, "temperature");
+  check("/v1/chat/completions", R"({"prompt": "x"})", 400, "messages");
+  check("/v1/chat/completions", R"({"messages": [{"role": "robot", "content": "x"}]})", 400, "role 'robot'");
+  std::string long_prompt;
+  for (int i = 0; i < 3000; ++i) long_prompt += "light ";
+  check("/v1/completions", R"({"prompt": ")" + long_prompt + R"(", "max_tokens": 8})", 400, "exceeds the context length");
+  check("/v1/completions", std::string(5 << 20, ' '), 413, "exceeds");
+}
+
+TEST(gateway, websocket_streams_multiplexed_requests_in_order) {
+  served s;
+  ws_client c(s.port);
+  c.send(R"({"op": "ping"})");
+  EXPECT_EQ(c.recv(), "{\"event\":\"pong\"}");
+  const std::string a = s.greedy("In the beginning", 10), b = s.greedy("The quick brown fox", 7);
+  c.send(R"({"op": "generate", "id": "a", "prompt": "In the beginning", "max_tokens": 10, "temperature": 0})");
+  c.send(R"({"op": "generate", "id": "b", "prompt": "The quick brown fox", "max_tokens": 7, "temperature": 0})");
+  std::map<std::string, std::string> text;
+  std::map<std::string, std::string> done;
+  while (done.size() < 2) {
+    const std::string m = c.recv();
+    const std::string event = field(m, "/event"), id = field(m, "/id");
+    if (event == "token") {
+      ASSERT_FALSE(done.count(id)) << "a token after done";
+      text[id] += field(m, "/text");
+    } else {
+      ASSERT_EQ(event, "done") << m;
+      done[id] = m;
+    }
+  }
+  EXPECT_EQ(text["a"], a);
+  EXPECT_EQ(text["b"], b);
+  EXPECT_EQ(field(done["a"], "/finish_reason"), "length");
+  EXPECT_NE(done["b"].find("\"completion_tokens\":7"), std::string::npos) << done["b"];
+}
+
+TEST(gateway, websocket_cancel_stop_and_bad_input) {
+  served s;
+  ws_client c(s.port);
+  auto next_for = [&](const std::string& id, const std::string& event) {
+    for (;;) {
+      const std::string m = c.recv();
+      if (field(m, "/id") == id && field(m, "/event") == event) return m;
+    }
+  };
+  // Stop strings end the request without the stop text.
+  const std::string full = s.greedy("In the beginning", 20);
+  ASSERT_GE(full.size(), 6u);
+  const std::string stop = full.substr(3, 3);
+  c.send(R"({"op": "generate", "id": "s", "prompt": "In the beginning", "max_tokens": 20, "temperature": 0, "stop": [")" +
+         stop + R"("]})");
+  std::string got;
+  for (;;) {
+    const std::string m = c.recv();
+    if (field(m, "/event") == "token") got += field(m, "/text");
+    if (field(m, "/event") == "done") {
+      EXPECT_EQ(field(m, "/finish_reason"), "stop");
+      break;
+    }
+  }
+  EXPECT_EQ(got, full.substr(0, full.find(stop)));
+  // Cancel a long request.
+  c.send(R"({"op": "generate", "id": "long", "prompt": "In the beginning", "max_tokens": 64, "temperature": 0.7, "seed": 1})");
+  next_for("long", "token");
+  c.send(R"({"op": "cancel", "id": "long"})");
+  EXPECT_EQ(field(next_for("long", "done"), "/finish_reason"), "cancelled");
+  // Bad input gets an error event and the connection keeps working.
+  auto error_for = [&](const std::string& frame, const std::string& words) {
+    c.send(frame);
+    const std::string m = c.recv();
+    EXPECT_EQ(field(m, "/event"), "error") << frame;
+    EXPECT_NE(m.find(words), std::string::npos) << frame << " -> " << m;
+  };
+  error_for("{oops", "malformed JSON");
+  error_for(R"({"op": "fly"})", "unknown op 'fly'");
+  error_for(R"({"op": "generate", "id": "x", "prompt": "hi", "colour": 1})", "unknown field 'colour'");
+  error_for(R"({"op": "cancel", "id": "never"})", "no request with id 'never'");
+  error_for(R"({"op": "generate", "id": "y", "prompt": "hi", "max_tokens": 999})", "between 1 and 64");
+  error_for(R"({"op": "generate", "prompt": "hi"})", "'id' is required");
+  c.send(R"({"op": "ping"})");
+  EXPECT_EQ(c.recv(), "{\"event\":\"pong\"}");
+}
+
+TEST(gateway, oversized_and_invalid_frames_close_the_connection_with_a_code) {
+  gateway::gateway_options opt;
+  opt.max_frame_bytes = 4096;
+  served s(opt);
+  {
+    ws_client c(s.port);
+    c.send(std::string(8192, 'x'));
+    beast::flat_buffer b;
+    beast::error_code ec;
+    c.ws.read(b, ec);
+    EXPECT_EQ(ec, websocket::error::closed);
+    EXPECT_EQ(c.ws.reason().code, websocket::close_code::too_big);  // 1009
+  }
+  {
+    ws_client c(s.port);
+    c.send("{\"op\": \"ping\", \"x\": \"\xff\xfe\"}");
+    beast::flat_buffer b;
+    beast::error_code ec;
+    c.ws.read(b, ec);
+    EXPECT_EQ(ec, websocket::error::closed);
+    EXPECT_EQ(c.ws.reason().code, websocket::close_code::bad_payload);  // 1007: invalid UTF-8
+  }
+  // Other clients are unaffected.
+  ws_client ok(s.port);
+  ok.send(R"({"op": "ping"})");
+  EXPECT_EQ(ok.recv(), "{\"event\":\"pong\"}");
+}
+
+TEST(gateway, a_vanished_client_has_its_requests_cancelled) {
+  served s;
+  {
+    ws_client c(s.port);
+    c.send(R"({"op": "generate", "id": "gone", "prompt": "In the beginning", "max_tokens": 64, "temperature": 0.7})");
+    c.recv();  // the first token: the request is running
+  }  // the socket closes mid-stream
+  scheduler_metrics m;
+  for (int i = 0; i < 200; ++i) {
+    caf::scoped_actor self{*s.sys};
+    self->request(s.graph.scheduler, std::chrono::seconds(5), metrics_atom::value)
+        .receive([&](scheduler_metrics& r) { m = r; }, [](caf::error&) {});
+    if (m.requests_cancelled == 1 && m.running == 0) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_EQ(m.requests_cancelled, 1);
+  EXPECT_EQ(m.kv_blocks_used, 0);
+  EXPECT_EQ(s.server->requests_in_flight(), 0u);
+}
+
+TEST(gateway, api_keys_guard_everything_but_health) {
+  gateway::gateway_options opt;
+  opt.api_keys = {"secret-1"};
+  served s(opt);
+  EXPECT_EQ(http_call(s.port, http::verb::get, "/health").status, 200);
+  EXPECT_EQ(http_call(s.port, http::verb::get, "/v1/models").status, 401);
+  EXPECT_EQ(http_call(s.port, http::verb::get, "/v1/models", {}, "wrong").status, 401);
+  EXPECT_EQ(http_call(s.port, http::verb::get, "/v1/models", {}, "secret-1").status, 200);
+  EXPECT_EQ(http_call(s.port, http::verb::get, "/metrics").status, 401);
+  EXPECT_THROW(ws_client(s.port), boost::system::system_error);  // upgrade refused
+  ws_client c(s.port, "secret-1");
+  c.send(R"({"op": "ping"})");
+  EXPECT_EQ(c.recv(), "{\"event\":\"pong\"}");
+}
+
+TEST(gateway, metrics_are_prometheus_text) {
+  served s;
+  http_call(s.port, http::verb::post, "/v1/completions", R"({"prompt": "In the beginning", "max_tokens": 4})");
+  auto r = http_call(s.port, http::verb::get, "/metrics");
+  ASSERT_EQ(r.status, 200);
+  EXPECT_EQ(r.content_type, "text/plain; version=0.0.4");
+  for (const char* name : {"troupe_requests_total{outcome=\"length\"} 1", "troupe_generation_tokens_total 4",
+                           "troupe_time_to_first_token_seconds_count 1", "troupe_inter_token_latency_seconds_count 3",
+                           "troupe_queue_depth 0", "troupe_running_sequences 0", "troupe_kv_blocks_used 0"})
+    EXPECT_NE(r.body.find(name), std::string::npos) << name << "\n" << r.body;
+}
+
+}  // namespace troupe
