@@ -208,3 +208,34 @@ void add_graph_commands(CLI::App& app, std::function<int()>& run) {
 }
 
 }  // namespace troupe::cli
+
+namespace troupe::cli {
+
+int chat_client(const std::string& host, int port, const std::string& key, const generation_params& params);
+
+void add_chat_command(CLI::App& app, std::function<int()>& run) {
+  struct chat_opts {
+    std::string host = "127.0.0.1", key;
+    int port = 8080;
+    generation_params params;
+  };
+  auto o = std::make_shared<chat_opts>();
+  o->params.max_tokens = 128;
+  o->params.sampling.temperature = 0.8f;
+  auto* cmd = app.add_subcommand("chat", "Chat with a running `troupe serve` over its WebSocket, streaming replies");
+  cmd->add_option("--host", o->host, "server address")->capture_default_str();
+  cmd->add_option("--port", o->port, "server port")->capture_default_str();
+  cmd->add_option("--api-key", o->key, "API key (or TROUPE_API_KEY)");
+  cmd->add_option("--max-tokens", o->params.max_tokens, "most tokens per reply")->capture_default_str();
+  cmd->add_option("--temperature", o->params.sampling.temperature, "sampling temperature")->capture_default_str();
+  cmd->callback([&run, o] {
+    run = [o] {
+      std::string key = o->key;
+      if (key.empty())
+        if (const char* env = std::getenv("TROUPE_API_KEY")) key = env;
+      return chat_client(o->host, o->port, key, o->params);
+    };
+  });
+}
+
+}  // namespace troupe::cli

@@ -17,6 +17,7 @@ int main(int argc, char** argv) {
   troupe::cli::add_tokenizer_commands(app, run);
   troupe::cli::add_ngram_plan_command(app, run);
   troupe::cli::add_graph_commands(app, run);
+  troupe::cli::add_chat_command(app, run);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

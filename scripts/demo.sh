@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The main job on its embedded default: makes sure the default model exists (models/demo),
-# then generates from a prompt with it, streaming the text.
+# serves it (the actor graph behind the gateway) on 127.0.0.1, talks to it over HTTP the way a
+# client would, and stops it again. `build/troupe serve` alone keeps serving.
 # Until the training pipeline ships trained demo weights, the default model has random weights
-# in the real layout (configs/models/demo-tiny.json), so the text is not meaningful yet.
+# in the real layout (configs/models/demo-tiny.json), so its text is not meaningful yet.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -10,4 +11,19 @@ troupe=build/troupe
 if [ ! -f models/demo/config.json ]; then
   "$troupe" init-model --config configs/models/demo-tiny.json --out models/demo --seed 0
 fi
-"$troupe" generate --model models/demo --prompt "In the beginning" --max-tokens 48 --temperature 0.8 --seed 1
+port=${TROUPE_DEMO_PORT:-18473}
+"$troupe" serve --model models/demo --port "$port" > /tmp/troupe-demo-serve.log 2>&1 &
+server=$!
+trap 'kill $server 2>/dev/null || true' EXIT
+for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/health" >/dev/null 2>&1 && break; sleep 0.1; done
+cat /tmp/troupe-demo-serve.log
+echo "[demo] POST /v1/completions:"
+curl -s "http://127.0.0.1:$port/v1/completions" \
+  -d '{"prompt": "In the beginning", "max_tokens": 32, "temperature": 0.8, "seed": 1}'
+echo
+echo "[demo] the same streamed (server-sent events), first events:"
+curl -sN "http://127.0.0.1:$port/v1/chat/completions" \
+  -d '{"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8, "stream": true}' | head -4 || true
+echo "[demo] to keep serving: $troupe serve; then talk with curl as above or: $troupe chat"
+kill -TERM $server
+wait $server || true

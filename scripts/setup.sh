@@ -9,7 +9,7 @@ cd "$root"
 
 packages=(build-essential cmake ninja-build pkg-config
           libcaf-dev libboost-dev libsimdjson-dev libgtest-dev libopenblas-dev libpcre2-dev libcli11-dev
-          python3-torch python3-numpy)
+          python3-torch python3-numpy curl)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
