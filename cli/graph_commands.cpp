@@ -8,6 +8,8 @@
 #include <caf/scoped_actor.hpp>
 
 #include <algorithm>
+#include <pthread.h>
+
 #include <csignal>
 #include <filesystem>
 #include <cstdlib>
@@ -28,7 +30,26 @@
 namespace troupe::cli {
 namespace {
 
-volatile std::sig_atomic_t stop_requested = 0;
+// SIGTERM and SIGINT are blocked in every thread (set before any thread starts) and taken by
+// the main thread with sigtimedwait, so a signal never lands in a compute or I/O thread.
+class stop_signals {
+ public:
+  stop_signals() {
+    sigemptyset(&set_);
+    sigaddset(&set_, SIGTERM);
+    sigaddset(&set_, SIGINT);
+    pthread_sigmask(SIG_BLOCK, &set_, nullptr);
+  }
+  /// Waits until SIGTERM or SIGINT arrives.
+  void wait() const {
+    const timespec tick{0, 100'000'000};
+    while (sigtimedwait(&set_, nullptr, &tick) < 0) {
+    }
+  }
+
+ private:
+  sigset_t set_;
+};
 
 std::unique_ptr<caf::actor_system> make_system(caf::actor_system_config& cfg) {
   add_message_types(cfg);
@@ -138,6 +159,7 @@ void add_graph_commands(CLI::App& app, std::function<int()>& run) {
       ->capture_default_str();
   serve->callback([&run, so] {
     run = [so] {
+      const stop_signals signals;
       caf::actor_system_config cfg;
       auto sys = make_system(cfg);
       auto compute = load_compute(so->model, so->threads);
@@ -152,15 +174,13 @@ void add_graph_commands(CLI::App& app, std::function<int()>& run) {
       opt.api_keys = api_keys(so->keys_file);
       gateway::gateway_server server(*sys, caf::actor_cast<caf::actor>(graph.scheduler), tok, config, opt);
       server.start();
-      std::signal(SIGTERM, [](int) { stop_requested = 1; });
-      std::signal(SIGINT, [](int) { stop_requested = 1; });
       std::cerr << "[serve] model '" << opt.model_name << "' (" << so->model << "), topology " << so->topology
                 << ", listening on http://" << opt.host << ":" << server.port()
                 << (opt.api_keys.empty() ? "" : " (API keys required)") << "\n"
                 << "[serve] try: curl -s http://" << opt.host << ":" << server.port()
                 << "/v1/completions -d '{\"prompt\": \"In the beginning\", \"max_tokens\": 32}'\n"
                 << "[serve]  or: build/troupe chat --port " << server.port() << "   (WebSocket /v1/stream)" << std::endl;
-      while (!stop_requested) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      signals.wait();
       server.stop_accepting();
       std::cerr << "[serve] stopping: no new connections; " << server.requests_in_flight()
                 << " request(s) in flight get " << so->grace_s << " s to finish" << std::endl;
@@ -190,6 +210,7 @@ void add_graph_commands(CLI::App& app, std::function<int()>& run) {
   cmd->add_option("--threads", o->threads, "CPU threads; 0 = all cores")->capture_default_str();
   cmd->callback([&run, o] {
     run = [o] {
+      const stop_signals signals;
       caf::actor_system_config cfg;
       auto sys = make_system(cfg);
       auto compute = load_compute(o->model, o->threads);
@@ -197,9 +218,7 @@ void add_graph_commands(CLI::App& app, std::function<int()>& run) {
       auto shards = host_expert_shards(*sys, compute, topo, o->shards, o->host, static_cast<std::uint16_t>(o->port));
       std::cerr << "[expert-host] serving " << shards.size() << " shard(s) on " << o->host << ":" << o->port
                 << (shards.size() > 1 ? "+" : "") << "; SIGTERM or SIGINT stops" << std::endl;
-      std::signal(SIGTERM, [](int) { stop_requested = 1; });
-      std::signal(SIGINT, [](int) { stop_requested = 1; });
-      while (!stop_requested) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      signals.wait();
       for (const auto& s : shards) caf::anon_send_exit(s, caf::exit_reason::user_shutdown);
       std::cerr << "[expert-host] stopped\n";
       return 0;

@@ -1,6 +1,7 @@
 #include "gateway/server.hpp"
 
 #include <boost/asio/dispatch.hpp>
+#include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/strand.hpp>
 #include <boost/beast/core.hpp>
@@ -69,6 +70,9 @@ struct gateway_server::impl : std::enable_shared_from_this<impl> {
   gateway_options opt;
   std::shared_ptr<gateway_metrics> metrics = std::make_shared<gateway_metrics>();
   net::io_context ioc;
+  // Keeps the I/O threads running while no operation is pending (a stream between two tokens
+  // has nothing outstanding once the acceptor is closed).
+  net::executor_work_guard<net::io_context::executor_type> work{ioc.get_executor()};
   tcp::acceptor acceptor{ioc};
   std::vector<std::thread> threads;
   std::atomic<std::size_t> connections{0}, in_flight{0};
@@ -576,6 +580,7 @@ std::size_t gateway_server::requests_in_flight() const { return impl_->in_flight
 void gateway_server::stop() {
   if (!impl_) return;
   stop_accepting();
+  impl_->work.reset();
   impl_->ioc.stop();
   for (auto& t : impl_->threads)
     if (t.joinable()) t.join();

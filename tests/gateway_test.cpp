@@ -14,6 +14,8 @@
 #include <caf/scoped_actor.hpp>
 #include <simdjson.h>
 
+#include <atomic>
+#include <set>
 #include <thread>
 
 #include "actors/compute.hpp"
@@ -44,7 +46,7 @@ struct served {
   std::unique_ptr<gateway::gateway_server> server;
   std::uint16_t port = 0;
 
-  explicit served(gateway::gateway_options opt = {}) {
+  explicit served(gateway::gateway_options opt = {}, const std::string& topology_json = "{}") {
     add_message_types(cfg);
     cfg.load<caf::io::middleman>();
     sys = std::make_unique<caf::actor_system>(cfg);
@@ -58,7 +60,7 @@ struct served {
     }();
     compute = load_compute(dir.string(), 1);
     tok = std::make_shared<const tokenizer>(tokenizer::load(dir / "tokenizer.json"));
-    graph = inference_graph::start(*sys, compute, local_topology(compute->net->config()));
+    graph = inference_graph::start(*sys, compute, parse_topology(topology_json, "test", compute->net->config()));
     opt.port = 0;
     opt.model_name = "demo";
     opt.limits.max_tokens = 64;
@@ -364,6 +366,140 @@ TEST(gateway, metrics_are_prometheus_text) {
                            "troupe_time_to_first_token_seconds_count 1", "troupe_inter_token_latency_seconds_count 3",
                            "troupe_queue_depth 0", "troupe_running_sequences 0", "troupe_kv_blocks_used 0"})
     EXPECT_NE(r.body.find(name), std::string::npos) << name << "\n" << r.body;
+}
+
+}  // namespace troupe
+
+namespace troupe {
+
+// 200 WebSocket clients at once, 3 requests each on one connection: every request completes
+// with exactly the greedy text, tokens before their done, and nothing is left in flight.
+TEST(gateway, load_200_clients_each_with_several_requests) {
+  served s({}, R"({"scheduler": {"max_waiting": 1024, "max_running": 64}})");
+  const std::string expected = s.greedy("In the beginning", 4);
+  constexpr int clients = 200, per_client = 3;
+  std::atomic<int> ok{0}, bad{0};
+  std::vector<std::thread> threads;
+  for (int c = 0; c < clients; ++c)
+    threads.emplace_back([&, c] {
+      try {
+        ws_client client(s.port);
+        for (int r = 0; r < per_client; ++r)
+          client.send(R"({"op": "generate", "id": "r)" + std::to_string(r) +
+                      R"(", "prompt": "In the beginning", "max_tokens": 4, "temperature": 0})");
+        std::map<std::string, std::string> text;
+        std::set<std::string> done;
+        while (done.size() < per_client) {
+          const std::string m = client.recv();
+          const std::string event = field(m, "/event"), id = field(m, "/id");
+          if (event == "token" && !done.count(id)) text[id] += field(m, "/text");
+          else if (event == "done") done.insert(id);
+          else throw std::runtime_error("client " + std::to_string(c) + ": " + m);
+        }
+        for (const auto& [id, t] : text) (t == expected ? ok : bad)++;
+      } catch (const std::exception& e) {
+        ++bad;
+        ADD_FAILURE() << e.what();
+      }
+    });
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(ok.load(), clients * per_client);
+  EXPECT_EQ(bad.load(), 0);
+  EXPECT_EQ(s.server->requests_in_flight(), 0u);
+}
+
+// Random and mutated frames through both parsers: each input yields a request or an error
+// message, never a crash, an exception or a request that breaks the limits.
+TEST(gateway, parser_fuzz) {
+  const gateway::request_limits limits;
+  const std::vector<std::string> seeds = {
+      R"({"op": "generate", "id": "a", "prompt": "hi", "max_tokens": 5, "temperature": 0.5, "stop": ["x", "y"]})",
+      R"({"op": "generate", "id": "b", "messages": [{"role": "user", "content": "yo"}], "top_k": 3, "seed": 9})",
+      R"({"op": "cancel", "id": "a"})", R"({"op": "ping"})",
+      R"({"model": "demo", "prompt": ["hi"], "max_tokens": 3, "stream": true, "n": 1})",
+      R"({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}], "top_p": 0.9})"};
+  std::uint64_t x = 12345;
+  auto next = [&] { return x = x * 6364136223846793005ull + 1442695040888963407ull, x >> 33; };
+  int requests = 0, errors = 0;
+  for (int i = 0; i < 30000; ++i) {
+    std::string frame;
+    if (i % 5 == 0) {  // random bytes
+      const auto n = next() % 64;
+      for (std::uint64_t k = 0; k < n; ++k) frame += static_cast<char>(next() % 256);
+    } else {  // a mutated valid frame: flips, cuts, insertions, duplications
+      frame = seeds[next() % seeds.size()];
+      for (int m = 0, count = 1 + static_cast<int>(next() % 4); m < count && !frame.empty(); ++m) {
+        const auto pos = next() % frame.size();
+        switch (next() % 4) {
+          case 0: frame[pos] = static_cast<char>(frame[pos] ^ (1 << (next() % 8))); break;
+          case 1: frame.resize(pos); break;
+          case 2: frame.insert(pos, 1, "{}[]\":,0-9e"[next() % 14]); break;
+          case 3: frame.insert(pos, frame.substr(pos, next() % 8)); break;
+        }
+      }
+    }
+    for (int kind = 0; kind < 3; ++kind) {
+      if (kind == 0) {
+        auto r = gateway::parse_ws_request(frame, limits);
+        if (auto* ok = std::get_if<gateway::ws_request>(&r)) {
+          ++requests;
+          if (ok->op == gateway::ws_op::generate) {
+            EXPECT_TRUE(ok->generate.prompt || !ok->generate.messages.empty());
+            EXPECT_TRUE(ok->generate.max_tokens >= 1 && ok->generate.max_tokens <= limits.max_tokens);
+            EXPECT_FALSE(ok->id.empty());
+          }
+        } else {
+          ++errors;
+          EXPECT_FALSE(std::get<gateway::parse_error>(r).message.empty());
+        }
+      } else {
+        auto r = gateway::parse_openai_request(frame, kind == 2, limits);
+        if (auto* ok = std::get_if<gateway::parsed_generate>(&r)) {
+          ++requests;
+          EXPECT_TRUE(ok->prompt || !ok->messages.empty());
+        } else {
+          ++errors;
+        }
+      }
+    }
+  }
+  EXPECT_GT(requests, 100);  // mutations keep some frames valid: the valid paths are exercised too
+  EXPECT_GT(errors, 1000);
+}
+
+}  // namespace troupe
+
+namespace troupe {
+
+TEST(gateway, requests_in_flight_finish_after_accepting_stops) {
+  served s;
+  ws_client c(s.port);
+  c.send(R"({"op": "generate", "id": "a", "prompt": "In the beginning", "max_tokens": 60, "temperature": 0.7, "seed": 2})");
+  c.recv();  // streaming
+  s.server->stop_accepting();
+  for (;;) {
+    const std::string m = c.recv();
+    if (field(m, "/event") == "done") break;
+  }
+  EXPECT_EQ(s.server->requests_in_flight(), 0u);
+  EXPECT_THROW(ws_client(s.port), boost::system::system_error);  // no new connections
+}
+
+}  // namespace troupe
+
+namespace troupe {
+
+TEST(gateway, http_stream_finishes_after_accepting_stops) {
+  served s;
+  std::thread stopper([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    s.server->stop_accepting();
+  });
+  auto sse = http_call(s.port, http::verb::post, "/v1/completions",
+                       R"({"prompt": "In the beginning", "max_tokens": 60, "temperature": 0.7, "seed": 3, "stream": true})");
+  stopper.join();
+  EXPECT_NE(sse.body.find("data: [DONE]"), std::string::npos)
+      << sse.status << " " << sse.body.size() << " ..." << sse.body.substr(sse.body.size() > 300 ? sse.body.size() - 300 : 0);
 }
 
 }  // namespace troupe

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# `troupe serve` as an operator runs it: it answers, and on SIGTERM it stops accepting new
+# connections, lets the request in flight finish (its stream ends with [DONE]) and exits.
+# Usage: check_serve.sh TROUPE_EXE WORK_DIR
+set -uo pipefail
+troupe=$1
+work=$2
+root=$(cd "$(dirname "$0")/../.." && pwd)
+rm -rf "$work"; mkdir -p "$work"
+"$troupe" init-model --config "$root/configs/models/demo-tiny.json" --out "$work/m" --seed 2 >/dev/null 2>&1
+port=$((20000 + RANDOM % 20000))
+"$troupe" serve --model "$work/m" --port "$port" --threads 1 --shutdown-grace 20 2> "$work/serve.log" &
+server=$!
+trap 'kill -9 $server 2>/dev/null || true' EXIT
+for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/health" >/dev/null 2>&1 && break; sleep 0.1; done
+status=0
+ok() { echo "ok   $1"; }
+fail() { echo "FAIL $1"; status=1; }
+[ "$(curl -s "http://127.0.0.1:$port/health")" = '{"status":"ok"}' ] && ok "health" || fail "health"
+# A long streamed request, then SIGTERM while it runs.
+curl -sN "http://127.0.0.1:$port/v1/completions" \
+  -d '{"prompt": "In the beginning", "max_tokens": 1500, "temperature": 0.7, "seed": 3, "stream": true}' > "$work/stream.txt" &
+client=$!
+for _ in $(seq 100); do [ -s "$work/stream.txt" ] && break; sleep 0.05; done
+kill -TERM $server
+sleep 0.3
+if curl -s -m 2 "http://127.0.0.1:$port/health" >/dev/null 2>&1; then fail "new connections are refused after SIGTERM"; else ok "new connections are refused after SIGTERM"; fi
+wait $client
+tail -c 200 "$work/stream.txt" | grep -q "data: \[DONE\]" && ok "the request in flight finished ($(grep -c '^data: {' "$work/stream.txt") events)" \
+  || fail "the request in flight was cut off"
+for _ in $(seq 200); do kill -0 $server 2>/dev/null || break; sleep 0.1; done
+if kill -0 $server 2>/dev/null; then fail "the server did not exit"; else ok "the server exited: $(tail -1 "$work/serve.log")"; fi
+exit $status
