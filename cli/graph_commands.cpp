@@ -134,7 +134,7 @@ std::vector<std::string> api_keys(const std::string& file) {
 
 void add_graph_commands(CLI::App& app, std::function<int()>& run) {
   struct serve_opts {
-    std::string model = "models/demo", topology = "local", host = "127.0.0.1", keys_file, name;
+    std::string model = "models/demo", topology = "local", host = "127.0.0.1", keys_file, name, chat_template;
     int port = 8080, threads = 0, http_threads = 2;
     int grace_s = 30;
     gateway::gateway_options gateway;
@@ -149,6 +149,10 @@ void add_graph_commands(CLI::App& app, std::function<int()>& run) {
   serve->add_option("--api-keys-file", so->keys_file,
                     "file of API keys, one per line; with keys (or TROUPE_API_KEYS=k1,k2) every endpoint but /health "
                     "needs 'Authorization: Bearer KEY'");
+  serve->add_option("--chat-template", so->chat_template,
+                    "chat template JSON {\"message\": \"<|{role}|>\\n{content}\\n\", \"generation_prompt\": ...}; "
+                    "default: the model's chat_template.json, else that built-in format")
+      ->check(CLI::ExistingFile);
   serve->add_option("--threads", so->threads, "compute threads; 0 = all cores")->capture_default_str();
   serve->add_option("--http-threads", so->http_threads, "gateway I/O threads")->capture_default_str();
   serve->add_option("--max-tokens-limit", so->gateway.limits.max_tokens, "largest max_tokens a request may ask")
@@ -172,6 +176,9 @@ void add_graph_commands(CLI::App& app, std::function<int()>& run) {
       opt.threads = so->http_threads;
       opt.model_name = so->name.empty() ? std::filesystem::path(so->model).filename().string() : so->name;
       opt.api_keys = api_keys(so->keys_file);
+      const auto model_template = std::filesystem::path(so->model) / "chat_template.json";
+      if (!so->chat_template.empty()) opt.chat = gateway::chat_template::load(so->chat_template);
+      else if (std::filesystem::exists(model_template)) opt.chat = gateway::chat_template::load(model_template.string());
       gateway::gateway_server server(*sys, caf::actor_cast<caf::actor>(graph.scheduler), tok, config, opt);
       server.start();
       std::cerr << "[serve] model '" << opt.model_name << "' (" << so->model << "), topology " << so->topology

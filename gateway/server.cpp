@@ -10,6 +10,7 @@
 #include <caf/actor_system.hpp>
 #include <caf/scoped_actor.hpp>
 #include <caf/send.hpp>
+#include <simdjson.h>
 
 #include <atomic>
 #include <deque>
@@ -46,6 +47,23 @@ std::string chat_template::render(const std::vector<chat_message>& messages) con
     out += part;
   }
   return out + generation_prompt;
+}
+
+chat_template chat_template::load(const std::string& path) {
+  simdjson::dom::parser parser;
+  simdjson::padded_string text;
+  if (simdjson::padded_string::load(path).get(text)) throw input_error(path + ": cannot read the chat template");
+  simdjson::dom::object o;
+  if (parser.parse(text).get_object().get(o)) throw input_error(path + ": the chat template must be a JSON object");
+  chat_template t;
+  std::string_view message, prompt;
+  if (o["message"].get_string().get(message))
+    throw input_error(path + ": field 'message' (a string with {role} and {content}) is required");
+  if (message.find("{content}") == std::string_view::npos)
+    throw input_error(path + ": field 'message' must contain {content}");
+  t.message = std::string(message);
+  if (!o["generation_prompt"].get_string().get(prompt)) t.generation_prompt = std::string(prompt);
+  return t;
 }
 
 namespace {

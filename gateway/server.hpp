@@ -30,6 +30,9 @@ struct chat_template {
   std::string message = "<|{role}|>\n{content}\n";
   std::string generation_prompt = "<|assistant|>\n";
   std::string render(const std::vector<chat_message>& messages) const;
+  /// Reads {"message": "...", "generation_prompt": "..."} (a model directory's
+  /// chat_template.json, or a file named on the command line); throws input_error naming it.
+  static chat_template load(const std::string& path);
 };
 
 struct gateway_options {

@@ -16,9 +16,15 @@
 namespace troupe {
 namespace {
 
-void expect(bool ok, const char* op, const std::string& what) {
-  if (!ok) throw std::invalid_argument(std::string("cpu_backend::") + op + ": " + what);
+[[noreturn]] void fail_argument(const char* op, const std::string& what) {
+  throw std::invalid_argument(std::string("cpu_backend::") + op + ": " + what);
 }
+
+// Checks an op's arguments; the message is built only when the check fails (ops are hot).
+#define TROUPE_EXPECT(ok, op, what)     \
+  do {                                  \
+    if (!(ok)) fail_argument(op, what); \
+  } while (0)
 
 std::string shapes(const tensor& a, const tensor& b) {
   return shape_to_string(a.shape()) + " vs " + shape_to_string(b.shape());
@@ -65,17 +71,17 @@ tensor cpu_backend::download(const tensor& t) {
 }
 
 void cpu_backend::copy_rows(const tensor& src, tensor& dst, std::int64_t dst_row) {
-  expect(src.type() == dst.type() && src.rank() == 2 && dst.rank() == 2 && src.dim(1) == dst.dim(1),
+  TROUPE_EXPECT(src.type() == dst.type() && src.rank() == 2 && dst.rank() == 2 && src.dim(1) == dst.dim(1),
          "copy_rows", shapes(src, dst));
-  expect(dst_row >= 0 && dst_row + src.dim(0) <= dst.dim(0), "copy_rows", "rows out of range");
+  TROUPE_EXPECT(dst_row >= 0 && dst_row + src.dim(0) <= dst.dim(0), "copy_rows", "rows out of range");
   const std::size_t row_bytes = static_cast<std::size_t>(dst.dim(1)) * dtype_size(dst.type());
   std::memcpy(static_cast<std::byte*>(dst.raw()) + dst_row * row_bytes, src.raw(), src.nbytes());
 }
 
 void cpu_backend::linear(const tensor& x, const tensor& w, tensor& y, write_mode mode) {
-  expect(x.rank() == 2 && w.rank() == 2 && y.rank() == 2, "linear", "rank-2 tensors expected");
+  TROUPE_EXPECT(x.rank() == 2 && w.rank() == 2 && y.rank() == 2, "linear", "rank-2 tensors expected");
   const auto m = x.dim(0), k = x.dim(1), n = w.dim(0);
-  expect(w.dim(1) == k && y.dim(0) == m && y.dim(1) == n, "linear",
+  TROUPE_EXPECT(w.dim(1) == k && y.dim(0) == m && y.dim(1) == n, "linear",
          "x " + shape_to_string(x.shape()) + ", w " + shape_to_string(w.shape()) + ", y " + shape_to_string(y.shape()));
   if (m == 0) return;
   if (w.type() == dtype::bf16) {
@@ -94,7 +100,7 @@ void cpu_backend::linear(const tensor& x, const tensor& w, tensor& y, write_mode
 
 void cpu_backend::rms_norm(const tensor& x, const tensor& w, float eps, tensor& y) {
   const auto rows = x.dim(0), cols = x.dim(1);
-  expect(w.numel() == cols && y.shape() == x.shape(), "rms_norm", shapes(x, y));
+  TROUPE_EXPECT(w.numel() == cols && y.shape() == x.shape(), "rms_norm", shapes(x, y));
   const float* wp = w.data<float>();
   for (std::int64_t r = 0; r < rows; ++r) {
     const float* xr = x.data<float>() + r * cols;
@@ -108,7 +114,7 @@ void cpu_backend::rms_norm(const tensor& x, const tensor& w, float eps, tensor& 
 
 void cpu_backend::rms_norm_prefix_inplace(tensor& x, std::int64_t cols, const tensor& w, float eps, float post_scale) {
   const auto rows = x.dim(0), width = x.dim(1);
-  expect(w.numel() == cols && cols <= width, "rms_norm_prefix_inplace", shapes(x, w));
+  TROUPE_EXPECT(w.numel() == cols && cols <= width, "rms_norm_prefix_inplace", shapes(x, w));
   const float* wp = w.data<float>();
   for (std::int64_t r = 0; r < rows; ++r) {
     float* xr = x.data<float>() + r * width;
@@ -125,7 +131,7 @@ void cpu_backend::scale(tensor& y, float s) {
 }
 
 void cpu_backend::add(tensor& y, const tensor& x) {
-  expect(y.numel() == x.numel(), "add", shapes(y, x));
+  TROUPE_EXPECT(y.numel() == x.numel(), "add", shapes(y, x));
   float* p = y.data<float>();
   const float* q = x.data<float>();
   for (std::int64_t i = 0, n = y.numel(); i < n; ++i) p[i] += q[i];
@@ -133,7 +139,7 @@ void cpu_backend::add(tensor& y, const tensor& x) {
 
 void cpu_backend::swiglu(const tensor& gate_up, tensor& out) {
   const auto rows = gate_up.dim(0), f = out.dim(1);
-  expect(gate_up.dim(1) == 2 * f && out.dim(0) == rows, "swiglu", shapes(gate_up, out));
+  TROUPE_EXPECT(gate_up.dim(1) == 2 * f && out.dim(0) == rows, "swiglu", shapes(gate_up, out));
   for (std::int64_t r = 0; r < rows; ++r) {
     const float* g = gate_up.data<float>() + r * 2 * f;
     const float* u = g + f;
@@ -144,10 +150,10 @@ void cpu_backend::swiglu(const tensor& gate_up, tensor& out) {
 
 void cpu_backend::gather_rows(const tensor& table, const tensor& ids, tensor& out) {
   const auto n = ids.numel();
-  expect(out.dim(0) == n && out.dim(1) == table.dim(1), "gather_rows", shapes(table, out));
+  TROUPE_EXPECT(out.dim(0) == n && out.dim(1) == table.dim(1), "gather_rows", shapes(table, out));
   const auto* id = ids.data<std::int64_t>();
   for (std::int64_t r = 0; r < n; ++r) {
-    expect(id[r] >= 0 && id[r] < table.dim(0), "gather_rows",
+    TROUPE_EXPECT(id[r] >= 0 && id[r] < table.dim(0), "gather_rows",
            "row id " + std::to_string(id[r]) + " outside a table of " + std::to_string(table.dim(0)) + " rows");
     read_row(table, id[r], out.data<float>() + r * out.dim(1));
   }
@@ -155,7 +161,7 @@ void cpu_backend::gather_rows(const tensor& table, const tensor& ids, tensor& ou
 
 void cpu_backend::scatter_add_rows(const tensor& x, const tensor& rows, const tensor& weights, tensor& out) {
   const auto n = x.dim(0), cols = x.dim(1);
-  expect(rows.numel() == n && weights.numel() == n && out.dim(1) == cols, "scatter_add_rows", shapes(x, out));
+  TROUPE_EXPECT(rows.numel() == n && weights.numel() == n && out.dim(1) == cols, "scatter_add_rows", shapes(x, out));
   const auto* row = rows.data<std::int32_t>();
   const auto* w = weights.data<float>();
   for (std::int64_t r = 0; r < n; ++r) {
@@ -169,12 +175,12 @@ void cpu_backend::ngram_embed(const tensor& base, const tensor& tokens, const te
                               std::span<const tensor> tables, std::span<const tensor> projections, tensor& out) {
   const auto t = tokens.numel();
   const auto num_tables = static_cast<std::int64_t>(tables.size());
-  expect(ngram_ids.rank() == 2 && ngram_ids.dim(0) == t && ngram_ids.dim(1) == num_tables, "ngram_embed",
+  TROUPE_EXPECT(ngram_ids.rank() == 2 && ngram_ids.dim(0) == t && ngram_ids.dim(1) == num_tables, "ngram_embed",
          "ngram ids " + shape_to_string(ngram_ids.shape()) + " for " + std::to_string(t) + " tokens and " +
              std::to_string(num_tables) + " tables");
   const auto* tok = tokens.data<std::int32_t>();
   for (std::int64_t r = 0; r < t; ++r) {
-    expect(tok[r] >= 0 && tok[r] < base.dim(0), "ngram_embed", "token id " + std::to_string(tok[r]) + " outside the vocabulary");
+    TROUPE_EXPECT(tok[r] >= 0 && tok[r] < base.dim(0), "ngram_embed", "token id " + std::to_string(tok[r]) + " outside the vocabulary");
     read_row(base, tok[r], out.data<float>() + r * out.dim(1));
   }
   if (num_tables == 0) return;
@@ -193,7 +199,7 @@ void cpu_backend::rope_interleaved(tensor& x, std::int64_t num_heads, std::int64
                                    const tensor& positions, const rope_params& rope) {
   const auto t = x.dim(0);
   const auto half = static_cast<std::int64_t>(rope.inv_freq.size());
-  expect(x.dim(1) == num_heads * head_stride && offset + 2 * half <= head_stride && positions.numel() == t,
+  TROUPE_EXPECT(x.dim(1) == num_heads * head_stride && offset + 2 * half <= head_stride && positions.numel() == t,
          "rope_interleaved", "x " + shape_to_string(x.shape()));
   std::vector<float> cos_v(half), sin_v(half);
   for (std::int64_t r = 0; r < t; ++r) {
@@ -218,18 +224,18 @@ void cpu_backend::mla_attention(const tensor& q, const tensor& kv_b, std::span<c
                                 const mla_dims& d, float softmax_scale, tensor& out) {
   const std::int64_t qk = d.nope_dim + d.rope_dim;
   const std::int64_t lat_w = d.kv_lora_rank + d.rope_dim;
-  expect(q.dim(1) == d.num_heads * qk && out.dim(1) == d.num_heads * d.v_dim && out.dim(0) == q.dim(0),
+  TROUPE_EXPECT(q.dim(1) == d.num_heads * qk && out.dim(1) == d.num_heads * d.v_dim && out.dim(0) == q.dim(0),
          "mla_attention", "q " + shape_to_string(q.shape()) + ", out " + shape_to_string(out.shape()));
-  expect(kv_b.dim(0) == d.num_heads * (d.nope_dim + d.v_dim) && kv_b.dim(1) == d.kv_lora_rank, "mla_attention",
+  TROUPE_EXPECT(kv_b.dim(0) == d.num_heads * (d.nope_dim + d.v_dim) && kv_b.dim(1) == d.kv_lora_rank, "mla_attention",
          "kv_b " + shape_to_string(kv_b.shape()));
   const float* wkv = kv_b.data<float>();
   std::vector<float> q_lat, scores, out_lat;
   for (const auto& s : segments) {
     const std::int64_t rows = s.num_rows, keys = s.first_position + s.num_rows;
     if (rows == 0) continue;
-    expect(!s.blocks.empty(), "mla_attention", "a segment without cache blocks");
+    TROUPE_EXPECT(!s.blocks.empty(), "mla_attention", "a segment without cache blocks");
     const std::int64_t block = s.blocks[0].dim(0);
-    expect(static_cast<std::int64_t>(s.blocks.size()) * block >= keys && s.blocks[0].dim(1) == lat_w, "mla_attention",
+    TROUPE_EXPECT(static_cast<std::int64_t>(s.blocks.size()) * block >= keys && s.blocks[0].dim(1) == lat_w, "mla_attention",
            std::to_string(s.blocks.size()) + " cache blocks of " + std::to_string(block) + " rows for " +
                std::to_string(keys) + " keys");
     q_lat.resize(rows * d.kv_lora_rank);
@@ -278,7 +284,7 @@ void cpu_backend::mla_attention(const tensor& q, const tensor& kv_b, std::span<c
 void cpu_backend::router_topk(const tensor& logits, const tensor& bias, int k, float scaling, tensor& idx,
                               tensor& weights) {
   const auto t = logits.dim(0), e = logits.dim(1);
-  expect(bias.numel() == e && k > 0 && k <= e && idx.dim(0) == t && idx.dim(1) == k && weights.dim(1) == k,
+  TROUPE_EXPECT(bias.numel() == e && k > 0 && k <= e && idx.dim(0) == t && idx.dim(1) == k && weights.dim(1) == k,
          "router_topk", "logits " + shape_to_string(logits.shape()) + ", k " + std::to_string(k));
   std::vector<float> p(e), choice(e);
   std::vector<std::int32_t> order(e);

@@ -5,21 +5,39 @@
 
 namespace troupe {
 
+namespace {
+
+// The size class of `bytes`: the next of 2^k * {1, 1.25, 1.5, 1.75}, at least a page.
+std::size_t size_class(std::size_t bytes) {
+  std::size_t c = 4096;
+  while (c < bytes) {
+    const std::size_t quarter = c / 4;
+    if (c + quarter >= bytes) return c + quarter;
+    if (c + 2 * quarter >= bytes) return c + 2 * quarter;
+    if (c + 3 * quarter >= bytes) return c + 3 * quarter;
+    c *= 2;
+  }
+  return c;
+}
+
+}  // namespace
+
 host_allocator::~host_allocator() {
-  for (auto& [size, p] : free_) std::free(p);
+  for (auto& [size, blocks] : free_)
+    for (void* p : blocks) std::free(p);
 }
 
 tensor host_allocator::empty(shape_t shape, dtype type) {
   std::size_t n = dtype_size(type);
   for (auto d : shape) n *= static_cast<std::size_t>(d);
-  const std::size_t bytes = ((n + 4095) / 4096) * 4096;  // page granularity: sizes repeat step to step
+  const std::size_t bytes = size_class(n);
   void* p = nullptr;
   {
     std::lock_guard<std::mutex> lock(mutex_);
     auto it = free_.find(bytes);
-    if (it != free_.end()) {
-      p = it->second;
-      free_.erase(it);
+    if (it != free_.end() && !it->second.empty()) {
+      p = it->second.back();
+      it->second.pop_back();
       cached_ -= bytes;
     }
   }
@@ -37,11 +55,12 @@ tensor host_allocator::empty(shape_t shape, dtype type) {
 
 void host_allocator::release(void* p, std::size_t bytes) {
   std::lock_guard<std::mutex> lock(mutex_);
-  if (cached_ + bytes > max_cached_) {
+  auto& blocks = free_[bytes];
+  if (cached_ + bytes > max_cached_ || blocks.size() >= max_per_class_) {
     std::free(p);
     return;
   }
-  free_.emplace(bytes, p);
+  blocks.push_back(p);
   cached_ += bytes;
 }
 
