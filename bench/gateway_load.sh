@@ -4,7 +4,7 @@
 # requests/s and errors. Then holds many idle WebSocket-capable connections open (plain TCP
 # connects) to find the connection limit.
 #   bench/gateway_load.sh [MODEL_DIR]
-set -euo pipefail
+set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 model=${1:-$root/models/demo}
 command -v wrk >/dev/null || { echo "wrk is required (apt-get install wrk)"; exit 1; }
@@ -20,7 +20,8 @@ wrk.body = '{"prompt": "In the beginning", "max_tokens": 1, "temperature": 0}'
 wrk.headers["Content-Type"] = "application/json"
 LUA
 echo "# $(date -u +%F) $(git -C "$root" rev-parse --short HEAD), wrk $(wrk -v 2>&1 | head -1 | cut -d' ' -f2), $(nproc) cores, model $(basename "$model")"
-for c in 8 64 256; do
+ulimit -n 8192 2>/dev/null || true
+for c in 8 64 256 1024 2000; do
   out=$(wrk -t2 -c$c -d10s -s "$lua" "http://127.0.0.1:$port/v1/completions" 2>&1)
   rps=$(grep "Requests/sec" <<<"$out" | awk '{print $2}')
   lat=$(grep -m1 "Latency" <<<"$out" | awk '{print $2}')

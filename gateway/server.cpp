@@ -555,6 +555,8 @@ void gateway_server::impl::accept() {
       } else {
         ++self->connections;
         self->metrics->connection_opened();
+        beast::error_code ignored;
+        socket.set_option(tcp::no_delay(true), ignored);  // token events go out at once, not batched by Nagle
         std::make_shared<http_session>(self, std::move(socket))->run();
       }
     }
