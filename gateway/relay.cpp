@@ -34,6 +34,17 @@ caf::behavior relay_impl(caf::event_based_actor* self, std::shared_ptr<relay_arg
   auto st = std::make_shared<relay_state>();
   st->stream = std::make_unique<text_stream>(*a->tok, a->stop);
   st->started = st->last = std::chrono::steady_clock::now();
+  // If the scheduler goes away (shutdown), the request can never finish: end it now.
+  self->monitor(a->scheduler);
+  self->set_down_handler([=](caf::down_msg& down) {
+    request_done done;
+    done.id = a->req.id;
+    done.reason = request_end::error;
+    done.error = "the scheduler stopped (" + self->system().render(down.reason) + ")";
+    a->metrics->request_finished("error");
+    a->events.on_done("error", done);
+    self->quit();
+  });
   self->request(a->scheduler, std::chrono::seconds(30), generate_atom::value, a->req, caf::actor_cast<caf::actor>(self))
       .then([](bool) {},
             [=](caf::error& err) {

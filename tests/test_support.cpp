@@ -1,6 +1,7 @@
 #include "tests/test_support.hpp"
 
 #include <simdjson.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <fstream>
@@ -11,7 +12,9 @@
 namespace troupe::test {
 
 std::filesystem::path temp_dir(const std::string& name) {
-  const auto p = std::filesystem::path(TROUPE_BINARY_DIR) / "test-tmp" / name;
+  // Per process: ctest runs test cases in parallel processes, and a model directory rewritten
+  // under another process's memory map would crash it.
+  const auto p = std::filesystem::path(TROUPE_BINARY_DIR) / "test-tmp" / (name + "-" + std::to_string(getpid()));
   std::filesystem::remove_all(p);
   std::filesystem::create_directories(p);
   return p;

@@ -30,4 +30,14 @@ tail -c 200 "$work/stream.txt" | grep -q "data: \[DONE\]" && ok "the request in 
   || fail "the request in flight was cut off"
 for _ in $(seq 200); do kill -0 $server 2>/dev/null || break; sleep 0.1; done
 if kill -0 $server 2>/dev/null; then fail "the server did not exit"; else ok "the server exited: $(tail -1 "$work/serve.log")"; fi
+# API keys from the environment: every endpoint but /health needs one.
+port2=$((port + 1))
+TROUPE_API_KEYS="k1,k2" "$troupe" serve --model "$work/m" --port "$port2" --threads 1 2> "$work/keys.log" &
+keyed=$!
+for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port2/health" >/dev/null 2>&1 && break; sleep 0.1; done
+no_key=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port2/v1/models")
+with_key=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer k2" "http://127.0.0.1:$port2/v1/models")
+[ "$no_key" = 401 ] && [ "$with_key" = 200 ] && ok "TROUPE_API_KEYS guards the API (401 without, 200 with a key)" \
+  || fail "API keys: $no_key without, $with_key with"
+kill -TERM $keyed; wait $keyed
 exit $status
