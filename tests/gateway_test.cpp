@@ -444,7 +444,9 @@ TEST(gateway, a_slow_reader_is_dropped_and_its_requests_cancelled) {
   for (int r = 0; r < 16; ++r)
     ws.write(net::buffer(R"({"op": "generate", "id": "r)" + std::to_string(r) +
                          R"(", "prompt": "In the beginning", "max_tokens": 64, "temperature": 0})"));
-  // Read nothing until the server is done with the requests, one way or the other.
+  // Read nothing until the server has taken the requests and is done with them, one way or
+  // the other (dropped and cancelled, or finished).
+  for (int i = 0; i < 100 && s.server->requests_in_flight() == 0; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
   for (int i = 0; i < 600 && s.server->requests_in_flight() > 0; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(100));
   int dones = 0;
   beast::error_code ec;
@@ -456,6 +458,7 @@ TEST(gateway, a_slow_reader_is_dropped_and_its_requests_cancelled) {
   }
   EXPECT_TRUE(ec) << "the connection should have been dropped, not buffered";
   EXPECT_LT(dones, 16);
+  for (int i = 0; i < 500 && s.server->requests_in_flight() > 0; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
   EXPECT_EQ(s.server->requests_in_flight(), 0u);
 }
 
