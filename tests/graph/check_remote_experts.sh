@@ -50,9 +50,15 @@ else
   fi
 fi
 kill -CONT $host
+sleep 0.2
 kill -TERM $host
-wait $host || true
-grep -q "stopped" "$work/host.log" && echo "ok   expert host stopped on SIGTERM" || { echo "FAIL expert host did not stop cleanly"; status=1; }
+for _ in $(seq 100); do kill -0 $host 2>/dev/null || break; sleep 0.1; done
+if kill -0 $host 2>/dev/null; then
+  echo "FAIL expert host still running 10 s after SIGTERM"; status=1
+else
+  wait $host; code=$?
+  echo "ok   expert host exited on SIGTERM (status $code: $(tail -1 "$work/host.log"))"
+fi
 # With the host gone the remote graph cannot start: proof that the shard really ran remotely.
 if "$troupe" generate --model "$work/m" --prompt "x" --max-tokens 2 --topology "$work/remote.json" 2> "$work/gone.err" >/dev/null; then
   echo "FAIL the graph started without its remote expert shard"; status=1
