@@ -15,8 +15,12 @@
 #include <atomic>
 #include <deque>
 #include <iostream>
+#include <map>
+#include <memory>
 #include <mutex>
+#include <optional>
 #include <set>
+#include <shared_mutex>
 #include <thread>
 #include <unordered_map>
 
@@ -87,11 +91,19 @@ struct gateway_server::impl : std::enable_shared_from_this<impl> {
   std::int64_t max_context;
   gateway_options opt;
   std::shared_ptr<gateway_metrics> metrics = std::make_shared<gateway_metrics>();
-  net::io_context ioc;
+  // Pending handlers hold the impl (shared_from_this), so the impl cannot own the I/O context
+  // outright: release_io() destroys it (and with it those handlers) once the threads are joined.
+  std::unique_ptr<net::io_context> io;
+  net::io_context& ioc;
+  std::shared_mutex io_mutex;  // post_to() against release_io()
+  // Sessions waiting on a relay with no I/O pending (an HTTP request being generated) are kept
+  // here rather than by the relay, so release_io() can drop them before the I/O context.
+  std::mutex held_mutex;
+  std::map<const void*, std::shared_ptr<void>> held;
   // Keeps the I/O threads running while no operation is pending (a stream between two tokens
   // has nothing outstanding once the acceptor is closed).
-  net::executor_work_guard<net::io_context::executor_type> work{ioc.get_executor()};
-  tcp::acceptor acceptor{ioc};
+  std::optional<net::executor_work_guard<net::io_context::executor_type>> work{ioc.get_executor()};
+  std::optional<tcp::acceptor> acceptor{std::in_place, ioc};
   std::vector<std::thread> threads;
   std::atomic<std::size_t> connections{0}, in_flight{0};
   std::atomic<std::uint64_t> next_id{1};
@@ -100,7 +112,22 @@ struct gateway_server::impl : std::enable_shared_from_this<impl> {
   impl(caf::actor_system& s, caf::actor sched, std::shared_ptr<const tokenizer> t, const model_config& config,
        gateway_options o)
       : sys(s), scheduler(std::move(sched)), tok(std::move(t)), eos(config.eos_token_id),
-        max_context(config.max_position_embeddings), opt(std::move(o)), ioc(std::max(1, o.threads)) {}
+        max_context(config.max_position_embeddings), opt(std::move(o)),
+        io(std::make_unique<net::io_context>(std::max(1, opt.threads))), ioc(*io) {}
+
+  // Destroys the sockets and the handlers still queued; called with the I/O threads stopped.
+  void release_io() {
+    std::unique_lock lock(io_mutex);
+    std::map<const void*, std::shared_ptr<void>> drop;
+    {
+      std::lock_guard held_lock(held_mutex);
+      drop.swap(held);
+    }
+    drop.clear();  // while the I/O context still exists
+    work.reset();
+    acceptor.reset();
+    io.reset();
+  }
 
   bool authorized(const http::request<http::string_body>& req) const {
     if (opt.api_keys.empty()) return true;
@@ -136,6 +163,30 @@ struct gateway_server::impl : std::enable_shared_from_this<impl> {
   }
 
   void accept();
+
+  void hold(std::shared_ptr<void> session) {
+    std::lock_guard lock(held_mutex);
+    held.emplace(session.get(), std::move(session));
+  }
+  void release(const void* session) {
+    std::shared_ptr<void> last;  // destroyed outside the lock
+    std::lock_guard lock(held_mutex);
+    if (auto it = held.find(session); it != held.end()) {
+      last = std::move(it->second);
+      held.erase(it);
+    }
+  }
+
+  // Runs work(session) on the session's I/O executor; called from relay (CAF) threads. Relays
+  // hold sessions weakly, so no session (and none of its sockets) outlives the I/O context.
+  template <class Session, class Work>
+  void post_to(const std::weak_ptr<Session>& weak, Work work) {
+    std::shared_lock lock(io_mutex);
+    if (!io) return;
+    auto self = weak.lock();
+    if (!self) return;
+    net::post(self->executor(), [self, work = std::move(work)]() mutable { work(*self); });
+  }
 };
 
 namespace {
@@ -148,6 +199,8 @@ class ws_session : public std::enable_shared_from_this<ws_session> {
  public:
   ws_session(std::shared_ptr<gateway_server::impl> server, tcp::socket socket)
       : server_(std::move(server)), ws_(std::move(socket)), conn_(server_->next_id++) {}
+
+  auto executor() { return ws_.get_executor(); }
 
   void run(request_t req) {
     ws_.read_message_max(0);  // enforced in on_read, so the close (1009) is a clean handshake
@@ -231,18 +284,18 @@ class ws_session : public std::enable_shared_from_this<ws_session> {
     generate_request req;
     if (auto e = server_->prepare(r.generate, global(r.id), req); !e.empty()) return send_error(r.id, e);
     ++server_->in_flight;
-    auto self = shared_from_this();
-    auto post = [self](std::function<void()> f) { net::post(self->ws_.get_executor(), std::move(f)); };
+    const std::weak_ptr<ws_session> weak = weak_from_this();
+    const auto srv = server_;
     const std::string id = r.id;
     relay_events events;
-    events.on_token = [post, self, id](const std::string& text, std::int32_t token) {
+    events.on_token = [srv, weak, id](const std::string& text, std::int32_t token) {
       json_writer w;
       w.begin_object().key("event").value("token").key("id").value(id).key("text").value(text);
       if (token >= 0) w.key("token").value(token);
       w.end_object();
-      post([self, s = w.str()] { self->send(s); });
+      srv->post_to(weak, [s = w.str()](ws_session& self) { self.send(s); });
     };
-    events.on_done = [post, self, id](const std::string& reason, const request_done& d) {
+    events.on_done = [srv, weak, id](const std::string& reason, const request_done& d) {
       json_writer w;
       w.begin_object().key("event").value(reason == "error" ? "error" : "done").key("id").value(id);
       if (reason == "error") {
@@ -255,15 +308,15 @@ class ws_session : public std::enable_shared_from_this<ws_session> {
         w.key("total_s").value(d.total_s).end_object();
       }
       w.end_object();
-      post([self, id, s = w.str()] {
-        self->finish(id);
-        self->send(s);
+      srv->post_to(weak, [id, s = w.str()](ws_session& self) {
+        self.finish(id);
+        self.send(s);
       });
     };
-    auto refused = [post, self, id](const std::string& why) {
-      post([self, id, why] {
-        self->finish(id);
-        self->send_error(id, why);
+    auto refused = [srv, weak, id](const std::string& why) {
+      srv->post_to(weak, [id, why](ws_session& self) {
+        self.finish(id);
+        self.send_error(id, why);
       });
     };
     active_[id] = start_relay(server_->sys, server_->scheduler, server_->tok, std::move(req), r.generate.stop,
@@ -336,6 +389,8 @@ class http_session : public std::enable_shared_from_this<http_session> {
  public:
   http_session(std::shared_ptr<gateway_server::impl> server, tcp::socket socket)
       : server_(std::move(server)), stream_(std::move(socket)) {}
+
+  auto executor() { return stream_.get_executor(); }
 
   ~http_session() {
     if (!upgraded_) {
@@ -420,34 +475,36 @@ class http_session : public std::enable_shared_from_this<http_session> {
     chat_ = chat;
     stream_mode_ = g.stream;
     ++server_->in_flight;
-    auto self = shared_from_this();
-    auto post = [self](std::function<void()> f) { net::post(self->stream_.get_executor(), std::move(f)); };
+    const std::weak_ptr<http_session> weak = weak_from_this();
+    const auto srv = server_;
     if (stream_mode_) {
       // Server-sent events: the body is delimited by closing the connection.
       keep_alive_ = false;
       send_raw("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n");
     }
     relay_events events;
-    events.on_token = [post, self](const std::string& text, std::int32_t) {
-      post([self, text] {
-        if (self->stream_mode_) self->send_raw("data: " + self->chunk_json(text, {}) + "\n\n");
-        else self->text_ += text;
+    events.on_token = [srv, weak](const std::string& text, std::int32_t) {
+      srv->post_to(weak, [text](http_session& self) {
+        if (self.stream_mode_) self.send_raw("data: " + self.chunk_json(text, {}) + "\n\n");
+        else self.text_ += text;
       });
     };
-    events.on_done = [post, self](const std::string& reason, const request_done& d) {
-      post([self, reason, d] { self->on_done(reason, d); });
+    events.on_done = [srv, weak](const std::string& reason, const request_done& d) {
+      srv->post_to(weak, [reason, d](http_session& self) { self.on_done(reason, d); });
     };
-    auto refused = [post, self](const std::string& why) {
-      post([self, why] {
-        self->done_ = true;
-        --self->server_->in_flight;
-        if (self->stream_mode_) {
-          self->send_raw("data: " + error_json(why, "server_error") + "\n\ndata: [DONE]\n\n", true);
+    auto refused = [srv, weak](const std::string& why) {
+      srv->post_to(weak, [why](http_session& self) {
+        self.server_->release(&self);
+        self.done_ = true;
+        --self.server_->in_flight;
+        if (self.stream_mode_) {
+          self.send_raw("data: " + error_json(why, "server_error") + "\n\ndata: [DONE]\n\n", true);
         } else {
-          self->reply(http::status::service_unavailable, error_json(why, "server_error"));
+          self.reply(http::status::service_unavailable, error_json(why, "server_error"));
         }
       });
     };
+    server_->hold(shared_from_this());
     start_relay(server_->sys, server_->scheduler, server_->tok, std::move(req), g.stop, server_->eos, server_->metrics,
                 std::move(events), std::move(refused));
   }
@@ -473,6 +530,7 @@ class http_session : public std::enable_shared_from_this<http_session> {
   }
 
   void on_done(const std::string& reason, const request_done& d) {
+    server_->release(this);
     done_ = true;
     --server_->in_flight;
     const std::string finish = reason == "eos" ? "stop" : reason;  // OpenAI: stop or length
@@ -542,7 +600,7 @@ class http_session : public std::enable_shared_from_this<http_session> {
 }  // namespace
 
 void gateway_server::impl::accept() {
-  acceptor.async_accept(net::make_strand(ioc), [self = shared_from_this()](beast::error_code ec, tcp::socket socket) {
+  acceptor->async_accept(net::make_strand(ioc), [self = shared_from_this()](beast::error_code ec, tcp::socket socket) {
     if (!self->accepting) return;
     if (!ec) {
       if (self->connections >= self->opt.max_connections) {
@@ -568,30 +626,33 @@ gateway_server::gateway_server(caf::actor_system& sys, const caf::actor& schedul
                                const model_config& config, gateway_options options)
     : impl_(std::make_shared<impl>(sys, scheduler, std::move(tok), config, std::move(options))) {}
 
-gateway_server::~gateway_server() { stop(); }
+gateway_server::~gateway_server() {
+  stop();
+  impl_->release_io();
+}
 
 void gateway_server::start() {
   auto& i = *impl_;
   beast::error_code ec;
   const tcp::endpoint ep{net::ip::make_address(i.opt.host, ec), i.opt.port};
   if (ec) throw input_error("gateway: '" + i.opt.host + "' is not an IP address");
-  i.acceptor.open(ep.protocol(), ec);
-  if (!ec) i.acceptor.set_option(net::socket_base::reuse_address(true), ec);
-  if (!ec) i.acceptor.bind(ep, ec);
-  if (!ec) i.acceptor.listen(net::socket_base::max_listen_connections, ec);
+  i.acceptor->open(ep.protocol(), ec);
+  if (!ec) i.acceptor->set_option(net::socket_base::reuse_address(true), ec);
+  if (!ec) i.acceptor->bind(ep, ec);
+  if (!ec) i.acceptor->listen(net::socket_base::max_listen_connections, ec);
   if (ec) throw input_error("gateway: cannot listen on " + i.opt.host + ":" + std::to_string(i.opt.port) + ": " + ec.message());
   i.accepting = true;
   impl_->accept();
   for (int t = 0; t < std::max(1, i.opt.threads); ++t) i.threads.emplace_back([&i] { i.ioc.run(); });
 }
 
-std::uint16_t gateway_server::port() const { return impl_->acceptor.local_endpoint().port(); }
+std::uint16_t gateway_server::port() const { return impl_->acceptor->local_endpoint().port(); }
 
 void gateway_server::stop_accepting() {
   impl_->accepting = false;
   net::post(impl_->ioc, [i = impl_] {
     beast::error_code ec;
-    i->acceptor.close(ec);
+    i->acceptor->close(ec);
   });
 }
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on the build that scripts/setup.sh made: unit tests, the PyTorch
 # and tokenizer reference checks, the CLI checks (and the CUDA kernel tests, which skip without
-# a GPU); then the unit, graph and CLI tests again under AddressSanitizer + UndefinedBehaviorSanitizer
+# a GPU); then the unit, graph, gateway and CLI tests again under AddressSanitizer + UndefinedBehaviorSanitizer
 # in build-asan/ (TROUPE_SKIP_SANITIZERS=1 skips that). Extra arguments go to the first ctest.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -12,6 +12,6 @@ ctest --test-dir build --output-on-failure -j2 "$@"
 if [ "${TROUPE_SKIP_SANITIZERS:-0}" != 1 ]; then
   echo "[test] unit and CLI tests under ASan + UBSan (build-asan/)"
   cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DTROUPE_SANITIZE=ON -DTROUPE_CUDA=OFF >/dev/null
-  cmake --build build-asan --target troupe troupe_tests troupe_graph_tests
-  UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 ctest --test-dir build-asan --output-on-failure -j2 -L "unit|cli|graph"
+  cmake --build build-asan --target troupe troupe_tests troupe_graph_tests troupe_gateway_tests
+  UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 ctest --test-dir build-asan --output-on-failure -j2 -L "unit|cli|graph|gateway"
 fi

@@ -339,7 +339,7 @@ TEST(gateway, a_vanished_client_has_its_requests_cancelled) {
     caf::scoped_actor self{*s.sys};
     self->request(s.graph.scheduler, std::chrono::seconds(5), metrics_atom::value)
         .receive([&](scheduler_metrics& r) { m = r; }, [](caf::error&) {});
-    if (m.requests_cancelled == 1 && m.running == 0) break;
+    if (m.requests_cancelled == 1 && m.running == 0 && s.server->requests_in_flight() == 0) break;
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
   EXPECT_EQ(m.requests_cancelled, 1);
