@@ -67,6 +67,8 @@ class backend {
   /// In place on x[M, W]: the first `cols` columns of each row become
   /// rms_norm(those columns) * w * post_scale; the rest are untouched (MLA's compressed latent).
   virtual void rms_norm_prefix_inplace(tensor& x, std::int64_t cols, const tensor& w, float eps, float post_scale) = 0;
+  /// y = (x - mean(x)) / std(x) row-wise, no affine weights (embedding amplification).
+  virtual void layer_norm(const tensor& x, float eps, tensor& y) = 0;
   /// y *= s
   virtual void scale(tensor& y, float s) = 0;
   /// y += x

@@ -7,6 +7,7 @@
 #include <set>
 #include <sstream>
 
+#include "model/json_fields.hpp"
 #include "protocol/json_writer.hpp"
 #include "protocol/errors.hpp"
 
@@ -15,58 +16,7 @@ namespace {
 
 using simdjson::dom::element;
 using simdjson::dom::object;
-
-struct reader {
-  object obj;
-  const std::string& source;
-
-  [[noreturn]] void fail(std::string_view field, const std::string& what) const {
-    throw input_error(source + ": field '" + std::string(field) + "' " + what);
-  }
-  bool has(std::string_view field) const {
-    element e;
-    return !obj.at_key(field).get(e) && !e.is_null();
-  }
-  element get(std::string_view field) const {
-    element e;
-    if (obj.at_key(field).get(e) || e.is_null()) fail(field, "is missing (required)");
-    return e;
-  }
-  std::int64_t integer(std::string_view field) const {
-    element e = get(field);
-    std::int64_t v;
-    if (e.get_int64().get(v)) fail(field, "must be an integer");
-    return v;
-  }
-  std::int64_t positive(std::string_view field) const {
-    std::int64_t v = integer(field);
-    if (v <= 0) fail(field, "must be positive, got " + std::to_string(v));
-    return v;
-  }
-  std::int64_t integer_or(std::string_view field, std::int64_t fallback) const {
-    return has(field) ? integer(field) : fallback;
-  }
-  double number(std::string_view field) const {
-    element e = get(field);
-    double v;
-    if (e.is_int64()) return static_cast<double>(std::int64_t(e));
-    if (e.get_double().get(v)) fail(field, "must be a number");
-    return v;
-  }
-  double number_or(std::string_view field, double fallback) const { return has(field) ? number(field) : fallback; }
-  bool boolean_or(std::string_view field, bool fallback) const {
-    if (!has(field)) return fallback;
-    bool v;
-    if (get(field).get_bool().get(v)) fail(field, "must be true or false");
-    return v;
-  }
-  std::string string_or(std::string_view field, std::string fallback) const {
-    if (!has(field)) return fallback;
-    std::string_view v;
-    if (get(field).get_string().get(v)) fail(field, "must be a string");
-    return std::string(v);
-  }
-};
+using reader = json_fields;
 
 rope_scaling_config parse_rope_scaling(const reader& parent, std::string_view field, element e) {
   object o;
@@ -217,6 +167,11 @@ model_config parse_model_config(std::string_view json, const std::string& source
   c.bos_token_id = token_id(r, "bos_token_id", 1);
   c.eos_token_id = token_id(r, "eos_token_id", 2);
   c.tie_word_embeddings = r.boolean_or("tie_word_embeddings", false);
+  const std::string amp = r.string_or("embedding_amplification", "none");
+  if (amp == "none") c.embedding_amplification = amplification::none;
+  else if (amp == "sqrt_hidden") c.embedding_amplification = amplification::sqrt_hidden;
+  else if (amp == "layer_norm") c.embedding_amplification = amplification::layer_norm;
+  else r.fail("embedding_amplification", "'" + amp + "' is not none, sqrt_hidden or layer_norm");
   validate(r, c);
   return c;
 }
@@ -288,6 +243,8 @@ std::string model_config_to_json(const model_config& c) {
   w.key("bos_token_id").value(static_cast<std::int64_t>(c.bos_token_id));
   w.key("eos_token_id").value(static_cast<std::int64_t>(c.eos_token_id));
   w.key("tie_word_embeddings").value(c.tie_word_embeddings);
+  if (c.embedding_amplification == amplification::sqrt_hidden) w.key("embedding_amplification").value("sqrt_hidden");
+  if (c.embedding_amplification == amplification::layer_norm) w.key("embedding_amplification").value("layer_norm");
   w.key("hidden_act").value("silu");
   w.key("torch_dtype").value("bfloat16");
   w.end_object();

@@ -15,6 +15,10 @@ namespace troupe {
 
 enum class embedding_kind : std::uint8_t { plain, ngram };
 
+/// The paper's embedding amplification (spec section 2): off in the released model; a Troupe
+/// config extension ("embedding_amplification") that training and inference both honour.
+enum class amplification : std::uint8_t { none, sqrt_hidden, layer_norm };
+
 /// RoPE scaling, as in `rope_scaling` (released) or `rope_parameters` (transformers 5).
 struct rope_scaling_config {
   std::string type = "default";  // "default" or "yarn"
@@ -39,6 +43,7 @@ struct model_config {
   std::int64_t emb_split_num = 0;      // K, sub-tables per order
   double ngram_vocab_size_ratio = 0;   // r, m = r * V
   std::vector<std::int64_t> ngram_table_sizes;  // explicit per-table sizes (Troupe extension), or empty
+  amplification embedding_amplification = amplification::none;  // "none" | "sqrt_hidden" | "layer_norm"
 
   std::int64_t q_lora_rank = 0;        // 0: no query LoRA (q_proj)
   std::int64_t kv_lora_rank = 0;

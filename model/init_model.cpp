@@ -16,14 +16,8 @@
 namespace troupe {
 namespace {
 
-std::uint64_t fnv1a(const std::string& s) {
-  std::uint64_t h = 0xcbf29ce484222325ull;
-  for (unsigned char c : s) h = (h ^ c) * 0x100000001b3ull;
-  return h;
-}
-
 tensor random_tensor(const weight_spec& spec, std::uint64_t seed, dtype type) {
-  rng gen(seed ^ fnv1a(spec.name));
+  rng gen(tensor_seed(seed, spec.name));
   tensor f = tensor::empty(spec.shape, dtype::f32);
   float* p = f.data<float>();
   const double fan_in = static_cast<double>(spec.shape.back());
@@ -43,6 +37,12 @@ tensor random_tensor(const weight_spec& spec, std::uint64_t seed, dtype type) {
 }
 
 }  // namespace
+
+std::uint64_t tensor_seed(std::uint64_t seed, const std::string& name) {
+  std::uint64_t h = 0xcbf29ce484222325ull;  // FNV-1a of the name
+  for (unsigned char c : name) h = (h ^ c) * 0x100000001b3ull;
+  return seed ^ h;
+}
 
 void init_model(const model_config& config, const std::filesystem::path& out, const init_options& options) {
   if (options.weight_type != dtype::f32 && options.weight_type != dtype::bf16 && options.weight_type != dtype::f16)

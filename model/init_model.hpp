@@ -21,6 +21,9 @@ struct init_options {
   std::filesystem::path tokenizer_file;         // copied as tokenizer.json; empty: none
 };
 
+/// The random stream seed of tensor `name` under `seed` (init-model and training init).
+std::uint64_t tensor_seed(std::uint64_t seed, const std::string& name);
+
 void init_model(const model_config& config, const std::filesystem::path& out, const init_options& options);
 
 }  // namespace troupe

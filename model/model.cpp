@@ -61,6 +61,16 @@ tensor model::norm(const tensor& x, const tensor& w) {
 }
 
 tensor model::embed(const tensor& tokens, const step_layout& layout, std::span<ngram_context* const> contexts) {
+  tensor out = embed_unamplified(tokens, layout, contexts);
+  switch (config_.embedding_amplification) {
+    case amplification::none: break;
+    case amplification::sqrt_hidden: be_.scale(out, static_cast<float>(std::sqrt(static_cast<double>(config_.hidden_size)))); break;
+    case amplification::layer_norm: be_.layer_norm(out, static_cast<float>(config_.rms_norm_eps), out); break;
+  }
+  return out;
+}
+
+tensor model::embed_unamplified(const tensor& tokens, const step_layout& layout, std::span<ngram_context* const> contexts) {
   const auto t = layout.total_rows;
   const auto* tok = tokens.data<std::int32_t>();
   for (std::int64_t r = 0; r < t; ++r)

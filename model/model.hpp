@@ -111,6 +111,7 @@ class model {
                    latent_block_allocator& blocks);
   tensor swiglu(const swiglu_weights& w, const tensor& x);
   tensor norm(const tensor& x, const tensor& w);
+  tensor embed_unamplified(const tensor& tokens, const step_layout& layout, std::span<ngram_context* const> contexts);
 
   model_config config_;
   model_weights weights_;

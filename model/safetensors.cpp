@@ -228,6 +228,12 @@ void write_file(const fs::path& path, const std::vector<const std::pair<std::str
 
 }  // namespace
 
+void write_safetensors(const fs::path& path, const std::vector<std::pair<std::string, tensor>>& tensors) {
+  std::vector<const std::pair<std::string, tensor>*> all;
+  for (const auto& t : tensors) all.push_back(&t);
+  write_file(path, all);
+}
+
 void write_checkpoint(const fs::path& dir, const std::vector<std::pair<std::string, tensor>>& tensors,
                       std::uint64_t max_shard_bytes) {
   fs::create_directories(dir);

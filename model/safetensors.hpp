@@ -63,6 +63,9 @@ class checkpoint {
   std::map<std::string, std::size_t> where_;  // tensor name -> index in files_
 };
 
+/// Writes one .safetensors file (through a temporary name, like write_checkpoint).
+void write_safetensors(const std::filesystem::path& path, const std::vector<std::pair<std::string, tensor>>& tensors);
+
 /// Writes `tensors` (in order) as a checkpoint into `dir`: one `model.safetensors` when they
 /// fit in `max_shard_bytes`, else `model-0000k-of-0000n.safetensors` shards plus the index.
 /// Each file is written to a temporary name and renamed, so a failed write never leaves a

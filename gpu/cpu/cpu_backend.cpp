@@ -112,6 +112,21 @@ void cpu_backend::rms_norm(const tensor& x, const tensor& w, float eps, tensor& 
   }
 }
 
+void cpu_backend::layer_norm(const tensor& x, float eps, tensor& y) {
+  const auto rows = x.dim(0), cols = x.dim(1);
+  TROUPE_EXPECT(y.shape() == x.shape(), "layer_norm", shapes(x, y));
+  for (std::int64_t r = 0; r < rows; ++r) {
+    const float* xr = x.data<float>() + r * cols;
+    float* yr = y.data<float>() + r * cols;
+    float mean = 0.0f, var = 0.0f;
+    for (std::int64_t c = 0; c < cols; ++c) mean += xr[c];
+    mean /= static_cast<float>(cols);
+    for (std::int64_t c = 0; c < cols; ++c) var += (xr[c] - mean) * (xr[c] - mean);
+    const float inv = 1.0f / std::sqrt(var / static_cast<float>(cols) + eps);
+    for (std::int64_t c = 0; c < cols; ++c) yr[c] = (xr[c] - mean) * inv;
+  }
+}
+
 void cpu_backend::rms_norm_prefix_inplace(tensor& x, std::int64_t cols, const tensor& w, float eps, float post_scale) {
   const auto rows = x.dim(0), width = x.dim(1);
   TROUPE_EXPECT(w.numel() == cols && cols <= width, "rms_norm_prefix_inplace", shapes(x, w));
