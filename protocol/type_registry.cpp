@@ -4,6 +4,7 @@
 
 #include "protocol/interfaces.hpp"
 #include "protocol/serialization.hpp"
+#include "protocol/training_interfaces.hpp"
 
 namespace troupe {
 
@@ -21,6 +22,14 @@ void add_message_types(caf::actor_system_config& cfg) {
   cfg.add_message_type<std::vector<seq_id>>("std::vector<troupe::seq_id>");
   cfg.add_message_type<std::vector<std::int32_t>>("std::vector<int32_t>");
   cfg.add_message_type<std::vector<std::int64_t>>("std::vector<int64_t>");
+  cfg.add_message_type<std::vector<float>>("std::vector<float>");
+  cfg.add_message_type<train_micro_batch>("troupe::train_micro_batch");
+  cfg.add_message_type<train_gradient>("troupe::train_gradient");
+  cfg.add_message_type<micro_batch_loss>("troupe::micro_batch_loss");
+  cfg.add_message_type<gradient_share>("troupe::gradient_share");
+  cfg.add_message_type<step_update>("troupe::step_update");
+  cfg.add_message_type<stage_snapshot>("troupe::stage_snapshot");
+  cfg.add_message_type<std::vector<caf::actor>>("std::vector<caf::actor>");
 }
 
 }  // namespace troupe

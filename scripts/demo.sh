@@ -1,16 +1,13 @@
 #!/usr/bin/env bash
-# The main job on its embedded default: makes sure the default model exists (models/demo),
-# serves it (the actor graph behind the gateway) on 127.0.0.1, talks to it over HTTP the way a
-# client would, and stops it again. `build/troupe serve` alone keeps serving.
-# Until the training pipeline ships trained demo weights, the default model has random weights
-# in the real layout (configs/models/demo-tiny.json), so its text is not meaningful yet.
+# The main job on its embedded default: serves the committed demo model (models/demo, trained
+# by `troupe train`, see models/demo/MODEL_CARD.md) with the actor graph behind the gateway on
+# 127.0.0.1, talks to it over HTTP the way a client would, and stops it again.
+# `build/troupe serve` alone keeps serving.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 troupe=build/troupe
-if [ ! -f models/demo/config.json ]; then
-  "$troupe" init-model --config configs/models/demo-tiny.json --out models/demo --seed 0
-fi
+[ -f models/demo/model.safetensors ] || { echo "[demo] models/demo is missing (it is part of the repository)"; exit 1; }
 port=${TROUPE_DEMO_PORT:-18473}
 "$troupe" serve --model models/demo --port "$port" > /tmp/troupe-demo-serve.log 2>&1 &
 server=$!

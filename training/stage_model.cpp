@@ -171,6 +171,13 @@ void stage_model<T>::reset_expert_load() {
 }
 
 template <class T>
+void stage_model<T>::add_expert_load(const std::vector<std::vector<std::int64_t>>& load) {
+  if (load.size() != expert_load_.size()) throw std::logic_error("add_expert_load: block count");
+  for (std::size_t b = 0; b < load.size(); ++b)
+    for (std::size_t e = 0; e < load[b].size(); ++e) expert_load_[b].at(e) += load[b][e];
+}
+
+template <class T>
 const rope_table<T>& stage_model<T>::rope_for(const batch_dims& dims) {
   if (!rope_ || rope_seq_len_ != dims.seq_len || rope_sequences_ != dims.sequences) {
     const rope_params rp = make_rope_params(config_);

@@ -76,6 +76,8 @@ class stage_model {
   /// Tokens each router expert of each owned block took since the last reset (balancing).
   const std::vector<std::vector<std::int64_t>>& expert_load() const { return expert_load_; }
   void reset_expert_load();
+  /// Adds loads of the same shape as expert_load() (the all-reduced loads of every replica).
+  void add_expert_load(const std::vector<std::vector<std::int64_t>>& load);
 
  private:
   struct block {
