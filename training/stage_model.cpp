@@ -129,10 +129,13 @@ void stage_model<T>::init(std::uint64_t seed) {
     rng gen(tensor_seed(seed, p.name));
     const double fan_in = static_cast<double>(p.cols());
     double stddev = 1.0 / std::sqrt(fan_in);
+    // n-gram rows never seen in training keep their initial values (lazy updates, no decay)
+    // and still sum into every embedding whose hash lands there: start them small.
+    const double table_std = p.name.find(".embedders.") != std::string::npos ? 0.02 : 1.0;
     if (ends_with(p.name, "o_proj.weight") || ends_with(p.name, "down_proj.weight")) stddev *= residual_scale;
     for (auto& v : p.value) {
       switch (p.role) {
-        case param_role::table: v = static_cast<T>(gen.normal()); break;
+        case param_role::table: v = static_cast<T>(gen.normal() * table_std); break;
         case param_role::matrix: v = static_cast<T>(gen.normal() * stddev); break;
         case param_role::norm: v = T(1); break;
         case param_role::router_bias: v = T(0); break;

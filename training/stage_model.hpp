@@ -52,7 +52,8 @@ class stage_model {
 
   /// Training initialisation from `seed` (each tensor from its own stream, as init-model does):
   /// matrices N(0, 1/fan_in) with residual outputs (o_proj, down_proj) scaled by
-  /// 1/sqrt(2 * num_layers), tables N(0, 1), norms 1, router bias 0.
+  /// 1/sqrt(2 * num_layers), the token embedding N(0, 1), n-gram tables N(0, 0.02^2), norms 1,
+  /// router bias 0.
   void init(std::uint64_t seed);
   /// Values from a checkpoint (any float dtype); shapes are checked by name.
   void load(const checkpoint& ckpt);

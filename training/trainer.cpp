@@ -248,7 +248,12 @@ train_summary run_training(const train_config& config, const train_options& opti
     resume = std::make_shared<const checkpoint_contents>(load_checkpoint(*latest));
   }
   std::cerr << "[train] tokenizing " << config.data.sources.size() << " source(s) with " << config.tokenizer.filename().string() << "\n";
-  auto corpus = std::make_shared<const token_corpus>(token_corpus::build(config.data, tok, config.model.eos_token_id));
+  const bool tty = options.progress && isatty(2);
+  auto corpus = std::make_shared<const token_corpus>(
+      token_corpus::build(config.data, tok, config.model.eos_token_id, [&](std::uint64_t done, std::uint64_t total) {
+        if (tty) std::cerr << "\r[train] tokenized " << done / 1000000 << " of " << total / 1000000 << " MB" << std::flush;
+      }));
+  if (tty) std::cerr << "\n";
   std::cerr << "[train] " << corpus->num_tokens() << " tokens: " << corpus->num_train_sequences() << " training and "
             << corpus->num_validation_sequences() << " validation sequences of " << config.data.seq_len << "\n";
   trainer_state state;

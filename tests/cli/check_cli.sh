@@ -20,7 +20,7 @@ expect_error() {
 }
 
 # Help.
-for sub in "" init-model generate logits tokenize detokenize train-tokenizer ngram-plan; do
+for sub in "" init-model generate logits tokenize detokenize train-tokenizer ngram-plan train plot; do
   if "$troupe" $sub --help >/dev/null 2>&1; then pass "help $sub"; else fail "help $sub"; fi
 done
 if grep -q "A subcommand is required" <<<"$("$troupe" 2>&1)"; then pass "no subcommand explains"; else fail "no subcommand"; fi
