@@ -12,6 +12,7 @@
 #include "model/init_model.hpp"
 #include "model/model.hpp"
 #include "model/npy.hpp"
+#include "model/speculative.hpp"
 #include "protocol/errors.hpp"
 #include "tokenizer/tokenizer.hpp"
 
@@ -75,9 +76,10 @@ void add_model_commands(CLI::App& app, std::function<int()>& run) {
 
   // generate
   struct gen_opts {
-    std::string model = "models/demo", prompt, tokenizer, topology;
+    std::string model = "models/demo", prompt, tokenizer, topology, draft;
     generation_params params;
     int threads = 0;
+    std::int64_t draft_tokens = 3;
     bool quiet = false;
   };
   auto go = std::make_shared<gen_opts>();
@@ -98,17 +100,32 @@ void add_model_commands(CLI::App& app, std::function<int()>& run) {
   gen->add_flag("--quiet", go->quiet, "do not print timing statistics to stderr");
   gen->add_option("--topology", go->topology,
                   "run through the actor graph of this topology file ('local' for the embedded default)");
+  gen->add_option("--draft", go->draft,
+                  "speculative decoding with this draft model directory (same vocabulary), e.g. models/demo-draft");
+  gen->add_option("--draft-tokens", go->draft_tokens, "tokens the draft proposes per round")->capture_default_str();
   gen->callback([&run, go] {
     run = [go] {
       const tokenizer tok = tokenizer::load(model_tokenizer(go->model, go->tokenizer));
       const auto prompt = tok.encode(go->prompt, special_tokens::parse);
-      if (!go->topology.empty()) return generate_with_graph(go->model, go->topology, tok, prompt, go->params, go->threads);
+      if (!go->topology.empty()) {
+        if (!go->draft.empty()) throw input_error("--draft does not combine with --topology yet");
+        return generate_with_graph(go->model, go->topology, tok, prompt, go->params, go->threads);
+      }
       cpu_backend be(go->threads);
       auto m = model::load(go->model, be);
-      const auto result = generate(*m, tok, prompt, go->params, [](std::string_view text, std::int32_t) {
-        std::cout << text << std::flush;
-      });
+      const auto print = [](std::string_view text, std::int32_t) { std::cout << text << std::flush; };
+      generation_result result;
+      speculation_stats stats;
+      if (go->draft.empty()) {
+        result = generate(*m, tok, prompt, go->params, print);
+      } else {
+        auto draft = model::load(go->draft, be);
+        result = generate_speculative(*m, *draft, tok, prompt, go->params, go->draft_tokens, stats, print);
+      }
       std::cout << "\n";
+      if (!go->quiet && !go->draft.empty())
+        std::cerr << "[generate] speculation: " << stats.rounds << " rounds, " << stats.accepted << " of " << stats.drafted
+                  << " drafted tokens accepted (mean acceptance length " << stats.mean_acceptance_length() << ")\n";
       if (!go->quiet) {
         const double n = static_cast<double>(result.ids.size());
         std::cerr << "[generate] " << result.prompt_tokens << " prompt tokens in " << result.prefill_seconds * 1e3

@@ -54,6 +54,12 @@ std::vector<std::int64_t> model::ngram_ids(std::span<const std::int32_t> tokens,
   return ids;
 }
 
+void model::advance_ngram(ngram_context& context, std::span<const std::int32_t> tokens) const {
+  if (hasher_.num_tables() == 0) return;  // plain embeddings keep no N-gram cache
+  std::vector<std::int64_t> ids(tokens.size() * static_cast<std::size_t>(hasher_.num_tables()));
+  hasher_.hash(tokens, context, ids.data());
+}
+
 tensor model::norm(const tensor& x, const tensor& w) {
   tensor y = be_.empty(x.shape(), dtype::f32);
   be_.rms_norm(x, w, static_cast<float>(config_.rms_norm_eps), y);

@@ -80,6 +80,8 @@ class model {
 
   /// The n-gram ids the step would use for `tokens` after `context` (diagnostics and tests).
   std::vector<std::int64_t> ngram_ids(std::span<const std::int32_t> tokens, ngram_context context) const;
+  /// Moves an N-gram cache past `tokens` (rebuilding it after a rollback).
+  void advance_ngram(ngram_context& context, std::span<const std::int32_t> tokens) const;
 
   // The pieces forward() is made of; the actor graph calls the same ones from its stages.
 

@@ -1,0 +1,54 @@
+// Speculative decoding on one sequence: a draft model proposes k tokens, the target scores all
+// k+1 positions in one forward, and the longest valid prefix is kept (spec: model.md section 8;
+// the paper deploys a 3-step plain-embedding draft).
+//
+// Invariant (lossless): greedy output equals the target's own greedy output token for token;
+// with sampling, each emitted token is distributed exactly as the target's sampling
+// distribution (accept d with min(1, p(d)/q(d)), else resample from max(0, p - q) normalised).
+// Rejected tokens leave no trace: the target's latent cache and N-gram cache and the draft's
+// cache are rolled back to the accepted tokens.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "model/generator.hpp"
+#include "model/model.hpp"
+#include "model/sampler.hpp"
+
+namespace troupe {
+
+/// What speculation did for one request.
+struct speculation_stats {
+  std::int64_t rounds = 0;            // target verification forwards
+  std::int64_t drafted = 0;           // tokens the draft proposed
+  std::int64_t accepted = 0;          // of those, kept
+  double mean_acceptance_length() const { return rounds ? static_cast<double>(accepted) / static_cast<double>(rounds) : 0; }
+  double acceptance_rate() const { return drafted ? static_cast<double>(accepted) / static_cast<double>(drafted) : 0; }
+};
+
+/// The acceptance rule on one round. `p` are the target's k+1 distributions and `q` the
+/// draft's k (rows of V; empty rows for greedy, where p/q hold logits and argmax decides).
+/// Returns the number of drafts accepted (0..k) and, in `next`, the token that follows them
+/// (the correction on a rejection, or a fresh sample from p[k] when all were accepted).
+struct verify_outcome {
+  std::int64_t accepted = 0;
+  std::int32_t next = 0;
+};
+verify_outcome verify_greedy(std::span<const std::vector<float>> target_logits, std::span<const std::int32_t> drafts);
+verify_outcome verify_sampled(std::span<const std::vector<float>> p, std::span<const std::vector<float>> q,
+                              std::span<const std::int32_t> drafts, rng& gen);
+
+/// Sets a sequence back to its first `num_tokens` tokens: the latent caches keep their blocks
+/// (later steps overwrite the rows past the new end) and the N-gram cache becomes `ngram`.
+void roll_back(sequence_state& state, std::int64_t num_tokens, const ngram_context& ngram);
+
+/// generate() with a draft model proposing `draft_tokens` tokens per round. The two models
+/// must share the vocabulary. Same result contract as generate().
+generation_result generate_speculative(model& target, model& draft, const tokenizer& tok,
+                                       const std::vector<std::int32_t>& prompt, const generation_params& params,
+                                       std::int64_t draft_tokens, speculation_stats& stats,
+                                       const text_callback& on_text = {});
+
+}  // namespace troupe

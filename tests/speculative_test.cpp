@@ -1,0 +1,176 @@
+// Speculative decoding is lossless: greedy output equals the target's own for many prompts and
+// k in {1, 3, 5} (EOS-separated documents included, so the N-gram cache rolls back across a
+// segment boundary), and the rejection rule reproduces the target's distribution (chi-square).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <map>
+
+#include "gpu/cpu/cpu_backend.hpp"
+#include "model/speculative.hpp"
+#include "protocol/errors.hpp"
+#include "test_support.hpp"
+#include "tokenizer/tokenizer.hpp"
+
+namespace troupe {
+namespace {
+
+struct models {
+  cpu_backend be{1};
+  std::unique_ptr<model> target, draft, other_vocab;
+  tokenizer tok = tokenizer::load(std::string(TROUPE_SOURCE_DIR) + "/configs/tokenizers/troupe-bpe-4k.json");
+  models() {
+    target = model::load(test::make_model("spec_target", test::tiny_config(), 3, dtype::f32), be);
+    draft = model::load(test::make_model("spec_draft", test::tiny_config(R"("hidden_size": 24, "num_layers": 1)", false), 4,
+                                         dtype::f32),
+                        be);
+    other_vocab = model::load(test::make_model("spec_other", test::tiny_config(R"("vocab_size": 101)", false), 5), be);
+  }
+};
+
+models& shared() {
+  static models m;
+  return m;
+}
+
+std::vector<std::int32_t> random_prompt(std::uint64_t seed, std::int32_t vocab, std::int32_t eos) {
+  rng gen(seed);
+  std::vector<std::int32_t> p;
+  const auto n = 3 + static_cast<int>(gen.next() % 9);
+  for (int i = 0; i < n; ++i) p.push_back(static_cast<std::int32_t>(3 + gen.next() % static_cast<std::uint64_t>(vocab - 3)));
+  if (seed % 2 == 0) p[static_cast<std::size_t>(n / 2)] = eos;  // two documents
+  return p;
+}
+
+TEST(speculative, greedy_output_is_the_targets_own) {
+  auto& m = shared();
+  generation_params params;
+  params.sampling.temperature = 0;
+  params.max_tokens = 24;
+  params.stop_on_eos = false;
+  const auto eos = m.target->config().eos_token_id;
+  for (std::uint64_t seed = 0; seed < 8; ++seed) {
+    const auto prompt = random_prompt(seed, static_cast<std::int32_t>(m.target->config().vocab_size), eos);
+    const auto plain = generate(*m.target, m.tok, prompt, params);
+    for (std::int64_t k : {1, 3, 5}) {
+      for (model* draft : {m.draft.get(), m.target.get()}) {  // a weak draft, and a perfect one (all accepted)
+        speculation_stats stats;
+        const auto spec = generate_speculative(*m.target, *draft, m.tok, prompt, params, k, stats);
+        ASSERT_EQ(spec.ids, plain.ids) << "seed " << seed << ", k " << k;
+        EXPECT_EQ(spec.text, plain.text);
+        EXPECT_GT(stats.rounds, 0);
+        if (draft == m.target.get()) EXPECT_EQ(stats.accepted, stats.drafted) << "the target as its own draft";
+      }
+    }
+  }
+}
+
+TEST(speculative, generated_eos_resets_the_ngram_cache_like_a_plain_run) {
+  // Force EOS into the generated text with stop_on_eos off: a prompt that ends in EOS makes the
+  // verified tokens cross a segment boundary at once.
+  auto& m = shared();
+  generation_params params;
+  params.sampling.temperature = 0;
+  params.max_tokens = 16;
+  params.stop_on_eos = false;
+  const std::vector<std::int32_t> prompt{5, 9, 13, m.target->config().eos_token_id};
+  const auto plain = generate(*m.target, m.tok, prompt, params);
+  speculation_stats stats;
+  EXPECT_EQ(generate_speculative(*m.target, *m.draft, m.tok, prompt, params, 3, stats).ids, plain.ids);
+}
+
+TEST(speculative, a_draft_with_another_vocabulary_is_refused) {
+  auto& m = shared();
+  speculation_stats stats;
+  EXPECT_THROW(generate_speculative(*m.target, *m.other_vocab, m.tok, {5, 6}, {}, 3, stats), input_error);
+  EXPECT_THROW(generate_speculative(*m.target, *m.draft, m.tok, {5, 6}, {}, 0, stats), input_error);
+}
+
+// Pearson's chi-square statistic of counts against expected probabilities.
+double chi_square(const std::vector<int>& counts, const std::vector<float>& p, int n) {
+  double x = 0;
+  for (std::size_t i = 0; i < counts.size(); ++i) {
+    const double e = n * static_cast<double>(p[i]);
+    if (e > 0) x += (counts[i] - e) * (counts[i] - e) / e;
+  }
+  return x;
+}
+
+TEST(speculative, the_rejection_rule_reproduces_the_target_distribution) {
+  // Vocabulary of 6 with p and q far apart; the first emitted token of a round (accepted draft
+  // or correction) must follow p. 7.1e-4 is the chance of chi-square(5) > 21.
+  const std::vector<float> p{0.05f, 0.40f, 0.10f, 0.25f, 0.15f, 0.05f};
+  const std::vector<float> q{0.30f, 0.10f, 0.30f, 0.05f, 0.05f, 0.20f};
+  for (std::uint64_t seed : {1u, 2u, 3u}) {
+    rng gen(seed);
+    const int n = 40000;
+    std::vector<int> first(6, 0), second(6, 0);
+    int second_n = 0;
+    for (int i = 0; i < n; ++i) {
+      // Two drafts from q; the target's distribution is p at every position.
+      std::vector<std::int32_t> drafts;
+      for (int j = 0; j < 2; ++j) {
+        double u = gen.uniform();
+        std::int32_t d = 0;
+        while (d < 5 && (u -= q[static_cast<std::size_t>(d)]) >= 0) ++d;
+        drafts.push_back(d);
+      }
+      const std::vector<std::vector<float>> ps{p, p, p}, qs{q, q};
+      const auto v = verify_sampled(ps, qs, drafts, gen);
+      ++first[static_cast<std::size_t>(v.accepted > 0 ? drafts[0] : v.next)];
+      if (v.accepted >= 1) {  // the token after an accepted first draft follows p as well
+        ++second[static_cast<std::size_t>(v.accepted > 1 ? drafts[1] : v.next)];
+        ++second_n;
+      }
+    }
+    EXPECT_LT(chi_square(first, p, n), 21.0) << "seed " << seed;
+    EXPECT_LT(chi_square(second, p, second_n), 21.0) << "seed " << seed;
+  }
+  // The same test notices a broken rule: always accepting gives q, far from p.
+  std::vector<int> q_counts(6, 0);
+  rng gen(9);
+  for (int i = 0; i < 40000; ++i) {
+    double u = gen.uniform();
+    std::size_t d = 0;
+    while (d < 5 && (u -= q[d]) >= 0) ++d;
+    ++q_counts[d];
+  }
+  EXPECT_GT(chi_square(q_counts, p, 40000), 1000.0);
+}
+
+TEST(speculative, sampled_generation_with_and_without_speculation_agree_in_distribution) {
+  // The second generated token (the first one speculation decides) over many seeds, with the
+  // target alone and with the draft: a two-sample chi-square over the tokens seen.
+  auto& m = shared();
+  generation_params params;
+  params.sampling.temperature = 1.5f;  // flat enough that many tokens occur
+  params.sampling.top_k = 6;
+  params.max_tokens = 2;
+  params.stop_on_eos = false;
+  const std::vector<std::int32_t> prompt{7, 11, 19};
+  std::map<std::int32_t, int> plain, spec;
+  const int n = 1500;
+  for (int i = 0; i < n; ++i) {
+    params.sampling.seed = static_cast<std::uint64_t>(i);
+    const auto a = generate(*m.target, m.tok, prompt, params);
+    speculation_stats stats;
+    const auto b = generate_speculative(*m.target, *m.draft, m.tok, prompt, params, 1, stats);
+    ++plain[a.ids.at(1) + 1000 * a.ids.at(0)];
+    ++spec[b.ids.at(1) + 1000 * b.ids.at(0)];
+  }
+  // Two-sample chi-square over (first, second) pairs seen at least 10 times in total.
+  double x = 0;
+  int df = -1;
+  for (const auto& [key, a] : plain) {
+    const int b = spec.count(key) ? spec.at(key) : 0;
+    if (a + b < 10) continue;
+    x += static_cast<double>((a - b) * (a - b)) / (a + b);
+    ++df;
+  }
+  ASSERT_GT(df, 3);
+  // chi-square(df) stays under df + 5 sqrt(2 df) except with negligible probability.
+  EXPECT_LT(x, df + 5 * std::sqrt(2.0 * df)) << "df " << df;
+}
+
+}  // namespace
+}  // namespace troupe
