@@ -74,7 +74,8 @@ embedding_actor::behavior_type embedding_impl(embedding_actor::stateful_pointer<
 struct stage_job {
   hidden_batch batch;
   step_layout layout;
-  std::vector<std::vector<latent_cache>*> caches;  // per sequence: this stage's layers
+  std::vector<seq_id> ids;  // the step's sequences; their caches are looked up at each use, since
+                            // a sequence can be freed (cancelled, failed) while its step waits on the MoE
   block_front front;
   tensor back;
   bool failed = false;  // an error was delivered; a late MoE reply is ignored
@@ -101,9 +102,13 @@ struct stage_state {
 
 using stage_pointer = stage_actor::stateful_pointer<stage_state>;
 
-std::vector<latent_cache*> layer_caches(stage_job& job, std::int64_t local_layer) {
+std::vector<latent_cache*> layer_caches(stage_state& st, const stage_job& job, std::int64_t local_layer) {
   std::vector<latent_cache*> out;
-  for (auto* c : job.caches) out.push_back(&(*c)[static_cast<std::size_t>(local_layer)]);
+  for (auto id : job.ids) {
+    auto it = st.caches.find(id);
+    if (it == st.caches.end()) throw std::runtime_error("sequence " + std::to_string(id) + " was freed during its step");
+    out.push_back(&it->second[static_cast<std::size_t>(local_layer)]);
+  }
   return out;
 }
 
@@ -117,7 +122,7 @@ void run_block(stage_pointer self, std::shared_ptr<stage_job> job, std::int64_t 
   model& net = *st.compute->net;
   const std::int64_t local = 2 * (block - st.first);
   try {
-    job->front = net.block_front_half(block, job->batch.hidden, job->layout, layer_caches(*job, local), *st.blocks);
+    job->front = net.block_front_half(block, job->batch.hidden, job->layout, layer_caches(st, *job, local), *st.blocks);
   } catch (const std::exception& e) {
     rp.deliver(caf::make_error(caf::sec::runtime_error, "stage block " + std::to_string(block) + ": " + e.what()));
     return;
@@ -138,7 +143,7 @@ void run_block(stage_pointer self, std::shared_ptr<stage_job> job, std::int64_t 
             job->failed = true;
           });
   try {
-    job->back = net.block_back_half(block, job->front, job->layout, layer_caches(*job, local + 1), *st.blocks);
+    job->back = net.block_back_half(block, job->front, job->layout, layer_caches(st, *job, local + 1), *st.blocks);
   } catch (const std::exception& e) {
     job->failed = true;
     rp.deliver(caf::make_error(caf::sec::runtime_error, "stage block " + std::to_string(block) + ": " + e.what()));
@@ -176,9 +181,8 @@ stage_actor::behavior_type stage_impl(stage_pointer self, shared_compute compute
                                        std::to_string(id) + " at position " + std::to_string(batch.plan.first_position[i]) +
                                        " (lost in a restart)");
           if (batch.plan.first_position[i] == 0) self->state.free(id);  // a new sequence starts empty
-          auto& c = self->state.caches[id];
-          c.resize(layers);
-          job->caches.push_back(&c);
+          self->state.caches[id].resize(layers);
+          job->ids.push_back(id);
         }
         job->batch = std::move(batch);
         auto rp = self->make_response_promise<step_result>();
