@@ -79,7 +79,7 @@ void add_model_commands(CLI::App& app, std::function<int()>& run) {
     std::string model = "models/demo", prompt, tokenizer, topology, draft;
     generation_params params;
     int threads = 0;
-    std::int64_t draft_tokens = 3;
+    speculation_config speculation;
     bool quiet = false;
   };
   auto go = std::make_shared<gen_opts>();
@@ -102,7 +102,14 @@ void add_model_commands(CLI::App& app, std::function<int()>& run) {
                   "run through the actor graph of this topology file ('local' for the embedded default)");
   gen->add_option("--draft", go->draft,
                   "speculative decoding with this draft model directory (same vocabulary), e.g. models/demo-draft");
-  gen->add_option("--draft-tokens", go->draft_tokens, "tokens the draft proposes per round")->capture_default_str();
+  gen->add_option("--draft-tokens", go->speculation.draft_tokens, "tokens the draft proposes per round")->capture_default_str();
+  gen->add_option("--draft-min-acceptance", go->speculation.min_acceptance_length,
+                  "turn speculation off when fewer drafts than this are accepted per round (over --draft-window rounds)")
+      ->capture_default_str();
+  gen->add_option("--draft-window", go->speculation.window, "rounds averaged for that decision")->capture_default_str();
+  gen->add_option("--draft-retry-after", go->speculation.retry_after,
+                  "plain steps before speculating again; 0 = never turn speculation off")
+      ->capture_default_str();
   gen->callback([&run, go] {
     run = [go] {
       const tokenizer tok = tokenizer::load(model_tokenizer(go->model, go->tokenizer));
@@ -120,12 +127,17 @@ void add_model_commands(CLI::App& app, std::function<int()>& run) {
         result = generate(*m, tok, prompt, go->params, print);
       } else {
         auto draft = model::load(go->draft, be);
-        result = generate_speculative(*m, *draft, tok, prompt, go->params, go->draft_tokens, stats, print);
+        const bool quiet = go->quiet;
+        result = generate_speculative(*m, *draft, tok, prompt, go->params, go->speculation, stats, print,
+                                      [quiet](const std::string& line) {
+                                        if (!quiet) std::cerr << "\n[generate] " << line << "\n";
+                                      });
       }
       std::cout << "\n";
       if (!go->quiet && !go->draft.empty())
         std::cerr << "[generate] speculation: " << stats.rounds << " rounds, " << stats.accepted << " of " << stats.drafted
-                  << " drafted tokens accepted (mean acceptance length " << stats.mean_acceptance_length() << ")\n";
+                  << " drafted tokens accepted (mean acceptance length " << stats.mean_acceptance_length() << "), "
+                  << stats.plain_steps << " steps without drafting\n";
       if (!go->quiet) {
         const double n = static_cast<double>(result.ids.size());
         std::cerr << "[generate] " << result.prompt_tokens << " prompt tokens in " << result.prefill_seconds * 1e3

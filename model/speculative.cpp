@@ -60,10 +60,11 @@ void roll_back(sequence_state& state, std::int64_t num_tokens, const ngram_conte
 
 generation_result generate_speculative(model& target, model& draft, const tokenizer& tok,
                                        const std::vector<std::int32_t>& prompt, const generation_params& params,
-                                       std::int64_t draft_tokens, speculation_stats& stats, const text_callback& on_text) {
+                                       const speculation_config& config, speculation_stats& stats,
+                                       const text_callback& on_text, const switch_callback& on_switch) {
   if (prompt.empty()) throw input_error("the prompt is empty (no tokens)");
   if (params.max_tokens < 0) throw input_error("max_tokens must be >= 0");
-  if (draft_tokens < 1) throw input_error("draft tokens per round must be at least 1, got " + std::to_string(draft_tokens));
+  speculation_policy policy(config);
   if (target.config().vocab_size != draft.config().vocab_size)
     throw input_error("the draft's vocabulary (" + std::to_string(draft.config().vocab_size) + " ids) differs from the target's (" +
                       std::to_string(target.config().vocab_size) + ")");
@@ -119,7 +120,7 @@ generation_result generate_speculative(model& target, model& draft, const tokeni
 
   for (;;) {
     const std::int64_t remaining = params.max_tokens - static_cast<std::int64_t>(result.ids.size());
-    const std::int64_t k = std::min<std::int64_t>(draft_tokens, remaining - 1);
+    const std::int64_t k = std::min<std::int64_t>(policy.next_draft_tokens(), remaining - 1);
     // Draft k tokens, feeding the pending tokens first.
     const std::int64_t draft_base = ds.num_tokens;
     const ngram_context draft_ngram = ds.ngram;
@@ -155,9 +156,16 @@ generation_result generate_speculative(model& target, model& draft, const tokeni
       if (i < k) p_context.push_back(drafts[static_cast<std::size_t>(i)]);
     }
     const verify_outcome v = greedy ? verify_greedy(p, drafts) : verify_sampled(p, q, drafts, gen);
-    ++stats.rounds;
-    stats.drafted += k;
-    stats.accepted += v.accepted;
+    const speculation_switch change = k > 0 ? policy.record_round(v.accepted) : policy.record_plain_step();
+    if (k > 0) {
+      ++stats.rounds;
+      stats.drafted += k;
+      stats.accepted += v.accepted;
+    } else {
+      ++stats.plain_steps;
+    }
+    if (change == speculation_switch::turned_off) ++stats.turned_off;
+    if (change != speculation_switch::none && on_switch) on_switch(policy.describe(change));
 
     // Keep last + the accepted drafts in the target; the draft's share of them in the draft.
     ngram_context kept = target_ngram;

@@ -16,6 +16,7 @@
 #include "model/generator.hpp"
 #include "model/model.hpp"
 #include "model/sampler.hpp"
+#include "model/speculation_policy.hpp"
 
 namespace troupe {
 
@@ -24,6 +25,8 @@ struct speculation_stats {
   std::int64_t rounds = 0;            // target verification forwards
   std::int64_t drafted = 0;           // tokens the draft proposed
   std::int64_t accepted = 0;          // of those, kept
+  std::int64_t plain_steps = 0;       // target steps taken without drafting (speculation off)
+  std::int64_t turned_off = 0;        // times the policy switched speculation off
   double mean_acceptance_length() const { return rounds ? static_cast<double>(accepted) / static_cast<double>(rounds) : 0; }
   double acceptance_rate() const { return drafted ? static_cast<double>(accepted) / static_cast<double>(drafted) : 0; }
 };
@@ -44,11 +47,15 @@ verify_outcome verify_sampled(std::span<const std::vector<float>> p, std::span<c
 /// (later steps overwrite the rows past the new end) and the N-gram cache becomes `ngram`.
 void roll_back(sequence_state& state, std::int64_t num_tokens, const ngram_context& ngram);
 
-/// generate() with a draft model proposing `draft_tokens` tokens per round. The two models
-/// must share the vocabulary. Same result contract as generate().
+/// Called with a line each time the policy turns speculation off or on.
+using switch_callback = std::function<void(const std::string&)>;
+
+/// generate() with a draft model proposing up to `config.draft_tokens` tokens per round while
+/// the policy keeps speculation on. The two models must share the vocabulary. Same result
+/// contract as generate().
 generation_result generate_speculative(model& target, model& draft, const tokenizer& tok,
                                        const std::vector<std::int32_t>& prompt, const generation_params& params,
-                                       std::int64_t draft_tokens, speculation_stats& stats,
-                                       const text_callback& on_text = {});
+                                       const speculation_config& config, speculation_stats& stats,
+                                       const text_callback& on_text = {}, const switch_callback& on_switch = {});
 
 }  // namespace troupe

@@ -55,7 +55,7 @@ TEST(speculative, greedy_output_is_the_targets_own) {
     for (std::int64_t k : {1, 3, 5}) {
       for (model* draft : {m.draft.get(), m.target.get()}) {  // a weak draft, and a perfect one (all accepted)
         speculation_stats stats;
-        const auto spec = generate_speculative(*m.target, *draft, m.tok, prompt, params, k, stats);
+        const auto spec = generate_speculative(*m.target, *draft, m.tok, prompt, params, {k, 1.0, 8, 0}, stats);  // always on
         ASSERT_EQ(spec.ids, plain.ids) << "seed " << seed << ", k " << k;
         EXPECT_EQ(spec.text, plain.text);
         EXPECT_GT(stats.rounds, 0);
@@ -76,14 +76,60 @@ TEST(speculative, generated_eos_resets_the_ngram_cache_like_a_plain_run) {
   const std::vector<std::int32_t> prompt{5, 9, 13, m.target->config().eos_token_id};
   const auto plain = generate(*m.target, m.tok, prompt, params);
   speculation_stats stats;
-  EXPECT_EQ(generate_speculative(*m.target, *m.draft, m.tok, prompt, params, 3, stats).ids, plain.ids);
+  EXPECT_EQ(generate_speculative(*m.target, *m.draft, m.tok, prompt, params, {3}, stats).ids, plain.ids);
 }
 
 TEST(speculative, a_draft_with_another_vocabulary_is_refused) {
   auto& m = shared();
   speculation_stats stats;
-  EXPECT_THROW(generate_speculative(*m.target, *m.other_vocab, m.tok, {5, 6}, {}, 3, stats), input_error);
-  EXPECT_THROW(generate_speculative(*m.target, *m.draft, m.tok, {5, 6}, {}, 0, stats), input_error);
+  EXPECT_THROW(generate_speculative(*m.target, *m.other_vocab, m.tok, {5, 6}, {}, {3}, stats), input_error);
+  EXPECT_THROW(generate_speculative(*m.target, *m.draft, m.tok, {5, 6}, {}, {0}, stats), input_error);
+}
+
+TEST(speculative, a_draft_that_does_not_pay_is_switched_off_and_retried) {
+  auto& m = shared();
+  generation_params params;
+  params.sampling.temperature = 0;
+  params.max_tokens = 80;
+  params.stop_on_eos = false;
+  const std::vector<std::int32_t> prompt{4, 8, 15, 16, 23, 42};
+  const auto plain = generate(*m.target, m.tok, prompt, params);
+  // An unreachable bar: every window fails it, so speculation goes off, comes back, goes off.
+  speculation_config strict{3, 4.0, 4, 10};
+  speculation_stats stats;
+  std::vector<std::string> log;
+  const auto out = generate_speculative(*m.target, *m.draft, m.tok, prompt, params, strict, stats, {},
+                                        [&](const std::string& line) { log.push_back(line); });
+  EXPECT_EQ(out.ids, plain.ids);
+  EXPECT_GE(stats.turned_off, 2);
+  EXPECT_GT(stats.plain_steps, 10);
+  ASSERT_GE(log.size(), 3u);
+  EXPECT_NE(log[0].find("speculation off"), std::string::npos) << log[0];
+  EXPECT_NE(log[1].find("speculation on again"), std::string::npos) << log[1];
+  // The target as its own draft accepts everything: speculation stays on.
+  speculation_stats perfect;
+  generate_speculative(*m.target, *m.target, m.tok, prompt, params, {3, 1.0, 4, 10}, perfect);
+  EXPECT_EQ(perfect.turned_off, 0);
+  EXPECT_EQ(perfect.accepted, perfect.drafted);
+}
+
+TEST(speculation_policy, turns_off_below_the_threshold_and_retries) {
+  speculation_policy p({3, 1.0, 2, 3});
+  EXPECT_EQ(p.next_draft_tokens(), 3);
+  EXPECT_EQ(p.record_round(2), speculation_switch::none);
+  EXPECT_EQ(p.record_round(1), speculation_switch::none);   // mean 1.5
+  EXPECT_EQ(p.record_round(0), speculation_switch::turned_off);  // mean 0.5
+  EXPECT_EQ(p.next_draft_tokens(), 0);
+  EXPECT_EQ(p.record_plain_step(), speculation_switch::none);
+  EXPECT_EQ(p.record_plain_step(), speculation_switch::none);
+  EXPECT_EQ(p.record_plain_step(), speculation_switch::turned_on);
+  EXPECT_EQ(p.next_draft_tokens(), 3);
+  p.record_round(0);
+  EXPECT_EQ(p.record_round(0), speculation_switch::turned_off);  // the retry failed: wait twice as long
+  for (int i = 0; i < 5; ++i) EXPECT_EQ(p.record_plain_step(), speculation_switch::none);
+  EXPECT_EQ(p.record_plain_step(), speculation_switch::turned_on);
+  speculation_policy never({3, 1.0, 2, 0});  // retry_after 0: never off
+  for (int i = 0; i < 5; ++i) EXPECT_EQ(never.record_round(0), speculation_switch::none);
 }
 
 // Pearson's chi-square statistic of counts against expected probabilities.
@@ -154,7 +200,7 @@ TEST(speculative, sampled_generation_with_and_without_speculation_agree_in_distr
     params.sampling.seed = static_cast<std::uint64_t>(i);
     const auto a = generate(*m.target, m.tok, prompt, params);
     speculation_stats stats;
-    const auto b = generate_speculative(*m.target, *m.draft, m.tok, prompt, params, 1, stats);
+    const auto b = generate_speculative(*m.target, *m.draft, m.tok, prompt, params, {1}, stats);
     ++plain[a.ids.at(1) + 1000 * a.ids.at(0)];
     ++spec[b.ids.at(1) + 1000 * b.ids.at(0)];
   }
