@@ -26,6 +26,7 @@ using position_atom = caf::atom_constant<caf::atom("position")>;
 using loss_atom = caf::atom_constant<caf::atom("loss")>;
 using drained_atom = caf::atom_constant<caf::atom("drained")>;
 using busy_atom = caf::atom_constant<caf::atom("busy")>;
+using load_atom = caf::atom_constant<caf::atom("load")>;
 
 /// A stage of one replica: owns a range of blocks, their optimizer state, and the
 /// activations of micro-batches between their forward and backward (1F1B order).
@@ -39,8 +40,10 @@ using train_stage_actor = caf::typed_actor<
     caf::replies_to<snapshot_atom>::with<stage_snapshot>,      // values and moments for a checkpoint
     caf::replies_to<busy_atom>::with<double>>;                 // seconds spent computing so far
 
-/// The data: packed training sequences in shuffled order, and the validation split.
+/// The data: reads and tokenizes the corpus, then serves packed training sequences in
+/// shuffled order and the validation split.
 using train_data_actor = caf::typed_actor<
+    caf::replies_to<load_atom>::with<corpus_info>,                                              // read + tokenize (once), or an error naming the bad input
     caf::replies_to<batch_atom, std::int64_t>::with<std::vector<std::int32_t>>,                 // n sequences of seq_len + 1 tokens, in order
     caf::replies_to<validation_atom, std::int64_t, std::int64_t>::with<std::vector<std::int32_t>>,  // validation sequences [first, first + n)
     caf::replies_to<position_atom>::with<std::int64_t, std::int64_t>>;                          // epoch, index of the order

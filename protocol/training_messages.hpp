@@ -53,6 +53,12 @@ struct step_update {
   double learning_rate = 0, grad_scale = 1;
 };
 
+/// What the data actor read: sizes and the fingerprint that resuming checks.
+struct corpus_info {
+  std::int64_t tokens = 0, train_sequences = 0, validation_sequences = 0;
+  std::uint64_t fingerprint = 0;
+};
+
 /// A stage's state for a checkpoint: float32 master values and AdamW moments.
 struct stage_snapshot {
   std::vector<train::named_array> values, moments;

@@ -41,6 +41,11 @@ typename Inspector::result_type inspect(Inspector& f, step_update& x) {
 }
 
 template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, corpus_info& x) {
+  return f(caf::meta::type_name("corpus_info"), x.tokens, x.train_sequences, x.validation_sequences, x.fingerprint);
+}
+
+template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, stage_snapshot& x) {
   return f(caf::meta::type_name("stage_snapshot"), x.values, x.moments);
 }

@@ -29,6 +29,7 @@ void add_message_types(caf::actor_system_config& cfg) {
   cfg.add_message_type<gradient_share>("troupe::gradient_share");
   cfg.add_message_type<step_update>("troupe::step_update");
   cfg.add_message_type<stage_snapshot>("troupe::stage_snapshot");
+  cfg.add_message_type<corpus_info>("troupe::corpus_info");
   cfg.add_message_type<std::vector<caf::actor>>("std::vector<caf::actor>");
 }
 

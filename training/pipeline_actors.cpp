@@ -5,7 +5,10 @@
 #include <caf/typed_event_based_actor.hpp>
 #include <caf/send.hpp>
 
+#include <unistd.h>
+
 #include <chrono>
+#include <iostream>
 #include <deque>
 #include <map>
 
@@ -255,36 +258,73 @@ train_stage_actor::behavior_type stage_behavior(stage_pointer self, stage_setup 
 
 struct data_state {
   data_state() = default;
+  data_setup setup;
   std::shared_ptr<const token_corpus> corpus;
   std::unique_ptr<sequence_order> order;
+
+  const token_corpus& loaded() const {
+    if (!corpus) throw std::logic_error("the data actor was asked for data before load_atom");
+    return *corpus;
+  }
 };
 
-train_data_actor::behavior_type data_behavior(train_data_actor::stateful_pointer<data_state> self,
-                                              std::shared_ptr<const token_corpus> corpus, std::uint64_t seed,
-                                              order_position start) {
-  self->state.corpus = std::move(corpus);
-  self->state.order = std::make_unique<sequence_order>(self->state.corpus->num_train_sequences(), seed, start);
+using data_pointer = train_data_actor::stateful_pointer<data_state>;
+
+// Runs f and converts an exception into an error reply naming its cause.
+template <class T, class F>
+caf::result<T> replying(F&& f) {
+  try {
+    return f();
+  } catch (const std::exception& e) {
+    return caf::make_error(caf::sec::runtime_error, std::string(e.what()));
+  }
+}
+
+train_data_actor::behavior_type data_behavior(data_pointer self, data_setup setup) {
+  self->state.setup = std::move(setup);
   return {
-      [=](batch_atom, std::int64_t n) -> std::vector<std::int32_t> {
-        auto& s = self->state;
-        std::vector<std::int32_t> out;
-        out.reserve(static_cast<std::size_t>(n * (s.corpus->seq_len() + 1)));
-        for (std::int64_t i = 0; i < n; ++i) {
-          const auto seq = s.corpus->train_sequence(s.order->next());
-          out.insert(out.end(), seq.begin(), seq.end());
-        }
-        return out;
+      [=](load_atom) -> caf::result<corpus_info> {
+        return replying<corpus_info>([&] {
+          auto& s = self->state;
+          if (!s.corpus) {
+            const bool tty = s.setup.progress && isatty(2);
+            s.corpus = std::make_shared<const token_corpus>(token_corpus::build(
+                s.setup.corpus, *s.setup.tok, s.setup.eos, [tty](std::uint64_t done, std::uint64_t total) {
+                  if (tty) std::cerr << "\r[train] tokenized " << done / 1000000 << " of " << total / 1000000 << " MB" << std::flush;
+                }));
+            if (tty) std::cerr << "\n";
+            s.order = std::make_unique<sequence_order>(s.corpus->num_train_sequences(), s.setup.seed, s.setup.start);
+          }
+          return corpus_info{s.corpus->num_tokens(), s.corpus->num_train_sequences(), s.corpus->num_validation_sequences(),
+                             s.corpus->fingerprint()};
+        });
       },
-      [=](validation_atom, std::int64_t first, std::int64_t n) -> std::vector<std::int32_t> {
-        auto& s = self->state;
-        std::vector<std::int32_t> out;
-        for (std::int64_t i = first; i < first + n && i < s.corpus->num_validation_sequences(); ++i) {
-          const auto seq = s.corpus->validation_sequence(i);
-          out.insert(out.end(), seq.begin(), seq.end());
-        }
-        return out;
+      [=](batch_atom, std::int64_t n) -> caf::result<std::vector<std::int32_t>> {
+        return replying<std::vector<std::int32_t>>([&] {
+          auto& s = self->state;
+          const auto& corpus = s.loaded();
+          std::vector<std::int32_t> out;
+          out.reserve(static_cast<std::size_t>(n * (corpus.seq_len() + 1)));
+          for (std::int64_t i = 0; i < n; ++i) {
+            const auto seq = corpus.train_sequence(s.order->next());
+            out.insert(out.end(), seq.begin(), seq.end());
+          }
+          return out;
+        });
+      },
+      [=](validation_atom, std::int64_t first, std::int64_t n) -> caf::result<std::vector<std::int32_t>> {
+        return replying<std::vector<std::int32_t>>([&] {
+          const auto& corpus = self->state.loaded();
+          std::vector<std::int32_t> out;
+          for (std::int64_t i = first; i < first + n && i < corpus.num_validation_sequences(); ++i) {
+            const auto seq = corpus.validation_sequence(i);
+            out.insert(out.end(), seq.begin(), seq.end());
+          }
+          return out;
+        });
       },
       [=](position_atom) -> caf::result<std::int64_t, std::int64_t> {
+        if (!self->state.order) return caf::make_error(caf::sec::runtime_error, "the data is not loaded");
         const auto p = self->state.order->position();
         return {p.epoch, p.index};
       },
@@ -297,9 +337,8 @@ train_stage_actor spawn_train_stage(caf::actor_system& sys, stage_setup setup) {
   return sys.spawn(stage_behavior, std::move(setup));
 }
 
-train_data_actor spawn_train_data(caf::actor_system& sys, std::shared_ptr<const token_corpus> corpus, std::uint64_t seed,
-                                  order_position start) {
-  return sys.spawn(data_behavior, std::move(corpus), seed, start);
+train_data_actor spawn_train_data(caf::actor_system& sys, data_setup setup) {
+  return sys.spawn(data_behavior, std::move(setup));
 }
 
 }  // namespace troupe::train

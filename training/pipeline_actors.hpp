@@ -14,6 +14,10 @@
 #include "training/optimizer.hpp"
 #include "training/stage_model.hpp"
 
+namespace troupe {
+class tokenizer;
+}
+
 namespace troupe::train {
 
 struct stage_setup {
@@ -31,8 +35,17 @@ struct stage_setup {
 /// in a handler stops the actor with the error's text as its exit reason.
 train_stage_actor spawn_train_stage(caf::actor_system& sys, stage_setup setup);
 
-/// The data actor over a tokenized corpus, continuing the order from `start`.
-train_data_actor spawn_train_data(caf::actor_system& sys, std::shared_ptr<const token_corpus> corpus, std::uint64_t seed,
-                                  order_position start);
+/// What the data actor reads and how it orders it.
+struct data_setup {
+  corpus_options corpus;
+  std::shared_ptr<const tokenizer> tok;
+  std::int32_t eos = 2;
+  std::uint64_t seed = 0;
+  order_position start;   // continue the order from here (resume)
+  bool progress = false;  // a progress line on stderr while tokenizing
+};
+
+/// The data actor; it reads and tokenizes on its first load_atom.
+train_data_actor spawn_train_data(caf::actor_system& sys, data_setup setup);
 
 }  // namespace troupe::train

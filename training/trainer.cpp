@@ -28,6 +28,12 @@ constexpr auto reply_timeout = std::chrono::minutes(30);  // one step of a large
 
 double seconds_since(clock_type::time_point t) { return std::chrono::duration<double>(clock_type::now() - t).count(); }
 
+// The text of an error reply (a runtime_error carrying the cause's message, or CAF's own).
+std::string error_text(caf::actor_system& sys, const caf::error& e) {
+  if (e.category() == caf::atom("system") && e.context().match_elements<std::string>()) return e.context().get_as<std::string>(0);
+  return sys.render(e);
+}
+
 std::string duration_text(double s) {
   char buf[32];
   const auto total = static_cast<long long>(s);
@@ -237,9 +243,9 @@ class progress_bar {
 }  // namespace
 
 train_summary run_training(const train_config& config, const train_options& options) {
-  const tokenizer tok = tokenizer::load(config.tokenizer);
-  if (tok.vocab_size() > config.model.vocab_size)
-    throw input_error("the tokenizer " + config.tokenizer.string() + " has " + std::to_string(tok.vocab_size()) +
+  auto tok = std::make_shared<const tokenizer>(tokenizer::load(config.tokenizer));
+  if (tok->vocab_size() > config.model.vocab_size)
+    throw input_error("the tokenizer " + config.tokenizer.string() + " has " + std::to_string(tok->vocab_size()) +
                       " ids but the model's vocab_size is " + std::to_string(config.model.vocab_size));
   std::shared_ptr<const checkpoint_contents> resume;
   if (options.resume) {
@@ -247,33 +253,36 @@ train_summary run_training(const train_config& config, const train_options& opti
     if (!latest) throw input_error("--resume: " + config.out.string() + " has no checkpoint (no 'latest' file)");
     resume = std::make_shared<const checkpoint_contents>(load_checkpoint(*latest));
   }
-  std::cerr << "[train] tokenizing " << config.data.sources.size() << " source(s) with " << config.tokenizer.filename().string() << "\n";
-  const bool tty = options.progress && isatty(2);
-  auto corpus = std::make_shared<const token_corpus>(
-      token_corpus::build(config.data, tok, config.model.eos_token_id, [&](std::uint64_t done, std::uint64_t total) {
-        if (tty) std::cerr << "\r[train] tokenized " << done / 1000000 << " of " << total / 1000000 << " MB" << std::flush;
-      }));
-  if (tty) std::cerr << "\n";
-  std::cerr << "[train] " << corpus->num_tokens() << " tokens: " << corpus->num_train_sequences() << " training and "
-            << corpus->num_validation_sequences() << " validation sequences of " << config.data.seq_len << "\n";
   trainer_state state;
   state.seed = config.seed;
-  state.data_fingerprint = corpus->fingerprint();
-  if (resume) {
-    check_resumable(*resume, config, corpus->fingerprint());
-    state = resume->state;
-    std::cerr << "[train] resuming after step " << state.step << " from " << config.out.string() << "\n";
-  }
-  const std::int64_t last_step = options.steps.value_or(config.steps);
-  if (state.step >= last_step) throw input_error("nothing to do: the run is already at step " + std::to_string(state.step));
-  fs::create_directories(config.out);
+  if (resume) state = resume->state;
 
   caf::actor_system_config cfg;
   add_message_types(cfg);
   cfg.set("logger.verbosity", caf::atom("quiet"));
   caf::actor_system sys{cfg};
   caf::scoped_actor self{sys};
-  pipeline p{self, spawn_train_data(sys, corpus, config.seed, {state.epoch, state.position}), {}, config};
+  // The data actor reads and tokenizes the corpus; its answer says how much there is.
+  std::cerr << "[train] tokenizing " << config.data.sources.size() << " source(s) with " << config.tokenizer.filename().string() << "\n";
+  data_setup data{config.data, tok, config.model.eos_token_id, config.seed,
+                  {state.epoch, state.position}, options.progress};
+  pipeline p{self, spawn_train_data(sys, std::move(data)), {}, config};
+  corpus_info info;
+  self->request(p.data, reply_timeout, load_atom::value)
+      .receive([&](corpus_info& i) { info = i; },
+               [&](caf::error& e) { throw input_error(error_text(sys, e)); });
+  std::cerr << "[train] " << info.tokens << " tokens: " << info.train_sequences << " training and "
+            << info.validation_sequences << " validation sequences of " << config.data.seq_len << "\n";
+  if (resume) {
+    check_resumable(*resume, config, info.fingerprint);
+    std::cerr << "[train] resuming after step " << state.step << " from " << config.out.string() << "\n";
+  } else {
+    state.data_fingerprint = info.fingerprint;
+  }
+  const std::int64_t last_step = options.steps.value_or(config.steps);
+  if (state.step >= last_step) throw input_error("nothing to do: the run is already at step " + std::to_string(state.step));
+  fs::create_directories(config.out);
+
   for (std::int64_t r = 0; r < config.replicas; ++r) {
     p.stages.emplace_back();
     for (std::int64_t s = 0; s < config.stages; ++s) {
