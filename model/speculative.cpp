@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <chrono>
+#include <functional>
+#include <memory>
 
 #include "model/text_stream.hpp"
 #include "protocol/errors.hpp"
@@ -58,140 +60,243 @@ void roll_back(sequence_state& state, std::int64_t num_tokens, const ngram_conte
   state.ngram = ngram;
 }
 
+namespace {
+
+// One sequence of a speculative batch: its two caches, policy, sampling state and output.
+struct spec_sequence {
+  spec_sequence(const std::vector<std::int32_t>& prompt, const generation_params& p, const speculation_config& c,
+                const tokenizer& tok)
+      : params(p), greedy(p.sampling.temperature == 0), shape(p.sampling), gen(p.sampling.seed ^ 0x5bd1e995u), policy(c),
+        stream(tok, p.stop), context(prompt) {
+    result.prompt_tokens = static_cast<std::int64_t>(prompt.size());
+  }
+
+  generation_params params;
+  bool greedy;
+  sampler shape;  // the sampling distribution, for p and q alike
+  rng gen;
+  speculation_policy policy;
+  text_stream stream;
+  std::vector<std::int32_t> context;  // every token so far (for the repetition penalty)
+  sequence_state ts, ds;              // target and draft caches
+  std::vector<std::int32_t> draft_pending;  // accepted tokens not yet in the draft's cache
+  std::int32_t last = 0;                    // the newest token, in neither cache yet
+  generation_result result;
+  speculation_stats stats;
+  bool done = false;
+  std::chrono::steady_clock::time_point finished;
+  // The round in progress.
+  std::int64_t k = 0, draft_base = 0, target_base = 0;
+  ngram_context draft_ngram, target_ngram;
+  std::vector<std::int32_t> drafts, feed, draft_context, verify_tokens;
+  std::vector<std::vector<float>> q;
+
+  std::int32_t pick(const std::vector<float>& logits) {
+    return greedy ? argmax(logits) : sample_from(shape.distribution(logits, context), 1.0, gen);
+  }
+};
+
+using text_sink = std::function<void(std::size_t, std::string_view, std::int32_t)>;
+
+// Emits one token of sequence i; false once it must stop.
+bool emit(spec_sequence& s, std::size_t i, std::int32_t id, std::int32_t eos, const text_sink& on_text) {
+  s.result.ids.push_back(id);
+  s.context.push_back(id);
+  if (s.params.stop_on_eos && id == eos) {
+    s.result.reason = finish_reason::eos;
+    return false;
+  }
+  const auto update = s.stream.push(id);
+  if (!update.text.empty() && on_text) on_text(i, update.text, id);
+  if (update.stopped) {
+    s.result.reason = finish_reason::stop_string;
+    return false;
+  }
+  return static_cast<std::int32_t>(s.result.ids.size()) < s.params.max_tokens;
+}
+
+}  // namespace
+
+std::vector<generation_result> generate_speculative_batch(model& target, model& draft, const tokenizer& tok,
+                                                          const std::vector<std::vector<std::int32_t>>& prompts,
+                                                          const std::vector<generation_params>& params,
+                                                          const speculation_config& config,
+                                                          std::vector<speculation_stats>& stats, const text_sink& on_text,
+                                                          const switch_callback& on_switch) {
+  if (prompts.size() != params.size()) throw std::logic_error("generate_speculative_batch: prompts and params differ in size");
+  if (target.config().vocab_size != draft.config().vocab_size)
+    throw input_error("the draft's vocabulary (" + std::to_string(draft.config().vocab_size) + " ids) differs from the target's (" +
+                      std::to_string(target.config().vocab_size) + ")");
+  std::vector<std::unique_ptr<spec_sequence>> seqs;
+  for (std::size_t i = 0; i < prompts.size(); ++i) {
+    if (prompts[i].empty()) throw input_error("the prompt is empty (no tokens)");
+    if (params[i].max_tokens < 0) throw input_error("max_tokens must be >= 0");
+    validate(params[i].sampling);
+    seqs.push_back(std::make_unique<spec_sequence>(prompts[i], params[i], config, tok));
+  }
+  using clock = std::chrono::steady_clock;
+  const auto t0 = clock::now();
+  const auto eos = target.config().eos_token_id;
+  auto finish = [&](std::size_t i) {
+    auto& s = *seqs[i];
+    s.done = true;
+    s.finished = clock::now();
+    const auto tail = s.stream.finish();
+    if (!tail.empty() && on_text) on_text(i, tail, s.result.ids.empty() ? -1 : s.result.ids.back());
+    s.result.text = s.stream.text();
+  };
+
+  // Prefill both models for every sequence; each first token comes from the target alone.
+  std::vector<step_input> target_in, draft_in;
+  std::vector<std::size_t> live;
+  for (std::size_t i = 0; i < seqs.size(); ++i) {
+    if (seqs[i]->params.max_tokens == 0) {
+      finish(i);
+      continue;
+    }
+    live.push_back(i);
+    target_in.push_back({&seqs[i]->ts, prompts[i]});
+    draft_in.push_back({&seqs[i]->ds, prompts[i]});
+  }
+  if (!live.empty()) {
+    const tensor first = target.forward(target_in, logits_mode::last_token);
+    draft.forward(draft_in, logits_mode::last_token);
+    const double prefill = std::chrono::duration<double>(clock::now() - t0).count();
+    for (std::size_t j = 0; j < live.size(); ++j) {
+      auto& s = *seqs[live[j]];
+      s.result.prefill_seconds = prefill;
+      s.last = s.pick(row(first, static_cast<std::int64_t>(j)));
+      if (!emit(s, live[j], s.last, eos, on_text)) finish(live[j]);
+      else s.draft_pending.push_back(s.last);
+    }
+  }
+
+  for (;;) {
+    std::vector<spec_sequence*> active;
+    std::vector<std::size_t> index;
+    for (std::size_t i = 0; i < seqs.size(); ++i)
+      if (!seqs[i]->done) {
+        active.push_back(seqs[i].get());
+        index.push_back(i);
+      }
+    if (active.empty()) break;
+    // Draft: iteration i runs the draft on every sequence still drafting (k > i), batched.
+    std::int64_t max_k = 0;
+    for (auto* s : active) {
+      const std::int64_t remaining = s->params.max_tokens - static_cast<std::int64_t>(s->result.ids.size());
+      s->k = std::min<std::int64_t>(s->policy.next_draft_tokens(), remaining - 1);
+      s->draft_base = s->ds.num_tokens;
+      s->draft_ngram = s->ds.ngram;
+      s->drafts.clear();
+      s->q.clear();
+      s->draft_context = s->context;
+      s->feed = s->draft_pending;
+      max_k = std::max(max_k, s->k);
+    }
+    for (std::int64_t i = 0; i < max_k; ++i) {
+      std::vector<spec_sequence*> drafting;
+      std::vector<step_input> in;
+      for (auto* s : active)
+        if (s->k > i) {
+          drafting.push_back(s);
+          in.push_back({&s->ds, s->feed});
+        }
+      const tensor logits = draft.forward(in, logits_mode::last_token);
+      for (std::size_t j = 0; j < drafting.size(); ++j) {
+        auto& s = *drafting[j];
+        const auto l = row(logits, static_cast<std::int64_t>(j));
+        std::int32_t d;
+        if (s.greedy) {
+          d = argmax(l);
+        } else {
+          s.q.push_back(s.shape.distribution(l, s.draft_context));
+          d = sample_from(s.q.back(), 1.0, s.gen);
+        }
+        s.drafts.push_back(d);
+        s.draft_context.push_back(d);
+        s.feed.assign(1, d);
+      }
+    }
+    // Verify: the target scores each sequence's last token and drafts in one batched forward.
+    std::vector<step_input> in;
+    for (auto* s : active) {
+      s->target_base = s->ts.num_tokens;
+      s->target_ngram = s->ts.ngram;
+      s->verify_tokens.assign(1, s->last);
+      s->verify_tokens.insert(s->verify_tokens.end(), s->drafts.begin(), s->drafts.end());
+      in.push_back({&s->ts, s->verify_tokens});
+    }
+    const tensor logits = target.forward(in, logits_mode::all_tokens);
+    std::int64_t first_row = 0;
+    for (std::size_t j = 0; j < active.size(); ++j) {
+      auto& s = *active[j];
+      const std::int64_t k = s.k;
+      std::vector<std::vector<float>> p;
+      std::vector<std::int32_t> p_context = s.context;
+      for (std::int64_t i = 0; i <= k; ++i) {
+        const auto l = row(logits, first_row + i);
+        p.push_back(s.greedy ? l : s.shape.distribution(l, p_context));
+        if (i < k) p_context.push_back(s.drafts[static_cast<std::size_t>(i)]);
+      }
+      first_row += k + 1;
+      const verify_outcome v = s.greedy ? verify_greedy(p, s.drafts) : verify_sampled(p, s.q, s.drafts, s.gen);
+      const speculation_switch change = k > 0 ? s.policy.record_round(v.accepted) : s.policy.record_plain_step();
+      if (k > 0) {
+        ++s.stats.rounds;
+        s.stats.drafted += k;
+        s.stats.accepted += v.accepted;
+      } else {
+        ++s.stats.plain_steps;
+      }
+      if (change == speculation_switch::turned_off) ++s.stats.turned_off;
+      if (change != speculation_switch::none && on_switch) on_switch(s.policy.describe(change));
+
+      // Keep last + the accepted drafts in the target; the draft's share of them in the draft.
+      ngram_context kept = s.target_ngram;
+      target.advance_ngram(kept, std::span(s.verify_tokens).first(static_cast<std::size_t>(1 + v.accepted)));
+      roll_back(s.ts, s.target_base + 1 + v.accepted, kept);
+      if (k > 0) {
+        const std::int64_t in_draft = std::min(v.accepted, k - 1);  // the last draft was never fed
+        std::vector<std::int32_t> draft_kept = s.draft_pending;
+        draft_kept.insert(draft_kept.end(), s.drafts.begin(), s.drafts.begin() + in_draft);
+        ngram_context dk = s.draft_ngram;
+        draft.advance_ngram(dk, draft_kept);
+        roll_back(s.ds, s.draft_base + static_cast<std::int64_t>(draft_kept.size()), dk);
+        s.draft_pending.assign(s.drafts.begin() + in_draft, s.drafts.begin() + v.accepted);
+      }
+      bool go = true;
+      for (std::int64_t i = 0; i < v.accepted && go; ++i) go = emit(s, index[j], s.drafts[static_cast<std::size_t>(i)], eos, on_text);
+      if (go) go = emit(s, index[j], v.next, eos, on_text);
+      if (!go) {
+        finish(index[j]);
+        continue;
+      }
+      s.draft_pending.push_back(v.next);
+      s.last = v.next;
+    }
+  }
+  std::vector<generation_result> out;
+  stats.clear();
+  for (auto& s : seqs) {
+    if (s->result.prefill_seconds > 0 || !s->result.ids.empty())
+      s->result.decode_seconds = std::chrono::duration<double>(s->finished - t0).count() - s->result.prefill_seconds;
+    out.push_back(std::move(s->result));
+    stats.push_back(s->stats);
+  }
+  return out;
+}
+
 generation_result generate_speculative(model& target, model& draft, const tokenizer& tok,
                                        const std::vector<std::int32_t>& prompt, const generation_params& params,
                                        const speculation_config& config, speculation_stats& stats,
                                        const text_callback& on_text, const switch_callback& on_switch) {
-  if (prompt.empty()) throw input_error("the prompt is empty (no tokens)");
-  if (params.max_tokens < 0) throw input_error("max_tokens must be >= 0");
-  speculation_policy policy(config);
-  if (target.config().vocab_size != draft.config().vocab_size)
-    throw input_error("the draft's vocabulary (" + std::to_string(draft.config().vocab_size) + " ids) differs from the target's (" +
-                      std::to_string(target.config().vocab_size) + ")");
-  validate(params.sampling);
-  using clock = std::chrono::steady_clock;
-  const bool greedy = params.sampling.temperature == 0;
-  const sampler shape(params.sampling);  // the sampling distribution, for p and q alike
-  rng gen(params.sampling.seed ^ 0x5bd1e995u);
-  generation_result result;
-  result.prompt_tokens = static_cast<std::int64_t>(prompt.size());
-  text_stream stream(tok, params.stop);
-  std::vector<std::int32_t> context = prompt;  // every token so far (for the repetition penalty)
-  sequence_state ts, ds;
-
-  const auto t0 = clock::now();
-  if (params.max_tokens == 0) return result;
-  // Prefill both; the first token comes from the target alone.
-  const step_input prefill{&ts, prompt};
-  const tensor first = target.forward({&prefill, 1}, logits_mode::last_token);
-  const step_input draft_prefill{&ds, prompt};
-  draft.forward({&draft_prefill, 1}, logits_mode::last_token);
-  result.prefill_seconds = std::chrono::duration<double>(clock::now() - t0).count();
-  std::int32_t last;
-  {
-    const auto logits = row(first, 0);
-    last = greedy ? argmax(logits) : sample_from(shape.distribution(logits, context), 1.0, gen);
-  }
-  std::vector<std::int32_t> draft_pending;  // accepted tokens not yet in the draft's cache
-
-  // Emits one token; false once generation must stop.
-  auto emit = [&](std::int32_t id) {
-    result.ids.push_back(id);
-    context.push_back(id);
-    if (params.stop_on_eos && id == target.config().eos_token_id) {
-      result.reason = finish_reason::eos;
-      return false;
-    }
-    const auto update = stream.push(id);
-    if (!update.text.empty() && on_text) on_text(update.text, id);
-    if (update.stopped) {
-      result.reason = finish_reason::stop_string;
-      return false;
-    }
-    return static_cast<std::int32_t>(result.ids.size()) < params.max_tokens;
-  };
-  if (!emit(last)) {
-    const auto tail = stream.finish();
-    if (!tail.empty() && on_text) on_text(tail, last);
-    result.text = stream.text();
-    return result;
-  }
-  draft_pending.push_back(last);
-
-  for (;;) {
-    const std::int64_t remaining = params.max_tokens - static_cast<std::int64_t>(result.ids.size());
-    const std::int64_t k = std::min<std::int64_t>(policy.next_draft_tokens(), remaining - 1);
-    // Draft k tokens, feeding the pending tokens first.
-    const std::int64_t draft_base = ds.num_tokens;
-    const ngram_context draft_ngram = ds.ngram;
-    std::vector<std::int32_t> drafts;
-    std::vector<std::vector<float>> q;
-    std::vector<std::int32_t> draft_context = context;
-    std::vector<std::int32_t> feed = draft_pending;
-    for (std::int64_t i = 0; i < k; ++i) {
-      const step_input in{&ds, feed};
-      const auto logits = row(draft.forward({&in, 1}, logits_mode::last_token), 0);
-      std::int32_t d;
-      if (greedy) {
-        d = argmax(logits);
-      } else {
-        q.push_back(shape.distribution(logits, draft_context));
-        d = sample_from(q.back(), 1.0, gen);
-      }
-      drafts.push_back(d);
-      draft_context.push_back(d);
-      feed.assign(1, d);
-    }
-    // The target scores last and every draft in one forward.
-    const std::int64_t target_base = ts.num_tokens;
-    const ngram_context target_ngram = ts.ngram;
-    std::vector<std::int32_t> verify_tokens{last};
-    verify_tokens.insert(verify_tokens.end(), drafts.begin(), drafts.end());
-    const step_input in{&ts, verify_tokens};
-    const tensor logits = target.forward({&in, 1}, logits_mode::all_tokens);
-    std::vector<std::vector<float>> p;
-    std::vector<std::int32_t> p_context = context;
-    for (std::int64_t i = 0; i <= k; ++i) {
-      p.push_back(greedy ? row(logits, i) : shape.distribution(row(logits, i), p_context));
-      if (i < k) p_context.push_back(drafts[static_cast<std::size_t>(i)]);
-    }
-    const verify_outcome v = greedy ? verify_greedy(p, drafts) : verify_sampled(p, q, drafts, gen);
-    const speculation_switch change = k > 0 ? policy.record_round(v.accepted) : policy.record_plain_step();
-    if (k > 0) {
-      ++stats.rounds;
-      stats.drafted += k;
-      stats.accepted += v.accepted;
-    } else {
-      ++stats.plain_steps;
-    }
-    if (change == speculation_switch::turned_off) ++stats.turned_off;
-    if (change != speculation_switch::none && on_switch) on_switch(policy.describe(change));
-
-    // Keep last + the accepted drafts in the target; the draft's share of them in the draft.
-    ngram_context kept = target_ngram;
-    target.advance_ngram(kept, std::span(verify_tokens).first(static_cast<std::size_t>(1 + v.accepted)));
-    roll_back(ts, target_base + 1 + v.accepted, kept);
-    if (k > 0) {
-      const std::int64_t in_draft = std::min(v.accepted, k - 1);  // the last draft was never fed
-      std::vector<std::int32_t> draft_kept = draft_pending;
-      draft_kept.insert(draft_kept.end(), drafts.begin(), drafts.begin() + in_draft);
-      ngram_context dk = draft_ngram;
-      draft.advance_ngram(dk, draft_kept);
-      roll_back(ds, draft_base + static_cast<std::int64_t>(draft_kept.size()), dk);
-      draft_pending.assign(drafts.begin() + in_draft, drafts.begin() + v.accepted);
-    }
-    bool go = true;
-    for (std::int64_t i = 0; i < v.accepted && go; ++i) go = emit(drafts[static_cast<std::size_t>(i)]);
-    if (go) go = emit(v.next);
-    if (!go) break;
-    draft_pending.push_back(v.next);
-    last = v.next;
-  }
-  const auto tail = stream.finish();
-  if (!tail.empty() && on_text) on_text(tail, result.ids.back());
-  result.text = stream.text();
-  result.decode_seconds = std::chrono::duration<double>(clock::now() - t0).count() - result.prefill_seconds;
-  return result;
+  std::vector<speculation_stats> all;
+  auto results = generate_speculative_batch(
+      target, draft, tok, {prompt}, {params}, config, all,
+      on_text ? text_sink([&](std::size_t, std::string_view text, std::int32_t id) { on_text(text, id); }) : text_sink{},
+      on_switch);
+  stats = all.at(0);
+  return std::move(results.at(0));
 }
 
 }  // namespace troupe

@@ -58,4 +58,14 @@ generation_result generate_speculative(model& target, model& draft, const tokeni
                                        const speculation_config& config, speculation_stats& stats,
                                        const text_callback& on_text = {}, const switch_callback& on_switch = {});
 
+/// The same for a batch of sequences decoded together: each round drafts for every sequence
+/// (batched draft forwards; sequences may draft different numbers of tokens, by their own
+/// policies) and verifies all of them in one batched target forward. Results, stats and
+/// on_text calls carry the sequence's index; each result equals the sequence decoded alone.
+std::vector<generation_result> generate_speculative_batch(
+    model& target, model& draft, const tokenizer& tok, const std::vector<std::vector<std::int32_t>>& prompts,
+    const std::vector<generation_params>& params, const speculation_config& config, std::vector<speculation_stats>& stats,
+    const std::function<void(std::size_t, std::string_view, std::int32_t)>& on_text = {},
+    const switch_callback& on_switch = {});
+
 }  // namespace troupe

@@ -113,6 +113,39 @@ TEST(speculative, a_draft_that_does_not_pay_is_switched_off_and_retried) {
   EXPECT_EQ(perfect.accepted, perfect.drafted);
 }
 
+TEST(speculative, a_batch_with_different_draft_lengths_verifies_together) {
+  // 8 sequences of different prompts and budgets: their rounds draft different numbers of
+  // tokens (budget ends, a policy switched off) and verify in one target forward; each must
+  // produce what it produces alone.
+  auto& m = shared();
+  const auto eos = m.target->config().eos_token_id;
+  std::vector<std::vector<std::int32_t>> prompts;
+  std::vector<generation_params> params;
+  for (std::uint64_t i = 0; i < 8; ++i) {
+    prompts.push_back(random_prompt(100 + i, static_cast<std::int32_t>(m.target->config().vocab_size), eos));
+    generation_params p;
+    p.sampling.temperature = i % 3 == 2 ? 0.9f : 0.0f;  // greedy and sampled side by side
+    p.sampling.seed = i;
+    p.max_tokens = static_cast<std::int32_t>(5 + 3 * i);
+    p.stop_on_eos = false;
+    params.push_back(p);
+  }
+  const speculation_config config{3, 1.5, 3, 4};
+  std::vector<speculation_stats> stats;
+  const auto batch = generate_speculative_batch(*m.target, *m.draft, m.tok, prompts, params, config, stats);
+  ASSERT_EQ(batch.size(), 8u);
+  std::int64_t plain_steps = 0;
+  for (std::size_t i = 0; i < 8; ++i) {
+    speculation_stats alone_stats;
+    const auto alone = generate_speculative(*m.target, *m.draft, m.tok, prompts[i], params[i], config, alone_stats);
+    EXPECT_EQ(batch[i].ids, alone.ids) << "sequence " << i;
+    EXPECT_EQ(batch[i].ids.size(), static_cast<std::size_t>(params[i].max_tokens));
+    if (params[i].sampling.temperature == 0) EXPECT_EQ(batch[i].ids, generate(*m.target, m.tok, prompts[i], params[i]).ids);
+    plain_steps += stats[i].plain_steps;
+  }
+  EXPECT_GT(plain_steps, 0);  // some rounds drafted nothing while others drafted
+}
+
 TEST(speculation_policy, turns_off_below_the_threshold_and_retries) {
   speculation_policy p({3, 1.0, 2, 3});
   EXPECT_EQ(p.next_draft_tokens(), 3);
