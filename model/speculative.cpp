@@ -117,16 +117,22 @@ bool emit(spec_sequence& s, std::size_t i, std::int32_t id, std::int32_t eos, co
 
 }  // namespace
 
-std::vector<generation_result> generate_speculative_batch(model& target, model& draft, const tokenizer& tok,
+std::string draft_mismatch(const model& target, const model& draft) {
+  if (target.config().vocab_size == draft.config().vocab_size) return {};
+  return "the draft's vocabulary (" + std::to_string(draft.config().vocab_size) + " ids) differs from the target's (" +
+         std::to_string(target.config().vocab_size) + ")";
+}
+
+std::vector<generation_result> generate_speculative_batch(model& target, const draft_source& source, const tokenizer& tok,
                                                           const std::vector<std::vector<std::int32_t>>& prompts,
                                                           const std::vector<generation_params>& params,
                                                           const speculation_config& config,
                                                           std::vector<speculation_stats>& stats, const text_sink& on_text,
                                                           const switch_callback& on_switch) {
   if (prompts.size() != params.size()) throw std::logic_error("generate_speculative_batch: prompts and params differ in size");
-  if (target.config().vocab_size != draft.config().vocab_size)
-    throw input_error("the draft's vocabulary (" + std::to_string(draft.config().vocab_size) + " ids) differs from the target's (" +
-                      std::to_string(target.config().vocab_size) + ")");
+  std::shared_ptr<model> current = source();
+  if (!current) throw std::logic_error("generate_speculative_batch: no draft");
+  if (auto why = draft_mismatch(target, *current); !why.empty()) throw input_error(why);
   std::vector<std::unique_ptr<spec_sequence>> seqs;
   for (std::size_t i = 0; i < prompts.size(); ++i) {
     if (prompts[i].empty()) throw input_error("the prompt is empty (no tokens)");
@@ -160,7 +166,7 @@ std::vector<generation_result> generate_speculative_batch(model& target, model& 
   }
   if (!live.empty()) {
     const tensor first = target.forward(target_in, logits_mode::last_token);
-    draft.forward(draft_in, logits_mode::last_token);
+    current->forward(draft_in, logits_mode::last_token);
     const double prefill = std::chrono::duration<double>(clock::now() - t0).count();
     for (std::size_t j = 0; j < live.size(); ++j) {
       auto& s = *seqs[live[j]];
@@ -180,6 +186,21 @@ std::vector<generation_result> generate_speculative_batch(model& target, model& 
         index.push_back(i);
       }
     if (active.empty()) break;
+    // Hot swap at the round boundary: a new draft starts with empty caches and catches up on
+    // every sequence's tokens in its first forward; the old one is released after its last use.
+    if (auto offered = source(); offered && offered != current) {
+      if (auto why = draft_mismatch(target, *offered); !why.empty()) {
+        if (on_switch) on_switch("draft refused, keeping the current one: " + why);
+      } else {
+        current = std::move(offered);
+        for (auto* s : active) {
+          s->ds = sequence_state{};
+          s->draft_pending = s->context;
+        }
+        if (on_switch) on_switch("draft swapped");
+      }
+    }
+    model& draft = *current;
     // Draft: iteration i runs the draft on every sequence still drafting (k > i), batched.
     std::int64_t max_k = 0;
     for (auto* s : active) {
@@ -284,6 +305,16 @@ std::vector<generation_result> generate_speculative_batch(model& target, model& 
     stats.push_back(s->stats);
   }
   return out;
+}
+
+std::vector<generation_result> generate_speculative_batch(model& target, model& draft, const tokenizer& tok,
+                                                          const std::vector<std::vector<std::int32_t>>& prompts,
+                                                          const std::vector<generation_params>& params,
+                                                          const speculation_config& config,
+                                                          std::vector<speculation_stats>& stats, const text_sink& on_text,
+                                                          const switch_callback& on_switch) {
+  const std::shared_ptr<model> fixed(std::shared_ptr<model>{}, &draft);  // not owned
+  return generate_speculative_batch(target, [fixed] { return fixed; }, tok, prompts, params, config, stats, on_text, on_switch);
 }
 
 generation_result generate_speculative(model& target, model& draft, const tokenizer& tok,

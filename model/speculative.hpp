@@ -10,6 +10,8 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
+#include <memory>
 #include <span>
 #include <vector>
 
@@ -57,6 +59,17 @@ generation_result generate_speculative(model& target, model& draft, const tokeni
                                        const std::vector<std::int32_t>& prompt, const generation_params& params,
                                        const speculation_config& config, speculation_stats& stats,
                                        const text_callback& on_text = {}, const switch_callback& on_switch = {});
+
+/// Where the draft comes from: asked at every round boundary; a different model swaps the
+/// draft (hot swap). A draft of another vocabulary is refused (logged through on_switch) and
+/// the current one kept. The previous draft is released after its last use.
+using draft_source = std::function<std::shared_ptr<model>()>;
+
+std::vector<generation_result> generate_speculative_batch(
+    model& target, const draft_source& source, const tokenizer& tok, const std::vector<std::vector<std::int32_t>>& prompts,
+    const std::vector<generation_params>& params, const speculation_config& config, std::vector<speculation_stats>& stats,
+    const std::function<void(std::size_t, std::string_view, std::int32_t)>& on_text = {},
+    const switch_callback& on_switch = {});
 
 /// The same for a batch of sequences decoded together: each round drafts for every sequence
 /// (batched draft forwards; sequences may draft different numbers of tokens, by their own

@@ -18,12 +18,12 @@ namespace {
 struct models {
   cpu_backend be{1};
   std::unique_ptr<model> target, draft, other_vocab;
+  std::filesystem::path draft_dir;
   tokenizer tok = tokenizer::load(std::string(TROUPE_SOURCE_DIR) + "/configs/tokenizers/troupe-bpe-4k.json");
   models() {
     target = model::load(test::make_model("spec_target", test::tiny_config(), 3, dtype::f32), be);
-    draft = model::load(test::make_model("spec_draft", test::tiny_config(R"("hidden_size": 24, "num_layers": 1)", false), 4,
-                                         dtype::f32),
-                        be);
+    draft_dir = test::make_model("spec_draft", test::tiny_config(R"("hidden_size": 24, "num_layers": 1)", false), 4, dtype::f32);
+    draft = model::load(draft_dir, be);
     other_vocab = model::load(test::make_model("spec_other", test::tiny_config(R"("vocab_size": 101)", false), 5), be);
   }
 };
@@ -144,6 +144,47 @@ TEST(speculative, a_batch_with_different_draft_lengths_verifies_together) {
     plain_steps += stats[i].plain_steps;
   }
   EXPECT_GT(plain_steps, 0);  // some rounds drafted nothing while others drafted
+}
+
+TEST(speculative, hot_swapping_drafts_mid_generation_changes_no_output) {
+  auto& m = shared();
+  const auto eos = m.target->config().eos_token_id;
+  std::vector<std::vector<std::int32_t>> prompts;
+  std::vector<generation_params> params;
+  for (std::uint64_t i = 0; i < 8; ++i) {
+    prompts.push_back(random_prompt(200 + i, static_cast<std::int32_t>(m.target->config().vocab_size), eos));
+    generation_params p;
+    p.sampling.temperature = 0;
+    p.max_tokens = 30;
+    p.stop_on_eos = false;
+    params.push_back(p);
+  }
+  // Owned drafts loaded from disk, so releasing the old one is observable; every few rounds a
+  // new one is offered, and now and then one of another vocabulary (refused).
+  const auto draft_dir = m.draft_dir;
+  int round = 0, swaps = 0, refusals = 0;
+  std::weak_ptr<model> first_draft;
+  std::shared_ptr<model> offered = model::load(draft_dir, m.be);
+  first_draft = offered;
+  const std::shared_ptr<model> other(std::shared_ptr<model>{}, m.other_vocab.get());
+  auto source = [&]() -> std::shared_ptr<model> {
+    ++round;
+    if (round % 5 == 0) return other;
+    if (round % 3 == 0) offered = model::load(draft_dir, m.be);  // a fresh copy: a swap
+    return offered;
+  };
+  std::vector<speculation_stats> stats;
+  const auto results = generate_speculative_batch(*m.target, source, m.tok, prompts, params, {3, 1.0, 8, 0}, stats, {},
+                                                  [&](const std::string& line) {
+                                                    swaps += line == "draft swapped";
+                                                    refusals += line.find("draft refused") != std::string::npos;
+                                                  });
+  for (std::size_t i = 0; i < prompts.size(); ++i)
+    EXPECT_EQ(results[i].ids, generate(*m.target, m.tok, prompts[i], params[i]).ids) << "sequence " << i;
+  EXPECT_GE(swaps, 3);
+  EXPECT_GE(refusals, 2);
+  offered.reset();
+  EXPECT_TRUE(first_draft.expired()) << "the first draft is still held after it was swapped out";
 }
 
 TEST(speculation_policy, turns_off_below_the_threshold_and_retries) {
