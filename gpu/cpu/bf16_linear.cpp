@@ -82,13 +82,20 @@ void stream(const float* x, const std::uint16_t* w, float* y, std::int64_t n, st
 
 void linear_bf16(const float* x, const std::uint16_t* w, float* y, std::int64_t m, std::int64_t n, std::int64_t k,
                  bool accumulate, thread_pool& pool) {
-  switch (m) {
-    case 0: return;
-    case 1: return stream<1>(x, w, y, n, k, accumulate, pool);
-    case 2: return stream<2>(x, w, y, n, k, accumulate, pool);
-    case 3: return stream<3>(x, w, y, n, k, accumulate, pool);
-    case 4: return stream<4>(x, w, y, n, k, accumulate, pool);
-    default: break;
+  if (m <= bf16_stream_max_m) {
+    // Up to bf16_small_m rows per pass over the weights: a few passes of bf16 still move fewer
+    // bytes than widening the matrix for sgemm (verification and small decode batches).
+    for (std::int64_t r0 = 0; r0 < m; r0 += bf16_small_m) {
+      const float* xr = x + r0 * k;
+      float* yr = y + r0 * n;
+      switch (std::min(bf16_small_m, m - r0)) {
+        case 1: stream<1>(xr, w, yr, n, k, accumulate, pool); break;
+        case 2: stream<2>(xr, w, yr, n, k, accumulate, pool); break;
+        case 3: stream<3>(xr, w, yr, n, k, accumulate, pool); break;
+        default: stream<4>(xr, w, yr, n, k, accumulate, pool); break;
+      }
+    }
+    return;
   }
   // Larger M: widen weight rows to float32 and let sgemm reuse them over M. Blocks are as
   // large as 32 MB of scratch allows, so x is packed once per block, usually once in all.
