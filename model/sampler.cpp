@@ -87,18 +87,22 @@ std::vector<float> sampler::distribution(std::span<const float> logits, std::spa
   return dist;
 }
 
+std::int32_t sampler::greedy(std::span<const float> logits, std::span<const std::int32_t> context) const {
+  if (params_.repetition_penalty == 1.0f) return argmax(logits);
+  return argmax(penalised(logits, context, params_.repetition_penalty));
+}
+
 std::int32_t sampler::sample(std::span<const float> logits, std::span<const std::int32_t> context) {
-  if (params_.temperature == 0.0f) {
-    if (params_.repetition_penalty == 1.0f) return argmax(logits);
-    return argmax(penalised(logits, context, params_.repetition_penalty));
-  }
-  const std::vector<float> dist = distribution(logits, context);
-  const double u = rng_.uniform();
+  if (params_.temperature == 0.0f) return greedy(logits, context);
+  return draw(distribution(logits, context), rng_.uniform());
+}
+
+std::int32_t draw(std::span<const float> weights, double u) {
   double acc = 0;
   std::int32_t last = 0;
-  for (std::size_t i = 0; i < dist.size(); ++i) {
-    if (dist[i] <= 0.0f) continue;
-    acc += dist[i];
+  for (std::size_t i = 0; i < weights.size(); ++i) {
+    if (weights[i] <= 0.0f) continue;
+    acc += weights[i];
     last = static_cast<std::int32_t>(i);
     if (u < acc) return last;
   }

@@ -43,11 +43,17 @@ class sampler {
   /// The normalised distribution sampling draws from (after penalty, temperature, top-k, top-p);
   /// used by speculative decoding and by tests. Empty for greedy.
   std::vector<float> distribution(std::span<const float> logits, std::span<const std::int32_t> context) const;
+  /// The greedy choice: argmax after the repetition penalty (what sample() returns at temperature 0).
+  std::int32_t greedy(std::span<const float> logits, std::span<const std::int32_t> context) const;
 
  private:
   sampling_params params_;
   rng rng_;
 };
+
+/// The token whose cumulative weight first exceeds u (0 <= u < total weight); weights need not
+/// sum to 1. Rounding that leaves u past the total gives the last token with weight.
+std::int32_t draw(std::span<const float> weights, double u);
 
 /// Index of the largest value (lowest index on ties).
 std::int32_t argmax(std::span<const float> values);

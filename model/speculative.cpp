@@ -12,17 +12,6 @@
 namespace troupe {
 namespace {
 
-std::int32_t sample_from(std::span<const float> weights, double total, rng& gen) {
-  double u = gen.uniform() * total;
-  for (std::size_t i = 0; i < weights.size(); ++i) {
-    u -= weights[i];
-    if (u < 0) return static_cast<std::int32_t>(i);
-  }
-  for (std::size_t i = weights.size(); i-- > 0;)  // rounding left u >= 0: the last positive weight
-    if (weights[i] > 0) return static_cast<std::int32_t>(i);
-  return 0;
-}
-
 std::vector<float> row(const tensor& logits, std::int64_t r) {
   const float* p = logits.data<float>() + r * logits.dim(1);
   return {p, p + logits.dim(1)};
@@ -30,12 +19,10 @@ std::vector<float> row(const tensor& logits, std::int64_t r) {
 
 }  // namespace
 
-verify_outcome verify_greedy(std::span<const std::vector<float>> target_logits, std::span<const std::int32_t> drafts) {
-  for (std::size_t i = 0; i < drafts.size(); ++i) {
-    const auto best = argmax(target_logits[i]);
-    if (best != drafts[i]) return {static_cast<std::int64_t>(i), best};
-  }
-  return {static_cast<std::int64_t>(drafts.size()), argmax(target_logits[drafts.size()])};
+verify_outcome verify_greedy(std::span<const std::int32_t> target_choices, std::span<const std::int32_t> drafts) {
+  for (std::size_t i = 0; i < drafts.size(); ++i)
+    if (target_choices[i] != drafts[i]) return {static_cast<std::int64_t>(i), target_choices[i]};
+  return {static_cast<std::int64_t>(drafts.size()), target_choices[drafts.size()]};
 }
 
 verify_outcome verify_sampled(std::span<const std::vector<float>> p, std::span<const std::vector<float>> q,
@@ -48,10 +35,10 @@ verify_outcome verify_sampled(std::span<const std::vector<float>> p, std::span<c
     std::vector<float> residual(p[i].size());
     double total = 0;
     for (std::size_t v = 0; v < residual.size(); ++v) total += residual[v] = std::max(0.0f, p[i][v] - q[i][v]);
-    if (total <= 0) return {static_cast<std::int64_t>(i), sample_from(p[i], 1.0, gen)};  // p == q up to rounding
-    return {static_cast<std::int64_t>(i), sample_from(residual, total, gen)};
+    if (total <= 0) return {static_cast<std::int64_t>(i), draw(p[i], gen.uniform())};  // p == q up to rounding
+    return {static_cast<std::int64_t>(i), draw(residual, gen.uniform() * total)};
   }
-  return {static_cast<std::int64_t>(drafts.size()), sample_from(p[drafts.size()], 1.0, gen)};
+  return {static_cast<std::int64_t>(drafts.size()), draw(p[drafts.size()], gen.uniform())};
 }
 
 void roll_back(sequence_state& state, std::int64_t num_tokens, const ngram_context& ngram) {
@@ -88,11 +75,11 @@ struct spec_sequence {
   // The round in progress.
   std::int64_t k = 0, draft_base = 0, target_base = 0;
   ngram_context draft_ngram, target_ngram;
-  std::vector<std::int32_t> drafts, feed, draft_context, verify_tokens;
+  std::vector<std::int32_t> drafts, feed, verify_tokens;
   std::vector<std::vector<float>> q;
 
   std::int32_t pick(const std::vector<float>& logits) {
-    return greedy ? argmax(logits) : sample_from(shape.distribution(logits, context), 1.0, gen);
+    return greedy ? shape.greedy(logits, context) : draw(shape.distribution(logits, context), gen.uniform());
   }
 };
 
@@ -210,7 +197,6 @@ std::vector<generation_result> generate_speculative_batch(model& target, const d
       s->draft_ngram = s->ds.ngram;
       s->drafts.clear();
       s->q.clear();
-      s->draft_context = s->context;
       s->feed = s->draft_pending;
       max_k = std::max(max_k, s->k);
     }
@@ -226,15 +212,17 @@ std::vector<generation_result> generate_speculative_batch(model& target, const d
       for (std::size_t j = 0; j < drafting.size(); ++j) {
         auto& s = *drafting[j];
         const auto l = row(logits, static_cast<std::int64_t>(j));
+        // The context (for the penalty) is the sequence's tokens plus the drafts so far.
+        s.context.insert(s.context.end(), s.drafts.begin(), s.drafts.end());
         std::int32_t d;
         if (s.greedy) {
-          d = argmax(l);
+          d = s.shape.greedy(l, s.context);
         } else {
-          s.q.push_back(s.shape.distribution(l, s.draft_context));
-          d = sample_from(s.q.back(), 1.0, s.gen);
+          s.q.push_back(s.shape.distribution(l, s.context));
+          d = draw(s.q.back(), s.gen.uniform());
         }
+        s.context.resize(s.context.size() - s.drafts.size());
         s.drafts.push_back(d);
-        s.draft_context.push_back(d);
         s.feed.assign(1, d);
       }
     }
@@ -252,15 +240,20 @@ std::vector<generation_result> generate_speculative_batch(model& target, const d
     for (std::size_t j = 0; j < active.size(); ++j) {
       auto& s = *active[j];
       const std::int64_t k = s.k;
+      // The target's choice (greedy) or distribution (sampling) at each of the k+1 positions,
+      // each after the tokens before it (drafts included, for the penalty).
+      std::vector<std::int32_t> choices;
       std::vector<std::vector<float>> p;
-      std::vector<std::int32_t> p_context = s.context;
+      const std::size_t own = s.context.size();
       for (std::int64_t i = 0; i <= k; ++i) {
         const auto l = row(logits, first_row + i);
-        p.push_back(s.greedy ? l : s.shape.distribution(l, p_context));
-        if (i < k) p_context.push_back(s.drafts[static_cast<std::size_t>(i)]);
+        if (s.greedy) choices.push_back(s.shape.greedy(l, s.context));
+        else p.push_back(s.shape.distribution(l, s.context));
+        if (i < k) s.context.push_back(s.drafts[static_cast<std::size_t>(i)]);
       }
+      s.context.resize(own);
       first_row += k + 1;
-      const verify_outcome v = s.greedy ? verify_greedy(p, s.drafts) : verify_sampled(p, s.q, s.drafts, s.gen);
+      const verify_outcome v = s.greedy ? verify_greedy(choices, s.drafts) : verify_sampled(p, s.q, s.drafts, s.gen);
       const speculation_switch change = k > 0 ? s.policy.record_round(v.accepted) : s.policy.record_plain_step();
       if (k > 0) {
         ++s.stats.rounds;

@@ -33,15 +33,16 @@ struct speculation_stats {
   double acceptance_rate() const { return drafted ? static_cast<double>(accepted) / static_cast<double>(drafted) : 0; }
 };
 
-/// The acceptance rule on one round. `p` are the target's k+1 distributions and `q` the
-/// draft's k (rows of V; empty rows for greedy, where p/q hold logits and argmax decides).
-/// Returns the number of drafts accepted (0..k) and, in `next`, the token that follows them
-/// (the correction on a rejection, or a fresh sample from p[k] when all were accepted).
+/// The acceptance rule on one round, for k drafts. Greedy: `target_choices` are the target's
+/// k+1 greedy tokens. Sampling: `p` are the target's k+1 distributions and `q` the draft's k
+/// (rows of V). Returns the number of drafts accepted (0..k) and, in `next`, the token that
+/// follows them (the correction on a rejection, or the target's token at position k when all
+/// were accepted).
 struct verify_outcome {
   std::int64_t accepted = 0;
   std::int32_t next = 0;
 };
-verify_outcome verify_greedy(std::span<const std::vector<float>> target_logits, std::span<const std::int32_t> drafts);
+verify_outcome verify_greedy(std::span<const std::int32_t> target_choices, std::span<const std::int32_t> drafts);
 verify_outcome verify_sampled(std::span<const std::vector<float>> p, std::span<const std::vector<float>> q,
                               std::span<const std::int32_t> drafts, rng& gen);
 

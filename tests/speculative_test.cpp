@@ -65,6 +65,26 @@ TEST(speculative, greedy_output_is_the_targets_own) {
   }
 }
 
+TEST(speculative, greedy_with_a_repetition_penalty_is_the_targets_own) {
+  // Greedy decoding applies the penalty before the argmax; verification must do the same.
+  auto& m = shared();
+  generation_params params;
+  params.sampling.temperature = 0;
+  params.sampling.repetition_penalty = 1.8f;
+  params.max_tokens = 40;
+  params.stop_on_eos = false;
+  for (std::uint64_t seed = 0; seed < 4; ++seed) {
+    const auto prompt = random_prompt(300 + seed, static_cast<std::int32_t>(m.target->config().vocab_size),
+                                      m.target->config().eos_token_id);
+    const auto plain = generate(*m.target, m.tok, prompt, params);
+    for (model* draft : {m.draft.get(), m.target.get()}) {
+      speculation_stats stats;
+      EXPECT_EQ(generate_speculative(*m.target, *draft, m.tok, prompt, params, {3, 1.0, 8, 0}, stats).ids, plain.ids)
+          << "seed " << seed;
+    }
+  }
+}
+
 TEST(speculative, generated_eos_resets_the_ngram_cache_like_a_plain_run) {
   // Force EOS into the generated text with stop_on_eos off: a prompt that ends in EOS makes the
   // verified tokens cross a segment boundary at once.
