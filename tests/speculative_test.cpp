@@ -42,6 +42,21 @@ std::vector<std::int32_t> random_prompt(std::uint64_t seed, std::int32_t vocab, 
   return p;
 }
 
+// n random prompts (seeds seed0..) with greedy parameters that ignore EOS.
+std::pair<std::vector<std::vector<std::int32_t>>, std::vector<generation_params>> greedy_batch(models& m, std::uint64_t seed0,
+                                                                                             std::size_t n, std::int32_t max_tokens) {
+  std::vector<std::vector<std::int32_t>> prompts;
+  std::vector<generation_params> params(n);
+  for (std::size_t i = 0; i < n; ++i) {
+    prompts.push_back(random_prompt(seed0 + i, static_cast<std::int32_t>(m.target->config().vocab_size),
+                                    m.target->config().eos_token_id));
+    params[i].sampling.temperature = 0;
+    params[i].max_tokens = max_tokens;
+    params[i].stop_on_eos = false;
+  }
+  return {prompts, params};
+}
+
 TEST(speculative, greedy_output_is_the_targets_own) {
   auto& m = shared();
   generation_params params;
@@ -138,17 +153,11 @@ TEST(speculative, a_batch_with_different_draft_lengths_verifies_together) {
   // tokens (budget ends, a policy switched off) and verify in one target forward; each must
   // produce what it produces alone.
   auto& m = shared();
-  const auto eos = m.target->config().eos_token_id;
-  std::vector<std::vector<std::int32_t>> prompts;
-  std::vector<generation_params> params;
-  for (std::uint64_t i = 0; i < 8; ++i) {
-    prompts.push_back(random_prompt(100 + i, static_cast<std::int32_t>(m.target->config().vocab_size), eos));
-    generation_params p;
-    p.sampling.temperature = i % 3 == 2 ? 0.9f : 0.0f;  // greedy and sampled side by side
-    p.sampling.seed = i;
-    p.max_tokens = static_cast<std::int32_t>(5 + 3 * i);
-    p.stop_on_eos = false;
-    params.push_back(p);
+  auto [prompts, params] = greedy_batch(m, 100, 8, 0);
+  for (std::size_t i = 0; i < 8; ++i) {
+    params[i].sampling.temperature = i % 3 == 2 ? 0.9f : 0.0f;  // greedy and sampled side by side
+    params[i].sampling.seed = i;
+    params[i].max_tokens = static_cast<std::int32_t>(5 + 3 * i);
   }
   const speculation_config config{3, 1.5, 3, 4};
   std::vector<speculation_stats> stats;
@@ -168,17 +177,7 @@ TEST(speculative, a_batch_with_different_draft_lengths_verifies_together) {
 
 TEST(speculative, hot_swapping_drafts_mid_generation_changes_no_output) {
   auto& m = shared();
-  const auto eos = m.target->config().eos_token_id;
-  std::vector<std::vector<std::int32_t>> prompts;
-  std::vector<generation_params> params;
-  for (std::uint64_t i = 0; i < 8; ++i) {
-    prompts.push_back(random_prompt(200 + i, static_cast<std::int32_t>(m.target->config().vocab_size), eos));
-    generation_params p;
-    p.sampling.temperature = 0;
-    p.max_tokens = 30;
-    p.stop_on_eos = false;
-    params.push_back(p);
-  }
+  const auto [prompts, params] = greedy_batch(m, 200, 8, 30);
   // Owned drafts loaded from disk, so releasing the old one is observable; every few rounds a
   // new one is offered, and now and then one of another vocabulary (refused).
   const auto draft_dir = m.draft_dir;

@@ -145,7 +145,7 @@ checkpoint_contents load_checkpoint(const fs::path& dir) {
   const auto file = safetensors_file::open(dir / "trainer_state.safetensors");
   for (const auto& [name, entry] : file.entries()) {
     named_array a = from_tensor(name, file.get(name));
-    const bool moment = name.size() > 8 && (name.ends_with(".exp_avg") || name.ends_with(".exp_avg_sq"));
+    const bool moment = name.ends_with(".exp_avg") || name.ends_with(".exp_avg_sq");
     (moment ? c.moments : c.values).push_back(std::move(a));
   }
   return c;

@@ -11,11 +11,6 @@ namespace troupe::train {
 namespace {
 
 template <class T>
-std::span<const T> cspan(const buffer<T>& b) {
-  return b;
-}
-
-template <class T>
 T sqrt_ratio(std::int64_t a, std::int64_t b) {
   return static_cast<T>(std::sqrt(static_cast<double>(a) / static_cast<double>(b)));
 }
@@ -69,6 +64,22 @@ void swiglu_layer<T>::backward(std::span<const T> dy, const cache& c, std::int64
 
 // ---- MLA ---------------------------------------------------------------------------------
 
+namespace {
+
+// Head h's keys of one sequence's rows [r0, r0 + s): key[j] = [k_nope_h(j) | k_rope(j)] [s, qk].
+template <class T>
+void gather_key(const typename mla_layer<T>::cache& c, const model_config& cf, std::int64_t r0, std::int64_t s,
+                std::int64_t h, buffer<T>& key) {
+  const auto heads = cf.num_attention_heads, nope = cf.qk_nope_head_dim, rope_dim = cf.qk_rope_head_dim;
+  const auto qk = cf.qk_head_dim(), kvr = cf.kv_lora_rank, lat_w = kvr + rope_dim, kvb_w = nope + cf.v_head_dim;
+  for (std::int64_t j = 0; j < s; ++j) {
+    std::copy_n(c.kvb.begin() + (r0 + j) * heads * kvb_w + h * kvb_w, nope, key.begin() + j * qk);
+    std::copy_n(c.k_lat.begin() + (r0 + j) * lat_w + kvr, rope_dim, key.begin() + j * qk + nope);
+  }
+}
+
+}  // namespace
+
 template <class T>
 buffer<T> mla_layer<T>::forward(std::span<const T> x, const batch_dims& dims, cache& c) const {
   const auto& cf = *config;
@@ -117,10 +128,7 @@ buffer<T> mla_layer<T>::forward(std::span<const T> x, const batch_dims& dims, ca
   for (std::int64_t seq = 0; seq < dims.sequences; ++seq) {
     const auto r0 = seq * s;
     for (std::int64_t h = 0; h < heads; ++h) {
-      for (std::int64_t j = 0; j < s; ++j) {  // key_h = [k_nope_h | k_rope]
-        std::copy_n(c.kvb.begin() + (r0 + j) * heads * kvb_w + h * kvb_w, nope, key.begin() + j * qk);
-        std::copy_n(c.k_lat.begin() + (r0 + j) * lat_w + kvr, rope_dim, key.begin() + j * qk + nope);
-      }
+      gather_key<T>(c, *config, r0, s, h, key);
       T* p = c.probs.data() + (seq * heads + h) * s * s;
       matmul<T>(transpose::no, transpose::yes, s, s, qk, c.q.data() + r0 * heads * qk + h * qk, heads * qk, key.data(),
                 qk, T(0), p, s);
@@ -157,10 +165,7 @@ void mla_layer<T>::backward(std::span<const T> dy, const cache& c, const batch_d
   for (std::int64_t seq = 0; seq < dims.sequences; ++seq) {
     const auto r0 = seq * s;
     for (std::int64_t h = 0; h < heads; ++h) {
-      for (std::int64_t j = 0; j < s; ++j) {
-        std::copy_n(c.kvb.begin() + (r0 + j) * heads * kvb_w + h * kvb_w, nope, key.begin() + j * qk);
-        std::copy_n(c.k_lat.begin() + (r0 + j) * lat_w + kvr, rope_dim, key.begin() + j * qk + nope);
-      }
+      gather_key<T>(c, *config, r0, s, h, key);
       const T* p = c.probs.data() + (seq * heads + h) * s * s;
       const T* d_out = dattn.data() + r0 * heads * vd + h * vd;
       const T* v = c.kvb.data() + r0 * heads * kvb_w + h * kvb_w + nope;

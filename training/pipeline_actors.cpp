@@ -84,6 +84,18 @@ void finish_reduce(stage_pointer self) {
   st.reduce_promise.deliver(st.optimizer->grad_square_sum());
 }
 
+// Replica 0: once its own reduce has begun and every other replica's share is in, sums them in
+// replica order (so the result does not depend on arrival order) and sends the sum back.
+void sum_when_complete(stage_pointer self) {
+  auto& s = self->state;
+  if (s.reduce_step < 0 || static_cast<std::int64_t>(s.shares.size()) < s.setup.num_replicas - 1) return;
+  for (auto& [replica, share] : s.shares) apply_share(s, share, share_mode::add);
+  const gradient_share sum = make_share(s, s.reduce_step);
+  for (std::int64_t r = 1; r < s.setup.num_replicas; ++r)
+    self->send(caf::actor_cast<train_stage_actor>(s.peers.at(static_cast<std::size_t>(r))), share_atom::value, sum);
+  finish_reduce(self);
+}
+
 void run_forward(stage_pointer self, train_micro_batch mb) {
   auto& st = self->state;
   const batch_dims dims{mb.sequences, mb.seq_len};
@@ -203,14 +215,8 @@ train_stage_actor::behavior_type stage_behavior(stage_pointer self, stage_setup 
         s.reduce_promise = self->make_response_promise<double>();
         if (s.setup.replica > 0) {
           self->send(caf::actor_cast<train_stage_actor>(s.peers.at(0)), share_atom::value, make_share(s, step));
-        } else if (static_cast<std::int64_t>(s.shares.size()) == s.setup.num_replicas - 1) {
-          guarded(self, [&] {  // every other replica's share came first
-            for (auto& [replica, share] : s.shares) apply_share(s, share, share_mode::add);
-            const gradient_share sum = make_share(s, step);
-            for (std::int64_t r = 1; r < s.setup.num_replicas; ++r)
-              self->send(caf::actor_cast<train_stage_actor>(s.peers.at(static_cast<std::size_t>(r))), share_atom::value, sum);
-            finish_reduce(self);
-          });
+        } else {
+          guarded(self, [&] { sum_when_complete(self); });  // the other replicas' shares may all be in
         }
         return s.reduce_promise;
       },
@@ -223,14 +229,7 @@ train_stage_actor::behavior_type stage_behavior(stage_pointer self, stage_setup 
             return;
           }
           s.shares[share.replica] = std::move(share);
-          // Sum in replica order once all are in and this replica's own reduce has begun.
-          if (s.reduce_step >= 0 && static_cast<std::int64_t>(s.shares.size()) == s.setup.num_replicas - 1) {
-            for (auto& [replica, sh] : s.shares) apply_share(s, sh, share_mode::add);
-            const gradient_share sum = make_share(s, s.reduce_step);
-            for (std::int64_t r = 1; r < s.setup.num_replicas; ++r)
-              self->send(caf::actor_cast<train_stage_actor>(s.peers.at(static_cast<std::size_t>(r))), share_atom::value, sum);
-            finish_reduce(self);
-          }
+          sum_when_complete(self);
         });
       },
       [=](apply_atom, const step_update& u) -> bool {

@@ -20,10 +20,6 @@ std::int64_t block_of(const std::string& name) {
   return std::stoll(name.substr(prefix.size()));
 }
 
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
-
 }  // namespace
 
 stage_range stage_range::split(std::int64_t num_layers, std::int64_t num_stages, std::int64_t index) {
@@ -54,7 +50,7 @@ stage_model<T>::stage_model(const model_config& config, stage_range range) : con
     p.name = spec.name;
     p.shape = spec.shape;
     if (spec.name == "model.embed_tokens.weight" || spec.name.find(".embedders.") != std::string::npos) p.role = param_role::table;
-    else if (ends_with(spec.name, "e_score_correction_bias")) p.role = param_role::router_bias;
+    else if (spec.name.ends_with("e_score_correction_bias")) p.role = param_role::router_bias;
     else if (spec.shape.size() == 1) p.role = param_role::norm;
     else p.role = param_role::matrix;
     std::int64_t n = 1;
@@ -132,7 +128,7 @@ void stage_model<T>::init(std::uint64_t seed) {
     // n-gram rows never seen in training keep their initial values (lazy updates, no decay)
     // and still sum into every embedding whose hash lands there: start them small.
     const double table_std = p.name.find(".embedders.") != std::string::npos ? 0.02 : 1.0;
-    if (ends_with(p.name, "o_proj.weight") || ends_with(p.name, "down_proj.weight")) stddev *= residual_scale;
+    if (p.name.ends_with("o_proj.weight") || p.name.ends_with("down_proj.weight")) stddev *= residual_scale;
     for (auto& v : p.value) {
       switch (p.role) {
         case param_role::table: v = static_cast<T>(gen.normal() * table_std); break;

@@ -27,8 +27,6 @@ json_fields section(const json_fields& parent, std::string_view name, const std:
   return json_fields{o, source};
 }
 
-double number_or(const json_fields& f, std::string_view field, double fallback) { return f.number_or(field, fallback); }
-
 }  // namespace
 
 train_config load_train_config(const fs::path& path) {
@@ -74,7 +72,7 @@ train_config load_train_config(const fs::path& path) {
     c.data.sources.push_back(resolve(std::string(s)));
   }
   c.data.seq_len = data.positive("seq_len");
-  c.data.validation_fraction = number_or(data, "validation_fraction", 0.01);
+  c.data.validation_fraction = data.number_or("validation_fraction", 0.01);
 
   if (f.has("batch")) {
     const auto b = section(f, "batch", source + " (batch)");
@@ -96,15 +94,15 @@ train_config load_train_config(const fs::path& path) {
                    "grad_clip", "router_bias_rate"},
                " in 'optimizer'");
     auto& x = c.optimizer;
-    x.learning_rate = number_or(o, "learning_rate", x.learning_rate);
-    x.min_learning_rate = number_or(o, "min_learning_rate", x.min_learning_rate);
+    x.learning_rate = o.number_or("learning_rate", x.learning_rate);
+    x.min_learning_rate = o.number_or("min_learning_rate", x.min_learning_rate);
     x.warmup_steps = o.integer_or("warmup_steps", x.warmup_steps);
-    x.beta1 = number_or(o, "beta1", x.beta1);
-    x.beta2 = number_or(o, "beta2", x.beta2);
-    x.epsilon = number_or(o, "epsilon", x.epsilon);
-    x.weight_decay = number_or(o, "weight_decay", x.weight_decay);
-    x.grad_clip = number_or(o, "grad_clip", x.grad_clip);
-    x.router_bias_rate = number_or(o, "router_bias_rate", x.router_bias_rate);
+    x.beta1 = o.number_or("beta1", x.beta1);
+    x.beta2 = o.number_or("beta2", x.beta2);
+    x.epsilon = o.number_or("epsilon", x.epsilon);
+    x.weight_decay = o.number_or("weight_decay", x.weight_decay);
+    x.grad_clip = o.number_or("grad_clip", x.grad_clip);
+    x.router_bias_rate = o.number_or("router_bias_rate", x.router_bias_rate);
     if (x.learning_rate <= 0 || x.min_learning_rate < 0 || x.min_learning_rate > x.learning_rate)
       o.fail("learning_rate", "must be positive and at least min_learning_rate");
     if (x.beta1 < 0 || x.beta1 >= 1 || x.beta2 < 0 || x.beta2 >= 1) o.fail("beta1", "beta1 and beta2 must be in [0, 1)");
