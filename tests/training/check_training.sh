@@ -81,6 +81,9 @@ expect_error "malformed JSON" "not valid JSON" "$troupe" train --config broken.j
 config other 1 1; sed -i 's/"out": "other"/"out": "full"/; s/model.json/model2.json/' other.json
 sed 's/"hidden_size": 64/"hidden_size": 48/' model.json > model2.json
 expect_error "resuming with a checkpoint of another model" "config differs" "$troupe" train --config other.json --resume --steps 12
+cp -r full broken && config broken 1 1
+truncate -s 100 broken/checkpoints/step-000008/trainer_state.safetensors
+expect_error "resuming from a truncated checkpoint" "trainer_state.safetensors" "$troupe" train --config broken.json --resume --steps 12
 config nowhere 1 1
 expect_error "resuming where there is no checkpoint" "has no checkpoint" "$troupe" train --config nowhere.json --resume
 
