@@ -3,6 +3,7 @@
 #pragma once
 
 #include <memory>
+#include <string>
 
 #include "gpu/backend.hpp"
 #include "model/model.hpp"
@@ -10,6 +11,7 @@
 namespace troupe {
 
 struct compute_context {
+  std::string model_dir;  // where the model came from (a draft's tokenizer is compared with its)
   std::unique_ptr<backend> be;
   std::unique_ptr<model> net;
 };

@@ -6,6 +6,7 @@
 
 #include <unordered_map>
 
+#include "model/speculative.hpp"
 #include "protocol/errors.hpp"
 
 namespace troupe {
@@ -25,13 +26,34 @@ auto guarded(const char* actor, F&& f) -> caf::result<decltype(f())> {
 
 // ---- embedding -------------------------------------------------------------------------
 
+// One sequence's N-gram cache, and what rewinding it after rejected drafts needs.
+struct embedding_sequence {
+  ngram_context context;          // after every token embedded so far
+  ngram_context before;           // at the start of the last step
+  std::int64_t start = 0, end = 0;  // positions the last step covered: [start, end)
+  std::vector<std::int32_t> fed;  // the last step's tokens, kept when they held drafts
+};
+
 struct embedding_state {
   embedding_state() = default;  // not an aggregate: CAF would otherwise initialise the first member from the actor pointer
   shared_compute compute;
   stage_actor next;
-  std::unordered_map<seq_id, ngram_context> contexts;
+  std::unordered_map<seq_id, embedding_sequence> seqs;
   static inline const char* name = "troupe.embedding";
 };
+
+// The sequence's N-gram cache at `position`: where the last step ended, or (drafts rejected)
+// rebuilt from the cache before it and the tokens that were kept.
+ngram_context& context_at(const model& net, embedding_sequence& s, seq_id id, std::int64_t position) {
+  if (position == s.end) return s.context;
+  const auto kept = position - s.start;
+  if (kept < 0 || kept > static_cast<std::int64_t>(s.fed.size()))
+    throw std::runtime_error("sequence " + std::to_string(id) + " continues at position " + std::to_string(position) +
+                             ", its n-gram cache is at " + std::to_string(s.end));
+  s.context = s.before;
+  net.advance_ngram(s.context, std::span(s.fed).first(static_cast<std::size_t>(kept)));
+  return s.context;
+}
 
 embedding_actor::behavior_type embedding_impl(embedding_actor::stateful_pointer<embedding_state> self,
                                               shared_compute compute, stage_actor next) {
@@ -45,12 +67,24 @@ embedding_actor::behavior_type embedding_impl(embedding_actor::stateful_pointer<
         try {
           const step_layout layout = layout_of(plan);
           for (std::size_t i = 0; i < plan.sequences.size(); ++i) {
-            if (plan.first_position[i] > 0 && !st.contexts.count(plan.sequences[i]))
-              throw std::runtime_error("no n-gram context for sequence " + std::to_string(plan.sequences[i]) +
-                                       " (lost in a restart)");
-            auto& ctx = st.contexts[plan.sequences[i]];
-            if (plan.first_position[i] == 0) ctx = {};  // a new sequence starts without history
-            contexts.push_back(&ctx);
+            const auto id = plan.sequences[i];
+            const auto p = plan.first_position[i];
+            auto it = st.seqs.find(id);
+            if (p > 0 && it == st.seqs.end())
+              throw std::runtime_error("no n-gram context for sequence " + std::to_string(id) + " (lost in a restart)");
+            if (p == 0) it = st.seqs.insert_or_assign(id, embedding_sequence{}).first;  // a new sequence starts without history
+            auto& s = it->second;
+            s.before = context_at(*st.compute->net, s, id, p);
+            s.start = p;
+            s.end = p + plan.num_tokens[i];
+            const bool drafts = !plan.draft_tokens.empty() && plan.draft_tokens[i] > 0;
+            if (drafts) {
+              const auto* t = plan.tokens.data() + layout.row_begin[i];
+              s.fed.assign(t, t + plan.num_tokens[i]);
+            } else {
+              s.fed.clear();
+            }
+            contexts.push_back(&s.context);
           }
           tensor tokens = tensor::empty({layout.total_rows}, dtype::i32);
           std::copy(plan.tokens.begin(), plan.tokens.end(), tokens.data<std::int32_t>());
@@ -62,7 +96,7 @@ embedding_actor::behavior_type embedding_impl(embedding_actor::stateful_pointer<
         return self->delegate(st.next, forward_atom::value, std::move(out));
       },
       [=](free_atom, std::vector<seq_id>& ids) {
-        for (auto id : ids) self->state.contexts.erase(id);
+        for (auto id : ids) self->state.seqs.erase(id);
         self->send(self->state.next, free_atom::value, std::move(ids));  // frees travel down the pipeline
       },
       [=](new_next_atom, caf::actor& next) { self->state.next = caf::actor_cast<stage_actor>(next); },
@@ -201,8 +235,11 @@ stage_actor::behavior_type stage_impl(stage_pointer self, shared_compute compute
 // ---- head ------------------------------------------------------------------------------
 
 struct sequence_sampler {
+  explicit sequence_sampler(const sampling_params& p) : pick(p), verify(p.seed ^ 0x2545f4914f6cdd1dull), greedy(p.temperature == 0) {}
   sampler pick;
-  std::vector<std::int32_t> context;  // prompt and generated tokens, for the repetition penalty
+  rng verify;                         // the rejection rule's randomness (speculative steps)
+  bool greedy;
+  std::vector<std::int32_t> context;  // tokens by position, for the repetition penalty
 };
 
 struct head_state {
@@ -212,6 +249,18 @@ struct head_state {
   static inline const char* name = "troupe.head";
 };
 
+// The head's rows of a step: each sequence's last row, or its last 1 + k rows when it
+// carries k drafts (the target's prediction after each of them).
+std::vector<std::int32_t> scored_rows(const step_plan& plan, const step_layout& layout) {
+  std::vector<std::int32_t> rows;
+  for (std::size_t i = 0; i < plan.sequences.size(); ++i) {
+    const std::int64_t k = plan.draft_tokens.empty() ? 0 : plan.draft_tokens[i];
+    const std::int64_t end = layout.row_begin[i] + layout.num_rows[i];
+    for (std::int64_t r = end - 1 - k; r < end; ++r) rows.push_back(static_cast<std::int32_t>(r));
+  }
+  return rows;
+}
+
 stage_actor::behavior_type head_impl(stage_actor::stateful_pointer<head_state> self, shared_compute compute) {
   self->state.compute = std::move(compute);
   return {
@@ -220,26 +269,52 @@ stage_actor::behavior_type head_impl(stage_actor::stateful_pointer<head_state> s
           auto& st = self->state;
           const auto& plan = batch.plan;
           const step_layout layout = layout_of(plan);
-          const auto last = layout.last_rows();
           model& net = *st.compute->net;
-          const tensor logits = st.compute->be->download(
-              net.head(net.gather(batch.hidden, std::vector<std::int32_t>(last.begin(), last.end()))));
+          const tensor logits = st.compute->be->download(net.head(net.gather(batch.hidden, scored_rows(plan, layout))));
           const auto vocab = static_cast<std::size_t>(logits.dim(1));
           step_result out;
           out.step = plan.step;
           out.sequences = plan.sequences;
+          out.draft_model = plan.draft_model;
+          std::size_t row = 0, q_row = 0;
           for (std::size_t i = 0; i < plan.sequences.size(); ++i) {
             auto it = st.samplers.find(plan.sequences[i]);
             if (plan.first_position[i] > 0 && it == st.samplers.end())
               throw std::runtime_error("no sampler state for sequence " + std::to_string(plan.sequences[i]) +
                                        " (lost in a restart)");
             if (plan.first_position[i] == 0)
-              it = st.samplers.insert_or_assign(plan.sequences[i], sequence_sampler{sampler(plan.sampling[i]), {}}).first;
+              it = st.samplers.insert_or_assign(plan.sequences[i], sequence_sampler(plan.sampling[i])).first;
             auto& s = it->second;
+            const std::int64_t k = plan.draft_tokens.empty() ? 0 : plan.draft_tokens[i];
             const auto* t = plan.tokens.data() + layout.row_begin[i];
-            s.context.insert(s.context.end(), t, t + layout.num_rows[i]);
-            const std::int32_t token = s.pick.sample({logits.data<float>() + i * vocab, vocab}, s.context);
-            out.tokens.push_back(token);
+            // Rejected drafts of the last step leave the context; this step's own tokens join it.
+            s.context.resize(static_cast<std::size_t>(plan.first_position[i]));
+            s.context.insert(s.context.end(), t, t + layout.num_rows[i] - k);
+            const std::span<const float> scores(logits.data<float>() + row * vocab, static_cast<std::size_t>(k + 1) * vocab);
+            row += static_cast<std::size_t>(k + 1);
+            if (k == 0) {
+              out.tokens.push_back(s.pick.sample(scores, s.context));
+              out.drafted.push_back(0);
+              out.accepted.push_back(0);
+              continue;
+            }
+            const std::span<const std::int32_t> drafts(t + layout.num_rows[i] - k, static_cast<std::size_t>(k));
+            std::vector<std::vector<float>> q;
+            if (!s.greedy && (!plan.draft_probs.defined() || plan.draft_probs.dim(1) != static_cast<std::int64_t>(vocab) ||
+                              static_cast<std::int64_t>(q_row) + k > plan.draft_probs.dim(0)))
+              throw std::runtime_error("sequence " + std::to_string(plan.sequences[i]) +
+                                       " carries sampled drafts without the draft's distributions");
+            if (!s.greedy)
+              for (std::int64_t j = 0; j < k; ++j, ++q_row) {
+                const float* r = plan.draft_probs.data<float>() + q_row * vocab;
+                q.emplace_back(r, r + vocab);
+              }
+            const verify_outcome v = verify_round(s.pick, s.greedy, scores, vocab, s.context, drafts, q, s.verify);
+            s.context.insert(s.context.end(), drafts.begin(), drafts.begin() + v.accepted);
+            out.tokens.insert(out.tokens.end(), drafts.begin(), drafts.begin() + v.accepted);
+            out.tokens.push_back(v.next);
+            out.drafted.push_back(k);
+            out.accepted.push_back(v.accepted);
           }
           return out;
         });

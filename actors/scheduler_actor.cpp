@@ -6,7 +6,9 @@
 #include <caf/typed_event_based_actor.hpp>
 
 #include <deque>
+#include <iostream>
 #include <map>
+#include <optional>
 
 #include "protocol/errors.hpp"
 
@@ -22,6 +24,9 @@ struct request_state {
   std::int64_t blocks = 0;            // KV blocks reserved
   std::int64_t cached = 0;            // tokens in the caches
   std::vector<std::int32_t> generated;
+  std::int64_t fed = 0;               // tokens the step in flight adds before its drafts
+  std::optional<speculation_policy> policy;
+  std::int64_t rounds = 0, drafted = 0, accepted = 0;
   bool cancelled = false;
   bool in_step = false;               // in a step in flight (a sequence is in at most one)
   clock_type::time_point arrived, first_token, last_token;
@@ -40,6 +45,8 @@ struct scheduler_state {
   scheduler_metrics metrics;
   double ttft_sum = 0, itl_sum = 0;
   std::int64_t ttft_n = 0, itl_n = 0;
+  std::map<std::string, draft_metrics> drafts;  // per draft model
+  bool over_batch_cutoff = false;               // speculation paused for the batch size (logged on change)
   static inline const char* name = "troupe.scheduler";
 };
 
@@ -56,6 +63,9 @@ void finish(scheduler_pointer self, request_state& r, request_end reason, const 
   const auto now = clock_type::now();
   done.total_s = std::chrono::duration<double>(now - r.arrived).count();
   if (!r.generated.empty()) done.time_to_first_token_s = std::chrono::duration<double>(r.first_token - r.arrived).count();
+  done.draft_rounds = r.rounds;
+  done.drafted_tokens = r.drafted;
+  done.accepted_tokens = r.accepted;
   caf::anon_send(r.subscriber, done_atom::value, std::move(done));
   st.blocks_used -= r.blocks;
   switch (reason) {
@@ -91,37 +101,73 @@ void admit(scheduler_pointer self) {
   }
 }
 
-void on_step_done(scheduler_pointer self, const std::vector<seq_id>& sequences, const step_result& result) {
+// Speculation's bookkeeping for one sequence's step: stats, per-draft metrics, the policy.
+void record_speculation(scheduler_pointer self, request_state& r, std::int64_t drafted, std::int64_t accepted,
+                        const std::string& draft) {
+  auto& st = self->state;
+  if (!r.policy) return;
+  speculation_switch change;
+  if (drafted > 0) {
+    ++r.rounds;
+    r.drafted += drafted;
+    r.accepted += accepted;
+    auto& m = st.drafts[draft];
+    m.draft = draft;
+    ++m.rounds;
+    m.drafted += drafted;
+    m.accepted += accepted;
+    change = r.policy->record_round(accepted);
+  } else {
+    change = r.policy->record_plain_step();
+  }
+  if (change == speculation_switch::turned_off) ++st.metrics.speculation_off_switches;
+  if (change != speculation_switch::none)
+    std::cerr << "[scheduler] request '" << r.req.id << "': " << r.policy->describe(change) << std::endl;
+}
+
+void on_step_done(scheduler_pointer self, const step_result& result) {
   auto& st = self->state;
   std::vector<seq_id> ended;
   const auto now = clock_type::now();
+  std::size_t offset = 0;
   for (std::size_t i = 0; i < result.sequences.size(); ++i) {
+    const std::int64_t accepted = result.accepted.empty() ? 0 : result.accepted[i];
+    const std::int64_t drafted = result.drafted.empty() ? 0 : result.drafted[i];
+    const std::span<const std::int32_t> tokens(result.tokens.data() + offset, static_cast<std::size_t>(1 + accepted));
+    offset += tokens.size();
     auto it = st.running.find(result.sequences[i]);
     if (it == st.running.end()) continue;
     auto& r = it->second;
-    r.cached += r.generated.empty() ? static_cast<std::int64_t>(r.req.prompt.size()) : 1;
+    r.cached += r.fed + accepted;  // the step's own tokens and the accepted drafts are in the caches
     if (r.cancelled) {
       finish(self, r, request_end::cancelled);
       ended.push_back(r.seq);
       continue;
     }
-    const std::int32_t token = result.tokens[i];
+    record_speculation(self, r, drafted, accepted, result.draft_model);
     if (r.generated.empty()) {
       r.first_token = now;
       st.ttft_sum += std::chrono::duration<double>(now - r.arrived).count();
       ++st.ttft_n;
     } else {
       st.itl_sum += std::chrono::duration<double>(now - r.last_token).count();
-      ++st.itl_n;
+      st.itl_n += static_cast<std::int64_t>(tokens.size());
     }
     r.last_token = now;
-    r.generated.push_back(token);
-    ++st.metrics.generated_tokens;
-    caf::anon_send(r.subscriber, token_atom::value, r.req.id, token);
-    if (r.req.stop_on_eos && token == st.limits.eos_token_id) finish(self, r, request_end::eos), ended.push_back(r.seq);
-    else if (static_cast<std::int32_t>(r.generated.size()) >= r.req.max_tokens) finish(self, r, request_end::length), ended.push_back(r.seq);
+    for (const std::int32_t token : tokens) {
+      r.generated.push_back(token);
+      ++st.metrics.generated_tokens;
+      caf::anon_send(r.subscriber, token_atom::value, r.req.id, token);
+      if (r.req.stop_on_eos && token == st.limits.eos_token_id) {
+        finish(self, r, request_end::eos), ended.push_back(r.seq);
+        break;
+      }
+      if (static_cast<std::int32_t>(r.generated.size()) >= r.req.max_tokens) {
+        finish(self, r, request_end::length), ended.push_back(r.seq);
+        break;
+      }
+    }
   }
-  (void)sequences;
   for (auto id : ended) st.running.erase(id);
   free_sequences(self, std::move(ended));
 }
@@ -140,10 +186,26 @@ void on_step_failed(scheduler_pointer self, const std::vector<seq_id>& sequences
   free_sequences(self, std::move(ended));
 }
 
+// Tokens sequence r may draft in its next step: its policy's k, never past max_tokens (the
+// target adds one token of its own), none while the batch is over the cutoff.
+std::int64_t draft_budget(const scheduler_state& st, const request_state& r) {
+  if (!r.policy || st.over_batch_cutoff) return 0;
+  const std::int64_t remaining = r.req.max_tokens - static_cast<std::int64_t>(r.generated.size());
+  return std::clamp<std::int64_t>(r.policy->next_draft_tokens(), 0, remaining - 1);
+}
+
 void send_step(scheduler_pointer self, const std::vector<seq_id>& sequences) {
   auto& st = self->state;
   step_plan plan;
   plan.step = st.next_step++;
+  if (st.limits.speculative) {
+    const bool over = st.limits.speculation_max_batch > 0 &&
+                      static_cast<std::int64_t>(sequences.size()) > st.limits.speculation_max_batch;
+    if (over != st.over_batch_cutoff)
+      std::cerr << "[scheduler] speculation " << (over ? "paused" : "resumed") << ": " << sequences.size()
+                << " sequences in a step (cutoff " << st.limits.speculation_max_batch << ")" << std::endl;
+    st.over_batch_cutoff = over;
+  }
   for (auto id : sequences) {
     auto& r = st.running.at(id);
     r.in_step = true;
@@ -158,6 +220,8 @@ void send_step(scheduler_pointer self, const std::vector<seq_id>& sequences) {
       plan.num_tokens.push_back(1);
       plan.tokens.push_back(r.generated.back());
     }
+    r.fed = plan.num_tokens.back();
+    if (st.limits.speculative) plan.draft_tokens.push_back(draft_budget(st, r));
   }
   const auto step = plan.step;
   st.in_flight.emplace(step, sequences);
@@ -175,7 +239,7 @@ void send_step(scheduler_pointer self, const std::vector<seq_id>& sequences) {
       .then(
           [=](step_result& result) {
             if (!release()) return;
-            on_step_done(self, sequences, result);
+            on_step_done(self, result);
             schedule(self);
           },
           [=](caf::error& err) {
@@ -239,7 +303,16 @@ scheduler_actor::behavior_type scheduler_impl(scheduler_pointer self, embedding_
           return refuse("prompt (" + std::to_string(req.prompt.size()) + ") + max_tokens (" +
                         std::to_string(req.max_tokens) + ") exceeds the context length " +
                         std::to_string(st.limits.max_context));
-        const std::int64_t blocks = (total + st.limits.kv_block_tokens - 1) / st.limits.kv_block_tokens;
+        // Speculation writes up to k drafts past the last kept token into the caches.
+        const std::int32_t k = st.limits.speculative
+                                   ? static_cast<std::int32_t>(std::min<std::int64_t>(
+                                         req.draft_tokens < 0 ? st.limits.speculation.draft_tokens : req.draft_tokens,
+                                         st.limits.max_draft_tokens))
+                                   : 0;
+        if (req.draft_tokens > st.limits.max_draft_tokens)
+          return refuse("draft_tokens (" + std::to_string(req.draft_tokens) + ") exceeds the server's limit of " +
+                        std::to_string(st.limits.max_draft_tokens));
+        const std::int64_t blocks = (total + k + st.limits.kv_block_tokens - 1) / st.limits.kv_block_tokens;
         if (blocks > st.limits.kv_blocks)
           return refuse("needs " + std::to_string(blocks) + " KV blocks, the whole budget is " +
                         std::to_string(st.limits.kv_blocks));
@@ -250,6 +323,11 @@ scheduler_actor::behavior_type scheduler_impl(scheduler_pointer self, embedding_
         r.subscriber = std::move(subscriber);
         r.blocks = blocks;
         r.arrived = clock_type::now();
+        if (k > 0) {
+          speculation_config c = st.limits.speculation;
+          c.draft_tokens = k;
+          r.policy.emplace(c);
+        }
         if (r.req.max_tokens == 0) {
           finish(self, r, request_end::length);
           return true;
@@ -290,6 +368,7 @@ scheduler_actor::behavior_type scheduler_impl(scheduler_pointer self, embedding_
         m.kv_blocks_used = st.blocks_used;
         m.mean_time_to_first_token_s = st.ttft_n ? st.ttft_sum / static_cast<double>(st.ttft_n) : 0;
         m.mean_inter_token_s = st.itl_n ? st.itl_sum / static_cast<double>(st.itl_n) : 0;
+        for (const auto& [name, d] : st.drafts) m.drafts.push_back(d);
         return m;
       },
   };

@@ -107,7 +107,9 @@ int generate_with_graph(const std::string& model_dir, const std::string& topolog
 
 namespace {
 
-std::vector<std::string> api_keys(const std::string& file) {
+// Keys from a file (one per line, # comments) and from the environment variable `env_name`
+// (comma-separated).
+std::vector<std::string> read_keys(const std::string& file, const char* env_name) {
   std::vector<std::string> keys;
   auto add_lines = [&](std::istream& in) {
     for (std::string line; std::getline(in, line);) {
@@ -118,10 +120,10 @@ std::vector<std::string> api_keys(const std::string& file) {
   };
   if (!file.empty()) {
     std::ifstream in(file);
-    if (!in) throw input_error("cannot read the API key file " + file);
+    if (!in) throw input_error("cannot read the key file " + file);
     add_lines(in);
   }
-  if (const char* env = std::getenv("TROUPE_API_KEYS")) {  // comma-separated
+  if (const char* env = std::getenv(env_name)) {
     std::string all = env;
     std::replace(all.begin(), all.end(), ',', '\n');
     std::istringstream in(all);
@@ -134,10 +136,11 @@ std::vector<std::string> api_keys(const std::string& file) {
 
 void add_graph_commands(CLI::App& app, std::function<int()>& run) {
   struct serve_opts {
-    std::string model = "models/demo", topology = "local", host = "127.0.0.1", keys_file, name, chat_template;
+    std::string model = "models/demo", topology = "local", host = "127.0.0.1", keys_file, admin_keys_file, name, chat_template;
     int port = 8080, threads = 0, http_threads = 2;
     int grace_s = 30;
     gateway::gateway_options gateway;
+    speculation_setup speculation;  // applies when --draft is given (else the topology's)
   };
   auto so = std::make_shared<serve_opts>();
   auto* serve = app.add_subcommand("serve", "Serve a model: the actor graph behind an HTTP + WebSocket gateway");
@@ -153,6 +156,24 @@ void add_graph_commands(CLI::App& app, std::function<int()>& run) {
                     "chat template JSON {\"message\": \"<|{role}|>\\n{content}\\n\", \"generation_prompt\": ...}; "
                     "default: the model's chat_template.json, else that built-in format")
       ->check(CLI::ExistingFile);
+  serve->add_option("--admin-keys-file", so->admin_keys_file,
+                    "file of admin keys (or TROUPE_ADMIN_KEYS=k1,k2): enables /admin/draft for `troupe draft` (hot swap)");
+  serve->add_option("--draft", so->speculation.draft,
+                    "speculative decoding with this draft model directory (same tokenizer), e.g. models/demo-draft; "
+                    "overrides the topology's \"speculation\" section");
+  serve->add_option("--draft-tokens", so->speculation.policy.draft_tokens, "tokens drafted per step by default (a request's "
+                    "\"draft_tokens\" overrides it)")->capture_default_str();
+  serve->add_option("--draft-max-tokens", so->speculation.max_draft_tokens, "the most draft tokens a request may ask for")
+      ->capture_default_str();
+  serve->add_option("--draft-min-acceptance", so->speculation.policy.min_acceptance_length,
+                    "a request stops drafting when fewer drafts than this are accepted per round (over --draft-window rounds)")
+      ->capture_default_str();
+  serve->add_option("--draft-window", so->speculation.policy.window, "rounds averaged for that decision")->capture_default_str();
+  serve->add_option("--draft-retry-after", so->speculation.policy.retry_after,
+                    "plain steps before drafting again (doubling after each failed retry; 0: never switch off)")
+      ->capture_default_str();
+  serve->add_option("--draft-max-batch", so->speculation.max_batch,
+                    "no drafting in steps of more sequences than this (0: no cutoff)")->capture_default_str();
   serve->add_option("--threads", so->threads, "compute threads; 0 = all cores")->capture_default_str();
   serve->add_option("--http-threads", so->http_threads, "gateway I/O threads")->capture_default_str();
   serve->add_option("--max-tokens-limit", so->gateway.limits.max_tokens, "largest max_tokens a request may ask")
@@ -169,18 +190,30 @@ void add_graph_commands(CLI::App& app, std::function<int()>& run) {
       auto compute = load_compute(so->model, so->threads);
       const auto& config = compute->net->config();
       auto tok = std::make_shared<const tokenizer>(tokenizer::load(std::filesystem::path(so->model) / "tokenizer.json"));
-      auto graph = inference_graph::start(*sys, compute, topology_for(so->topology, config));
+      auto topo = topology_for(so->topology, config);
+      if (!so->speculation.draft.empty()) {
+        validate_speculation(so->speculation);
+        topo.speculation = so->speculation;
+      }
+      auto graph = inference_graph::start(*sys, compute, topo);
       auto opt = so->gateway;
       opt.host = so->host;
       opt.port = static_cast<std::uint16_t>(so->port);
       opt.threads = so->http_threads;
       opt.model_name = so->name.empty() ? std::filesystem::path(so->model).filename().string() : so->name;
-      opt.api_keys = api_keys(so->keys_file);
+      opt.api_keys = read_keys(so->keys_file, "TROUPE_API_KEYS");
+      opt.admin_keys = read_keys(so->admin_keys_file, "TROUPE_ADMIN_KEYS");
       const auto model_template = std::filesystem::path(so->model) / "chat_template.json";
       if (!so->chat_template.empty()) opt.chat = gateway::chat_template::load(so->chat_template);
       else if (std::filesystem::exists(model_template)) opt.chat = gateway::chat_template::load(model_template.string());
       gateway::gateway_server server(*sys, caf::actor_cast<caf::actor>(graph.scheduler), tok, config, opt);
+      if (graph.draft) server.set_draft(caf::actor_cast<caf::actor>(graph.draft));
       server.start();
+      if (graph.draft)
+        std::cerr << "[serve] speculative decoding with draft " << topo.speculation.draft << " (k = "
+                  << topo.speculation.policy.draft_tokens << ")"
+                  << (opt.admin_keys.empty() ? "" : "; hot swap: build/troupe draft load DIR --port " + std::to_string(server.port()))
+                  << std::endl;
       std::cerr << "[serve] model '" << opt.model_name << "' (" << so->model << "), topology " << so->topology
                 << ", listening on http://" << opt.host << ":" << server.port()
                 << (opt.api_keys.empty() ? "" : " (API keys required)") << "\n"

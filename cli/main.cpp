@@ -22,6 +22,7 @@ int main(int argc, char** argv) {
   troupe::cli::add_graph_commands(app, run);
   troupe::cli::add_train_commands(app, run);
   troupe::cli::add_chat_command(app, run);
+  troupe::cli::add_draft_command(app, run);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -37,7 +37,8 @@ void histogram::render(std::string& out, const std::string& name) const {
 
 gateway_metrics::gateway_metrics()
     : ttft_({0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30}),
-      itl_({0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1}) {}
+      itl_({0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1}),
+      acceptance_({0.25, 0.5, 1, 1.5, 2, 2.5, 3, 4, 5, 6, 8}) {}
 
 void gateway_metrics::request_finished(const std::string& outcome) {
   std::lock_guard<std::mutex> lock(mutex_);
@@ -60,6 +61,12 @@ void gateway_metrics::inter_token(double seconds) {
   itl_.observe(seconds);
 }
 
+void gateway_metrics::speculation(const request_done& done) {
+  if (done.draft_rounds == 0) return;
+  std::lock_guard<std::mutex> lock(mutex_);
+  acceptance_.observe(static_cast<double>(done.accepted_tokens) / static_cast<double>(done.draft_rounds));
+}
+
 void gateway_metrics::connection_opened() {
   std::lock_guard<std::mutex> lock(mutex_);
   ++connections_;
@@ -69,6 +76,39 @@ void gateway_metrics::connection_closed() {
   std::lock_guard<std::mutex> lock(mutex_);
   --connections_;
 }
+
+namespace {
+
+// A Prometheus label value: backslash, quote and newline escaped.
+std::string label(const std::string& v) {
+  std::string out;
+  for (char c : v) {
+    if (c == '\\' || c == '"') out += '\\';
+    if (c == '\n') out += "\\n";
+    else out += c;
+  }
+  return out;
+}
+
+// Per draft model: rounds, drafted and accepted tokens, and what they mean.
+void render_speculation(std::string& out, const scheduler_metrics& s) {
+  line(out, "troupe_speculation_rounds_total", "Verification rounds of drafted tokens, per draft model.", "counter");
+  for (const auto& d : s.drafts) out += "troupe_speculation_rounds_total{draft=\"" + label(d.draft) + "\"} " + std::to_string(d.rounds) + "\n";
+  line(out, "troupe_speculation_drafted_tokens_total", "Tokens proposed by the draft, per draft model.", "counter");
+  for (const auto& d : s.drafts) out += "troupe_speculation_drafted_tokens_total{draft=\"" + label(d.draft) + "\"} " + std::to_string(d.drafted) + "\n";
+  line(out, "troupe_speculation_accepted_tokens_total", "Drafted tokens the target accepted, per draft model.", "counter");
+  for (const auto& d : s.drafts) out += "troupe_speculation_accepted_tokens_total{draft=\"" + label(d.draft) + "\"} " + std::to_string(d.accepted) + "\n";
+  line(out, "troupe_speculation_acceptance_length", "Mean drafts accepted per round, per draft model.", "gauge");
+  for (const auto& d : s.drafts)
+    out += "troupe_speculation_acceptance_length{draft=\"" + label(d.draft) + "\"} " + num(d.rounds ? double(d.accepted) / double(d.rounds) : 0) + "\n";
+  line(out, "troupe_speculation_acceptance_rate", "Share of drafted tokens accepted, per draft model.", "gauge");
+  for (const auto& d : s.drafts)
+    out += "troupe_speculation_acceptance_rate{draft=\"" + label(d.draft) + "\"} " + num(d.drafted ? double(d.accepted) / double(d.drafted) : 0) + "\n";
+  line(out, "troupe_speculation_switched_off_total", "Times a request's speculation was switched off for low acceptance.", "counter");
+  out += "troupe_speculation_switched_off_total " + std::to_string(s.speculation_off_switches) + "\n";
+}
+
+}  // namespace
 
 std::string gateway_metrics::render(const scheduler_metrics& s) const {
   std::lock_guard<std::mutex> lock(mutex_);
@@ -101,6 +141,9 @@ std::string gateway_metrics::render(const scheduler_metrics& s) const {
   out += "troupe_kv_usage_ratio " + num(s.kv_blocks_total ? double(s.kv_blocks_used) / double(s.kv_blocks_total) : 0) + "\n";
   line(out, "troupe_scheduler_steps_total", "Steps run by the scheduler.", "counter");
   out += "troupe_scheduler_steps_total " + std::to_string(s.steps) + "\n";
+  render_speculation(out, s);
+  line(out, "troupe_request_acceptance_length", "Drafts accepted per verification round, per finished request.", "histogram");
+  acceptance_.render(out, "troupe_request_acceptance_length");
   return out;
 }
 

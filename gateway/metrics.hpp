@@ -35,6 +35,8 @@ class gateway_metrics {
   void tokens(std::int64_t prompt, std::int64_t completion);
   void time_to_first_token(double seconds);
   void inter_token(double seconds);
+  /// A finished request's speculation (nothing when it never drafted).
+  void speculation(const request_done& done);
   void connection_opened();
   void connection_closed();
   /// The whole exposition, with the scheduler's gauges.
@@ -45,7 +47,7 @@ class gateway_metrics {
   std::map<std::string, std::uint64_t> requests_;
   std::uint64_t prompt_tokens_ = 0, completion_tokens_ = 0;
   std::int64_t connections_ = 0;
-  histogram ttft_, itl_;
+  histogram ttft_, itl_, acceptance_;
 };
 
 }  // namespace troupe::gateway

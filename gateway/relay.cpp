@@ -77,6 +77,7 @@ caf::behavior relay_impl(caf::event_based_actor* self, std::shared_ptr<relay_arg
         }
         a->metrics->request_finished(reason);
         a->metrics->tokens(done.prompt_tokens, done.completion_tokens);
+        a->metrics->speculation(done);
         a->events.on_done(reason, done);
         self->quit();
       },

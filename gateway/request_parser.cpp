@@ -100,6 +100,10 @@ bool common_field(std::string_view key, element value, parsed_generate& g, const
       throw bad("'" + std::string(key) + "' must be between 1 and " + std::to_string(limits.max_tokens) + ", got " +
                 std::to_string(v));
     g.max_tokens = static_cast<std::int32_t>(v);
+  } else if (key == "draft_tokens") {
+    const auto v = integer(value, key);
+    if (v < 0 || v > 64) throw bad("'draft_tokens' must be between 0 and 64, got " + std::to_string(v));
+    g.draft_tokens = static_cast<std::int32_t>(v);
   } else if (key == "temperature") {
     g.sampling.temperature = static_cast<float>(number(value, key));
   } else if (key == "top_p") {

@@ -36,6 +36,7 @@ struct parsed_generate {
   std::vector<chat_message> messages;
   sampling_params sampling;
   std::int32_t max_tokens = 256;
+  std::int32_t draft_tokens = -1;          // speculation per step (-1: the server's default, 0: off)
   std::vector<std::string> stop;
   bool stream = false;                     // HTTP: server-sent events
   std::string model;                       // HTTP: the model field (checked against the served one)

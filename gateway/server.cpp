@@ -24,6 +24,7 @@
 #include <thread>
 #include <unordered_map>
 
+#include "gateway/draft_admin.hpp"
 #include "gateway/metrics.hpp"
 #include "gateway/relay.hpp"
 #include "model/config.hpp"
@@ -81,11 +82,22 @@ std::string error_json(const std::string& message, const std::string& type, cons
   return w.str();
 }
 
+// A request's speculation figures inside its usage object (only when it drafted).
+void write_speculation(json_writer& w, const request_done& d) {
+  if (d.draft_rounds == 0) return;
+  w.key("speculation").begin_object().key("rounds").value(d.draft_rounds).key("drafted_tokens").value(d.drafted_tokens);
+  w.key("accepted_tokens").value(d.accepted_tokens);
+  w.key("acceptance_length").value(static_cast<double>(d.accepted_tokens) / static_cast<double>(d.draft_rounds));
+  w.key("acceptance_rate").value(d.drafted_tokens ? static_cast<double>(d.accepted_tokens) / static_cast<double>(d.drafted_tokens) : 0.0);
+  w.end_object();
+}
+
 }  // namespace
 
 struct gateway_server::impl : std::enable_shared_from_this<impl> {
   caf::actor_system& sys;
   caf::actor scheduler;
+  caf::actor draft;  // invalid unless the graph speculates
   std::shared_ptr<const tokenizer> tok;
   std::int32_t eos;
   std::int64_t max_context;
@@ -129,15 +141,16 @@ struct gateway_server::impl : std::enable_shared_from_this<impl> {
     io.reset();
   }
 
-  bool authorized(const http::request<http::string_body>& req) const {
-    if (opt.api_keys.empty()) return true;
+  static bool has_key(const http::request<http::string_body>& req, const std::vector<std::string>& keys) {
     const auto h = req[http::field::authorization];
     if (h.size() < 7 || h.substr(0, 7) != "Bearer ") return false;
     const auto key = h.substr(7);
-    for (const auto& k : opt.api_keys)
+    for (const auto& k : keys)
       if (key == k) return true;
     return false;
   }
+  bool authorized(const http::request<http::string_body>& req) const { return opt.api_keys.empty() || has_key(req, opt.api_keys); }
+  bool admin(const http::request<http::string_body>& req) const { return !opt.admin_keys.empty() && has_key(req, opt.admin_keys); }
 
   // Validates and tokenizes a parsed request into a scheduler request; error text on failure.
   std::string prepare(const parsed_generate& g, const std::string& global_id, generate_request& out) const {
@@ -147,6 +160,7 @@ struct gateway_server::impl : std::enable_shared_from_this<impl> {
     if (out.prompt.empty()) return "the prompt is empty";
     out.sampling = g.sampling;
     out.max_tokens = g.max_tokens;
+    out.draft_tokens = g.draft_tokens;
     out.stop_on_eos = true;
     if (max_context && static_cast<std::int64_t>(out.prompt.size()) + g.max_tokens > max_context)
       return "prompt of " + std::to_string(out.prompt.size()) + " tokens + max_tokens " + std::to_string(g.max_tokens) +
@@ -303,7 +317,9 @@ class ws_session : public std::enable_shared_from_this<ws_session> {
       } else {
         w.key("finish_reason").value(reason);
         w.key("usage").begin_object().key("prompt_tokens").value(d.prompt_tokens);
-        w.key("completion_tokens").value(d.completion_tokens).end_object();
+        w.key("completion_tokens").value(d.completion_tokens);
+        write_speculation(w, d);
+        w.end_object();
         w.key("timings").begin_object().key("time_to_first_token_s").value(d.time_to_first_token_s);
         w.key("total_s").value(d.total_s).end_object();
       }
@@ -436,6 +452,7 @@ class http_session : public std::enable_shared_from_this<http_session> {
     const std::string target(req.target());
     keep_alive_ = req.keep_alive();
     if (target == "/health" && req.method() == http::verb::get) return reply(http::status::ok, "{\"status\":\"ok\"}");
+    if (target.starts_with("/admin/")) return admin(req, target);
     if (!server_->authorized(req))
       return reply(http::status::unauthorized, error_json("missing or wrong API key", "authentication_error"));
     if (target == "/v1/models" && req.method() == http::verb::get) {
@@ -454,6 +471,52 @@ class http_session : public std::enable_shared_from_this<http_session> {
     if (target == "/v1/completions" || chat || target == "/health" || target == "/v1/models" || target == "/metrics")
       return reply(http::status::method_not_allowed, error_json("method not allowed", "invalid_request_error"));
     return reply(http::status::not_found, error_json("no endpoint " + target, "invalid_request_error"));
+  }
+
+  // The draft hot-swap endpoints: an admin key (not an API key) is required.
+  void admin(const request_t& req, const std::string& target) {
+    if (server_->opt.admin_keys.empty())
+      return reply(http::status::forbidden, error_json("the admin endpoints are disabled (serve with --admin-keys-file)",
+                                                       "permission_error"));
+    if (!server_->admin(req))
+      return reply(http::status::unauthorized, error_json("missing or wrong admin key", "authentication_error"));
+    draft_op op;
+    std::string dir;
+    if (target == "/admin/draft" && req.method() == http::verb::get) {
+      op = draft_op::info;
+    } else if (target == "/admin/draft/rollback" && req.method() == http::verb::post) {
+      op = draft_op::rollback;
+    } else if (target == "/admin/draft" && req.method() == http::verb::post) {
+      op = draft_op::load;
+      simdjson::dom::parser parser;
+      simdjson::padded_string body(req.body());
+      std::string_view model;
+      simdjson::dom::object o;
+      if (parser.parse(body).get_object().get(o) || o["model"].get_string().get(model) || model.empty())
+        return reply(http::status::bad_request,
+                     error_json("the body must be a JSON object {\"model\": \"DRAFT_DIRECTORY\"}", "invalid_request_error"));
+      dir = std::string(model);
+    } else {
+      return reply(http::status::not_found, error_json("no admin endpoint " + target + " for this method "
+                                                       "(GET /admin/draft, POST /admin/draft, POST /admin/draft/rollback)",
+                                                       "invalid_request_error"));
+    }
+    if (!server_->draft)
+      return reply(http::status::conflict, error_json("this server does not speculate (no draft in its topology)",
+                                                      "invalid_request_error"));
+    const std::weak_ptr<http_session> weak = weak_from_this();
+    const auto srv = server_;
+    server_->hold(shared_from_this());
+    ask_draft(server_->sys, server_->draft, op, dir, [srv, weak, op](bool ok, std::string answer) {
+      srv->post_to(weak, [ok, op, answer = std::move(answer)](http_session& self) {
+        self.server_->release(&self);
+        if (!ok) return self.reply(http::status::unprocessable_entity, error_json(answer, "draft_error"));
+        if (op == draft_op::info) return self.reply(http::status::ok, answer);
+        json_writer w;
+        w.begin_object().key("status").value("ok").key("message").value(answer).end_object();
+        self.reply(http::status::ok, w.str());
+      });
+    });
   }
 
   void completion(const std::string& body, bool chat) {
@@ -550,7 +613,9 @@ class http_session : public std::enable_shared_from_this<http_session> {
     w.key("finish_reason").value(finish).end_object().end_array();
     w.key("usage").begin_object().key("prompt_tokens").value(d.prompt_tokens);
     w.key("completion_tokens").value(d.completion_tokens);
-    w.key("total_tokens").value(d.prompt_tokens + d.completion_tokens).end_object();
+    w.key("total_tokens").value(d.prompt_tokens + d.completion_tokens);
+    write_speculation(w, d);
+    w.end_object();
     w.end_object();
     reply(http::status::ok, w.str());
   }
@@ -625,6 +690,8 @@ void gateway_server::impl::accept() {
 gateway_server::gateway_server(caf::actor_system& sys, const caf::actor& scheduler, std::shared_ptr<const tokenizer> tok,
                                const model_config& config, gateway_options options)
     : impl_(std::make_shared<impl>(sys, scheduler, std::move(tok), config, std::move(options))) {}
+
+void gateway_server::set_draft(const caf::actor& draft) { impl_->draft = draft; }
 
 gateway_server::~gateway_server() {
   stop();

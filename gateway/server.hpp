@@ -1,7 +1,8 @@
 // The gateway: Boost.Beast HTTP and WebSocket server in front of the scheduler actor.
 //   GET /health, GET /v1/models, GET /metrics (Prometheus), POST /v1/completions,
 //   POST /v1/chat/completions (OpenAI-compatible, `stream: true` as server-sent events),
-//   WebSocket /v1/stream (docs/PROTOCOL.md).
+//   WebSocket /v1/stream (docs/PROTOCOL.md); with an admin key and a speculative graph,
+//   GET /admin/draft, POST /admin/draft {"model": DIR}, POST /admin/draft/rollback.
 // Invariants: bad input never disturbs other clients and always gets an answer saying what was
 // wrong; every queue is bounded (connections, requests in flight, each client's send buffer);
 // a client that disappears has its requests cancelled.
@@ -49,6 +50,7 @@ struct gateway_options {
   std::size_t send_buffer_bytes = 8 << 20;   // per client; a slower reader is dropped
   std::chrono::seconds idle_timeout{300};
   std::vector<std::string> api_keys;         // empty: no authentication
+  std::vector<std::string> admin_keys;       // empty: the admin endpoints are disabled
   chat_template chat;
 };
 
@@ -59,6 +61,8 @@ class gateway_server {
                  const model_config& config, gateway_options options);
   ~gateway_server();
 
+  /// The graph's draft_actor, for the admin endpoints (call before start()).
+  void set_draft(const caf::actor& draft);
   /// Binds and starts accepting; throws input_error when the address cannot be bound.
   void start();
   std::uint16_t port() const;

@@ -4,6 +4,7 @@
 #include <caf/io/middleman.hpp>
 #include <caf/send.hpp>
 
+#include "actors/draft_actor.hpp"
 #include "actors/moe_actors.hpp"
 #include "actors/pipeline_actors.hpp"
 #include "actors/scheduler_actor.hpp"
@@ -17,6 +18,7 @@ namespace {
 // The current handle of every local actor, shared by the respawn/rewire closures (which all
 // run in the supervisor, one at a time).
 struct live_handles {
+  draft_actor draft;  // invalid without speculation
   embedding_actor embedding;
   std::vector<stage_actor> stages;  // then the head
   router_actor router;
@@ -99,9 +101,29 @@ inference_graph inference_graph::start(caf::actor_system& sys, shared_compute co
                      [&sys, compute, live] { return caf::actor_cast<caf::actor>(spawn_embedding(sys, compute, live->stages[0])); },
                      [live](const caf::actor& a) {
                        live->embedding = caf::actor_cast<embedding_actor>(a);
-                       caf::anon_send(live->scheduler, new_entry_atom::value, a);
+                       if (live->draft) caf::anon_send(live->draft, new_next_atom::value, a);
+                       else caf::anon_send(live->scheduler, new_entry_atom::value, a);
                      },
                      true});
+  const auto& spec = topo.speculation;
+  embedding_actor entry = live->embedding;
+  if (!spec.draft.empty()) {
+    draft_options opts;
+    opts.draft_dir = spec.draft;
+    opts.max_draft_tokens = spec.max_draft_tokens;
+    live->draft = spawn_draft(sys, compute, opts, live->embedding);
+    entry = live->draft;
+    // A restarted draft actor starts over with the configured draft; sequences it has lost
+    // stop drafting (their output is unaffected), so it holds no state a request needs.
+    watched.push_back({"draft", caf::actor_cast<caf::actor>(live->draft),
+                       [&sys, compute, live, opts] {
+                         return caf::actor_cast<caf::actor>(spawn_draft(sys, compute, opts, live->embedding));
+                       },
+                       [live](const caf::actor& a) {
+                         live->draft = caf::actor_cast<draft_actor>(a);
+                         caf::anon_send(live->scheduler, new_entry_atom::value, a);
+                       }});
+  }
   scheduler_limits limits;
   limits.max_waiting = topo.max_waiting;
   limits.max_running = topo.max_running;
@@ -111,10 +133,15 @@ inference_graph inference_graph::start(caf::actor_system& sys, shared_compute co
   limits.eos_token_id = config.eos_token_id;
   limits.step_timeout = topo.timeout;
   limits.micro_batches = topo.micro_batches ? topo.micro_batches : static_cast<std::int64_t>(num_stages);
-  live->scheduler = spawn_scheduler(sys, live->embedding, limits);
+  limits.speculative = !spec.draft.empty();
+  limits.speculation = spec.policy;
+  limits.max_draft_tokens = spec.max_draft_tokens;
+  limits.speculation_max_batch = spec.max_batch;
+  live->scheduler = spawn_scheduler(sys, entry, limits);
 
   inference_graph g;
   g.scheduler = live->scheduler;
+  g.draft = live->draft;
   g.embedding = live->embedding;
   g.stages = live->stages;
   g.router = live->router;

@@ -17,6 +17,7 @@ namespace troupe {
 /// ones (ask it with metrics_atom for the restart counts, in `supervised_names` order).
 struct inference_graph {
   scheduler_actor scheduler;
+  draft_actor draft;                // the entry when the topology speculates, else invalid
   embedding_actor embedding;
   std::vector<stage_actor> stages;  // attention stages, then the head
   router_actor router;
@@ -24,7 +25,8 @@ struct inference_graph {
   caf::actor supervisor;
   std::vector<std::string> supervised_names;
 
-  /// Spawns the graph; throws input_error when a remote shard cannot be reached.
+  /// Spawns the graph; throws input_error when a remote shard cannot be reached or the
+  /// topology's draft cannot draft for the model.
   static inference_graph start(caf::actor_system& sys, shared_compute compute, const topology& topo);
   /// Stops every actor of the graph (the supervisor stops those it watches).
   void stop(caf::actor_system& sys);

@@ -20,6 +20,16 @@ std::vector<std::pair<std::int64_t, std::int64_t>> even_split(std::int64_t total
 
 }  // namespace
 
+void validate_speculation(const speculation_setup& s) {
+  auto fail = [](const std::string& what) { throw input_error("speculation: " + what); };
+  if (s.max_draft_tokens < 1 || s.max_draft_tokens > 64) fail("max_draft_tokens must be between 1 and 64");
+  if (s.policy.draft_tokens < 0 || s.policy.draft_tokens > s.max_draft_tokens)
+    fail("draft_tokens must be between 0 and max_draft_tokens (" + std::to_string(s.max_draft_tokens) + ")");
+  if (s.policy.window < 1) fail("window must be at least 1");
+  if (s.policy.retry_after < 0 || s.max_batch < 0) fail("retry_after and max_batch must not be negative");
+  if (s.policy.min_acceptance_length < 0) fail("min_acceptance must not be negative");
+}
+
 topology local_topology(const model_config& config) {
   topology t;
   t.stage_blocks = even_split(config.num_layers, 1);
@@ -37,7 +47,7 @@ topology parse_topology(std::string_view json, const std::string& source, const 
   if (auto err = parser.parse(text).get_object().get(root))
     throw input_error(source + ": not a JSON object (" + simdjson::error_message(err) + ")");
   static const std::set<std::string> known = {"name", "stages", "stage_blocks", "expert_shards", "remote_expert_shards",
-                                              "threads", "scheduler"};
+                                              "threads", "scheduler", "speculation"};
   for (auto [key, value] : root)
     if (!known.count(std::string(key))) fail(std::string(key), "is not a topology field");
   topology t = local_topology(config);
@@ -121,6 +131,26 @@ topology parse_topology(std::string_view json, const std::string& source, const 
     if (t.max_waiting < 0 || t.max_running < 1 || t.kv_block_tokens < 1 || t.kv_blocks < 1 || t.timeout.count() < 1 ||
         t.micro_batches < 0 || t.heartbeat.count() < 1)
       fail("scheduler", "limits must be positive");
+  }
+  simdjson::dom::object spec;
+  if (!root["speculation"].get_object().get(spec)) {
+    static const std::set<std::string> fields = {"draft", "draft_tokens", "max_draft_tokens", "min_acceptance",
+                                                 "window", "retry_after", "max_batch"};
+    for (auto [key, value] : spec)
+      if (!fields.count(std::string(key))) fail("speculation." + std::string(key), "is not a speculation field");
+    auto& s = t.speculation;
+    std::string_view draft;
+    if (spec["draft"].get_string().get(draft)) fail("speculation.draft", "must name the draft model directory");
+    s.draft = std::string(draft);
+    s.policy.draft_tokens = integer(spec, "draft_tokens", s.policy.draft_tokens, "speculation.draft_tokens");
+    s.max_draft_tokens = integer(spec, "max_draft_tokens", s.max_draft_tokens, "speculation.max_draft_tokens");
+    s.policy.window = integer(spec, "window", s.policy.window, "speculation.window");
+    s.policy.retry_after = integer(spec, "retry_after", s.policy.retry_after, "speculation.retry_after");
+    s.max_batch = integer(spec, "max_batch", s.max_batch, "speculation.max_batch");
+    simdjson::dom::element e;
+    if (!spec["min_acceptance"].get(e) && e.get_double().get(s.policy.min_acceptance_length))
+      fail("speculation.min_acceptance", "must be a number");
+    validate_speculation(s);
   }
   return t;
 }

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "model/latent_cache.hpp"
+#include "model/speculation_policy.hpp"
 
 namespace troupe {
 
@@ -20,6 +21,14 @@ struct remote_shard {
   std::int64_t shard = 0;
   std::string host;
   std::uint16_t port = 0;
+};
+
+/// Speculative decoding in the graph: a draft actor in front of the embedding.
+struct speculation_setup {
+  std::string draft;                  // draft model directory; empty: no speculation
+  speculation_config policy;          // k (draft_tokens) and when to switch off and retry
+  std::int64_t max_draft_tokens = 8;  // the most a request may ask for
+  std::int64_t max_batch = 0;         // no drafting in steps of more sequences than this (0: no cutoff)
 };
 
 struct topology {
@@ -33,8 +42,11 @@ struct topology {
   std::int64_t micro_batches = 0;  // steps in flight; 0: one per attention stage
   std::chrono::milliseconds timeout{300000};
   std::chrono::milliseconds heartbeat{1000};  // remote peers must answer within this, checked this often
+  speculation_setup speculation;
 };
 
+/// Throws input_error naming the first bad setting.
+void validate_speculation(const speculation_setup& s);
 /// Parses and validates a topology for a model; `source` names the file in errors.
 topology parse_topology(std::string_view json, const std::string& source, const model_config& config);
 topology load_topology(const std::filesystem::path& path, const model_config& config);

@@ -60,6 +60,13 @@ void model::advance_ngram(ngram_context& context, std::span<const std::int32_t> 
   hasher_.hash(tokens, context, ids.data());
 }
 
+ngram_context model::ngram_after(std::span<const std::int32_t> tokens) const {
+  ngram_context context;
+  const auto window = std::min<std::size_t>(tokens.size(), static_cast<std::size_t>(std::max<std::int64_t>(0, config_.emb_neighbor_num - 1)));
+  advance_ngram(context, tokens.last(window));  // a segment boundary inside the window resets it, as it would have
+  return context;
+}
+
 tensor model::norm(const tensor& x, const tensor& w) {
   tensor y = be_.empty(x.shape(), dtype::f32);
   be_.rms_norm(x, w, static_cast<float>(config_.rms_norm_eps), y);

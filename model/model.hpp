@@ -82,6 +82,8 @@ class model {
   std::vector<std::int64_t> ngram_ids(std::span<const std::int32_t> tokens, ngram_context context) const;
   /// Moves an N-gram cache past `tokens` (rebuilding it after a rollback).
   void advance_ngram(ngram_context& context, std::span<const std::int32_t> tokens) const;
+  /// The N-gram cache after a whole sequence `tokens` (reads only its last N-1 tokens).
+  ngram_context ngram_after(std::span<const std::int32_t> tokens) const;
 
   // The pieces forward() is made of; the actor graph calls the same ones from its stages.
 

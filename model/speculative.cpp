@@ -25,6 +25,24 @@ verify_outcome verify_greedy(std::span<const std::int32_t> target_choices, std::
   return {static_cast<std::int64_t>(drafts.size()), target_choices[drafts.size()]};
 }
 
+verify_outcome verify_round(const sampler& shape, bool greedy, std::span<const float> logits, std::size_t vocab,
+                            std::vector<std::int32_t>& context, std::span<const std::int32_t> drafts,
+                            std::span<const std::vector<float>> q, rng& gen) {
+  const std::size_t k = drafts.size();
+  if (logits.size() != (k + 1) * vocab) throw std::logic_error("verify_round: logits are not k+1 rows");
+  std::vector<std::int32_t> choices;
+  std::vector<std::vector<float>> p;
+  const std::size_t own = context.size();
+  for (std::size_t i = 0; i <= k; ++i) {  // each position sees the drafts before it (for the penalty)
+    const auto row = logits.subspan(i * vocab, vocab);
+    if (greedy) choices.push_back(shape.greedy(row, context));
+    else p.push_back(shape.distribution(row, context));
+    if (i < k) context.push_back(drafts[i]);
+  }
+  context.resize(own);
+  return greedy ? verify_greedy(choices, drafts) : verify_sampled(p, q, drafts, gen);
+}
+
 verify_outcome verify_sampled(std::span<const std::vector<float>> p, std::span<const std::vector<float>> q,
                               std::span<const std::int32_t> drafts, rng& gen) {
   for (std::size_t i = 0; i < drafts.size(); ++i) {
@@ -105,9 +123,15 @@ bool emit(spec_sequence& s, std::size_t i, std::int32_t id, std::int32_t eos, co
 }  // namespace
 
 std::string draft_mismatch(const model& target, const model& draft) {
-  if (target.config().vocab_size == draft.config().vocab_size) return {};
-  return "the draft's vocabulary (" + std::to_string(draft.config().vocab_size) + " ids) differs from the target's (" +
-         std::to_string(target.config().vocab_size) + ")";
+  const auto& t = target.config();
+  const auto& d = draft.config();
+  if (t.vocab_size != d.vocab_size)
+    return "the draft's vocabulary (" + std::to_string(d.vocab_size) + " ids) differs from the target's (" +
+           std::to_string(t.vocab_size) + ")";
+  if (t.eos_token_id != d.eos_token_id || t.bos_token_id != d.bos_token_id)
+    return "the draft's special tokens (bos " + std::to_string(d.bos_token_id) + ", eos " + std::to_string(d.eos_token_id) +
+           ") differ from the target's (bos " + std::to_string(t.bos_token_id) + ", eos " + std::to_string(t.eos_token_id) + ")";
+  return {};
 }
 
 std::vector<generation_result> generate_speculative_batch(model& target, const draft_source& source, const tokenizer& tok,
@@ -240,20 +264,11 @@ std::vector<generation_result> generate_speculative_batch(model& target, const d
     for (std::size_t j = 0; j < active.size(); ++j) {
       auto& s = *active[j];
       const std::int64_t k = s.k;
-      // The target's choice (greedy) or distribution (sampling) at each of the k+1 positions,
-      // each after the tokens before it (drafts included, for the penalty).
-      std::vector<std::int32_t> choices;
-      std::vector<std::vector<float>> p;
-      const std::size_t own = s.context.size();
-      for (std::int64_t i = 0; i <= k; ++i) {
-        const auto l = row(logits, first_row + i);
-        if (s.greedy) choices.push_back(s.shape.greedy(l, s.context));
-        else p.push_back(s.shape.distribution(l, s.context));
-        if (i < k) s.context.push_back(s.drafts[static_cast<std::size_t>(i)]);
-      }
-      s.context.resize(own);
+      const verify_outcome v = verify_round(s.shape, s.greedy,
+                                            {logits.data<float>() + first_row * logits.dim(1),
+                                             static_cast<std::size_t>((k + 1) * logits.dim(1))},
+                                            static_cast<std::size_t>(logits.dim(1)), s.context, s.drafts, s.q, s.gen);
       first_row += k + 1;
-      const verify_outcome v = s.greedy ? verify_greedy(choices, s.drafts) : verify_sampled(p, s.q, s.drafts, s.gen);
       const speculation_switch change = k > 0 ? s.policy.record_round(v.accepted) : s.policy.record_plain_step();
       if (k > 0) {
         ++s.stats.rounds;

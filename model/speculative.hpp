@@ -46,6 +46,18 @@ verify_outcome verify_greedy(std::span<const std::int32_t> target_choices, std::
 verify_outcome verify_sampled(std::span<const std::vector<float>> p, std::span<const std::vector<float>> q,
                               std::span<const std::int32_t> drafts, rng& gen);
 
+/// One sequence's round as the target sees it: `logits` holds the target's k+1 rows of V (at the
+/// token before the drafts, then at each draft), `context` the sequence's tokens up to the
+/// first of those positions (for the repetition penalty; returned unchanged). Picks the
+/// target's choice or distribution at each position the way `shape` samples, then applies
+/// verify_greedy or verify_sampled (q: the draft's k distributions, sampling only).
+verify_outcome verify_round(const sampler& shape, bool greedy, std::span<const float> logits, std::size_t vocab,
+                            std::vector<std::int32_t>& context, std::span<const std::int32_t> drafts,
+                            std::span<const std::vector<float>> q, rng& gen);
+
+/// Why `draft` cannot draft for `target` (another vocabulary or special tokens), or empty.
+std::string draft_mismatch(const model& target, const model& draft);
+
 /// Sets a sequence back to its first `num_tokens` tokens: the latent caches keep their blocks
 /// (later steps overwrite the rows past the new end) and the N-gram cache becomes `ngram`.
 void roll_back(sequence_state& state, std::int64_t num_tokens, const ngram_context& ngram);

@@ -34,6 +34,9 @@ using encode_atom = caf::atom_constant<caf::atom("encode")>;
 using decode_atom = caf::atom_constant<caf::atom("decode")>;
 using flush_atom = caf::atom_constant<caf::atom("flush")>;
 using actor_down_atom = caf::atom_constant<caf::atom("actordown")>;  // a graph actor died (supervisor -> scheduler)
+using load_draft_atom = caf::atom_constant<caf::atom("loaddraft")>;
+using rollback_atom = caf::atom_constant<caf::atom("rollback")>;
+using draft_info_atom = caf::atom_constant<caf::atom("draftinfo")>;
 
 /// Embedding, attention stages and head: run a step from here to the end of the graph.
 /// The embedding takes the plan, every later stage the hidden states; all answer with the
@@ -49,6 +52,18 @@ using embedding_actor = caf::typed_actor<
     caf::replies_to<forward_atom, step_plan>::with<step_result>,   // embed, then run the rest
     caf::reacts_to<free_atom, std::vector<seq_id>>,                 // drop these sequences' n-gram caches
     caf::reacts_to<new_next_atom, caf::actor>>;                     // my successor (a stage_actor) restarted
+
+/// Speculative decoding's entry: drafts tokens for the sequences of a plan that may draft,
+/// then hands the plan (drafts appended) to the embedding. Keeps the draft model and each
+/// sequence's draft cache. Swapping drafts happens between two steps (messages run one at a
+/// time), so every step is drafted by one model.
+using draft_actor = caf::typed_actor<
+    caf::replies_to<forward_atom, step_plan>::with<step_result>,  // draft, then run the rest
+    caf::reacts_to<free_atom, std::vector<seq_id>>,                // drop these sequences' draft caches
+    caf::reacts_to<new_next_atom, caf::actor>,                     // the embedding restarted
+    caf::replies_to<load_draft_atom, std::string>::with<std::string>,  // checkpoint dir -> "now drafting with ..."
+    caf::replies_to<rollback_atom>::with<std::string>,                 // back to the previous draft (reloaded)
+    caf::replies_to<draft_info_atom>::with<std::string>>;              // the current draft, as a JSON object
 
 /// The router of every MoE block: picks experts per row, sends each shard only its rows,
 /// combines the gated outputs (zero experts locally, without messages).

@@ -24,6 +24,12 @@ struct step_plan {
   std::vector<std::int64_t> num_tokens;
   std::vector<std::int32_t> tokens;         // all sequences' new tokens, concatenated
   std::vector<sampling_params> sampling;    // per sequence (the head keeps the generator state)
+  // Speculation. From the scheduler, draft_tokens[i] is how many tokens sequence i may draft
+  // (empty: none may); the draft actor appends the drafts to the sequence's tokens and sets
+  // draft_tokens[i] to how many of its num_tokens[i] tokens (the last ones) are drafts.
+  std::vector<std::int64_t> draft_tokens;
+  tensor draft_probs;       // f32 [drafts of sampled sequences, V]: the draft's distributions q, in order
+  std::string draft_model;  // the draft that proposed them (for per-draft metrics)
 };
 
 /// A step's hidden states on their way through the stages: rows in plan order.
@@ -40,11 +46,14 @@ struct expert_batch {
   tensor x;                           // f32 [sum(counts), H]
 };
 
-/// The tokens sampled in one step, one per sequence, in plan order.
+/// The tokens one step produced, in plan order: sequence i gets accepted[i] of its drafts
+/// followed by one token sampled by the target, so 1 + accepted[i] tokens (concatenated).
 struct step_result {
   std::uint64_t step = 0;
   std::vector<seq_id> sequences;
   std::vector<std::int32_t> tokens;
+  std::vector<std::int64_t> drafted, accepted;  // per sequence: drafts verified, drafts kept
+  std::string draft_model;
 };
 
 /// A generation request as the scheduler receives it (the gateway fills it from JSON).
@@ -54,6 +63,7 @@ struct generate_request {
   sampling_params sampling;
   std::int32_t max_tokens = 128;
   bool stop_on_eos = true;
+  std::int32_t draft_tokens = -1;     // speculation: tokens drafted per step (-1: the server's default, 0: none)
 };
 
 /// Why a request ended.
@@ -67,6 +77,14 @@ struct request_done {
   std::string error;  // set when reason == error: what failed, in which actor
   std::int64_t prompt_tokens = 0, completion_tokens = 0;
   double time_to_first_token_s = 0, total_s = 0;
+  std::int64_t draft_rounds = 0, drafted_tokens = 0, accepted_tokens = 0;  // speculation (0 without)
+};
+
+/// What one draft model's proposals achieved (for /metrics): a round is one verification of
+/// one sequence's drafts.
+struct draft_metrics {
+  std::string draft;
+  std::int64_t rounds = 0, drafted = 0, accepted = 0;
 };
 
 /// The scheduler's counters, for /metrics.
@@ -76,6 +94,8 @@ struct scheduler_metrics {
   std::int64_t requests_finished = 0, requests_failed = 0, requests_rejected = 0, requests_cancelled = 0;
   std::int64_t prompt_tokens = 0, generated_tokens = 0, steps = 0;
   double mean_time_to_first_token_s = 0, mean_inter_token_s = 0;
+  std::int64_t speculation_off_switches = 0;  // times a sequence's speculation was switched off
+  std::vector<draft_metrics> drafts;          // per draft model that has served
 };
 
 }  // namespace troupe

@@ -43,7 +43,8 @@ typename Inspector::result_type inspect(Inspector& f, sampling_params& x) {
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, step_plan& x) {
-  return f(caf::meta::type_name("step_plan"), x.step, x.sequences, x.first_position, x.num_tokens, x.tokens, x.sampling);
+  return f(caf::meta::type_name("step_plan"), x.step, x.sequences, x.first_position, x.num_tokens, x.tokens, x.sampling,
+           x.draft_tokens, x.draft_probs, x.draft_model);
 }
 
 template <class Inspector>
@@ -58,25 +59,32 @@ typename Inspector::result_type inspect(Inspector& f, expert_batch& x) {
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, step_result& x) {
-  return f(caf::meta::type_name("step_result"), x.step, x.sequences, x.tokens);
+  return f(caf::meta::type_name("step_result"), x.step, x.sequences, x.tokens, x.drafted, x.accepted, x.draft_model);
 }
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, generate_request& x) {
-  return f(caf::meta::type_name("generate_request"), x.id, x.prompt, x.sampling, x.max_tokens, x.stop_on_eos);
+  return f(caf::meta::type_name("generate_request"), x.id, x.prompt, x.sampling, x.max_tokens, x.stop_on_eos,
+           x.draft_tokens);
 }
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, request_done& x) {
   return f(caf::meta::type_name("request_done"), x.id, x.reason, x.error, x.prompt_tokens, x.completion_tokens,
-           x.time_to_first_token_s, x.total_s);
+           x.time_to_first_token_s, x.total_s, x.draft_rounds, x.drafted_tokens, x.accepted_tokens);
+}
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, draft_metrics& x) {
+  return f(caf::meta::type_name("draft_metrics"), x.draft, x.rounds, x.drafted, x.accepted);
 }
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, scheduler_metrics& x) {
   return f(caf::meta::type_name("scheduler_metrics"), x.waiting, x.running, x.kv_blocks_used, x.kv_blocks_total,
            x.requests_finished, x.requests_failed, x.requests_rejected, x.requests_cancelled, x.prompt_tokens,
-           x.generated_tokens, x.steps, x.mean_time_to_first_token_s, x.mean_inter_token_s);
+           x.generated_tokens, x.steps, x.mean_time_to_first_token_s, x.mean_inter_token_s,
+           x.speculation_off_switches, x.drafts);
 }
 
 }  // namespace troupe

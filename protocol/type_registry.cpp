@@ -18,6 +18,8 @@ void add_message_types(caf::actor_system_config& cfg) {
   cfg.add_message_type<step_result>("troupe::step_result");
   cfg.add_message_type<generate_request>("troupe::generate_request");
   cfg.add_message_type<request_done>("troupe::request_done");
+  cfg.add_message_type<draft_metrics>("troupe::draft_metrics");
+  cfg.add_message_type<std::vector<draft_metrics>>("std::vector<troupe::draft_metrics>");
   cfg.add_message_type<scheduler_metrics>("troupe::scheduler_metrics");
   cfg.add_message_type<std::vector<seq_id>>("std::vector<troupe::seq_id>");
   cfg.add_message_type<std::vector<std::int32_t>>("std::vector<int32_t>");

@@ -16,99 +16,12 @@
 #include "graph/inference_graph.hpp"
 #include "protocol/errors.hpp"
 #include "protocol/type_registry.hpp"
+#include "tests/graph_support.hpp"
 #include "tests/test_support.hpp"
 
 namespace troupe {
-namespace {
 
-struct graph_fixture {
-  caf::actor_system_config cfg;
-  std::unique_ptr<caf::actor_system> sys;
-  shared_compute compute;
-  inference_graph graph;
-
-  graph_fixture(const std::string& name, const std::string& topology_json) {
-    add_message_types(cfg);
-    cfg.load<caf::io::middleman>();
-    sys = std::make_unique<caf::actor_system>(cfg);
-    const auto dir = test::make_model(name, test::tiny_config(R"("num_layers": 3, "max_position_embeddings": 256)"), 9);
-    compute = load_compute(dir.string(), 1);
-    graph = inference_graph::start(*sys, compute, parse_topology(topology_json, "test-topology", compute->net->config()));
-  }
-  ~graph_fixture() { graph.stop(*sys); }
-};
-
-struct outcome {
-  std::vector<std::int32_t> tokens;
-  request_done done;
-};
-
-// Submits every request, then collects events until each has its done event.
-std::map<std::string, outcome> run_requests(graph_fixture& f, const std::vector<generate_request>& reqs,
-                                            std::vector<std::string>* refusals = nullptr) {
-  caf::scoped_actor self{*f.sys};
-  std::map<std::string, outcome> out;
-  std::size_t open = 0;
-  for (const auto& r : reqs) {
-    self->request(f.graph.scheduler, std::chrono::seconds(10), generate_atom::value, r, caf::actor_cast<caf::actor>(self))
-        .receive([&](bool) { ++open; },
-                 [&](caf::error& e) {
-                   if (refusals) refusals->push_back(f.sys->render(e));
-                   else ADD_FAILURE() << f.sys->render(e);
-                 });
-  }
-  bool timed_out = false;
-  while (open > 0 && !timed_out) {
-    self->receive([&](token_atom, std::string& id, std::int32_t token) { out[id].tokens.push_back(token); },
-                  [&](done_atom, request_done& d) {
-                    out[d.id].done = d;
-                    --open;
-                  },
-                  caf::after(std::chrono::seconds(60)) >> [&] { timed_out = true; });
-  }
-  EXPECT_FALSE(timed_out) << "requests did not finish";
-  return out;
-}
-
-// Greedy generation with the plain forward pass; records the smallest top-1/top-2 logit gap
-// relative to the logits' spread, to show agreement cannot come from luck.
-std::vector<std::int32_t> plain_greedy(model& m, const std::vector<std::int32_t>& prompt, int max_tokens, double& min_gap) {
-  sequence_state s;
-  std::vector<std::int32_t> out, step = prompt;
-  for (int i = 0; i < max_tokens; ++i) {
-    const step_input in{&s, step};
-    const tensor logits = m.forward({&in, 1}, logits_mode::last_token);
-    std::vector<float> l(logits.data<float>(), logits.data<float>() + logits.dim(1));
-    const auto best = argmax(l);
-    float second = -1e30f, lo = 1e30f, hi = -1e30f;
-    for (std::size_t j = 0; j < l.size(); ++j) {
-      if (static_cast<std::int32_t>(j) != best) second = std::max(second, l[j]);
-      lo = std::min(lo, l[j]), hi = std::max(hi, l[j]);
-    }
-    min_gap = std::min(min_gap, static_cast<double>(l[static_cast<std::size_t>(best)] - second) / (hi - lo));
-    out.push_back(best);
-    if (best == m.config().eos_token_id) break;
-    step.assign(1, best);
-  }
-  return out;
-}
-
-generate_request greedy_request(const std::string& id, std::vector<std::int32_t> prompt, int max_tokens) {
-  generate_request r;
-  r.id = id;
-  r.prompt = std::move(prompt);
-  r.sampling.temperature = 0;
-  r.max_tokens = max_tokens;
-  return r;
-}
-
-std::vector<std::int32_t> prompt_of(int length, int seed) {
-  std::vector<std::int32_t> p;
-  for (int i = 0; i < length; ++i) p.push_back(3 + (i * 37 + seed * 11) % 90);
-  return p;
-}
-
-}  // namespace
+using namespace test;
 
 TEST(graph, one_request_matches_the_plain_forward_pass) {
   graph_fixture f("graph_one", R"({"stages": 2, "expert_shards": 3})");
@@ -207,8 +120,9 @@ TEST(graph, cancelling_ends_a_request_and_frees_its_blocks) {
 // Kills one actor while a request streams: that request ends with an error naming what failed
 // (no hang), the supervisor restarts the actor from its weights, and the next request gets
 // exactly the plain forward pass's tokens.
-void kill_mid_generation(const std::string& victim_name, const std::function<caf::actor(graph_fixture&)>& victim) {
-  graph_fixture f("graph_fault", R"({"stages": 2, "expert_shards": 2})");
+void kill_mid_generation(const std::string& victim_name, const std::function<caf::actor(graph_fixture&)>& victim,
+                         const std::string& topology = R"({"stages": 2, "expert_shards": 2})") {
+  graph_fixture f("graph_fault", topology);
   caf::scoped_actor self{*f.sys};
   auto req = greedy_request("long", prompt_of(6, 5), 200);
   req.stop_on_eos = false;
@@ -269,6 +183,12 @@ TEST(graph, killed_embedding_fails_its_request_and_is_restarted) {
 
 TEST(graph, killed_router_fails_its_request_and_is_restarted) {
   kill_mid_generation("router", [](graph_fixture& f) { return caf::actor_cast<caf::actor>(f.graph.router); });
+}
+
+TEST(graph, killed_draft_fails_its_request_and_is_restarted) {
+  const auto draft = make_model("graph_fault_draft", tiny_config(R"("hidden_size": 24, "num_layers": 1)", false), 4);
+  kill_mid_generation("draft", [](graph_fixture& f) { return caf::actor_cast<caf::actor>(f.graph.draft); },
+                      R"({"stages": 2, "expert_shards": 2, "speculation": {"draft": ")" + draft.string() + R"("}})");
 }
 
 TEST(graph, tokenizer_actor_encodes_and_streams_whole_characters) {

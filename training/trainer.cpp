@@ -14,6 +14,7 @@
 #include <map>
 
 #include "model/weights.hpp"
+#include "protocol/error_text.hpp"
 #include "protocol/errors.hpp"
 #include "protocol/type_registry.hpp"
 #include "tokenizer/tokenizer.hpp"
@@ -27,12 +28,6 @@ using clock_type = std::chrono::steady_clock;
 constexpr auto reply_timeout = std::chrono::minutes(30);  // one step of a large model on a slow machine
 
 double seconds_since(clock_type::time_point t) { return std::chrono::duration<double>(clock_type::now() - t).count(); }
-
-// The text of an error reply (a runtime_error carrying the cause's message, or CAF's own).
-std::string error_text(caf::actor_system& sys, const caf::error& e) {
-  if (e.category() == caf::atom("system") && e.context().match_elements<std::string>()) return e.context().get_as<std::string>(0);
-  return sys.render(e);
-}
 
 std::string duration_text(double s) {
   char buf[32];

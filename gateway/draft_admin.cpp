@@ -1,0 +1,32 @@
+#include "gateway/draft_admin.hpp"
+
+#include <caf/actor_system.hpp>
+#include <caf/event_based_actor.hpp>
+
+#include "protocol/error_text.hpp"
+#include "protocol/interfaces.hpp"
+
+namespace troupe::gateway {
+
+void ask_draft(caf::actor_system& sys, const caf::actor& draft, draft_op op, std::string dir,
+               std::function<void(bool, std::string)> done, int timeout_s) {
+  auto handle = caf::actor_cast<draft_actor>(draft);
+  sys.spawn([=](caf::event_based_actor* self) {
+    auto reply = [=](std::string& answer) {
+      done(true, answer);
+      self->quit();
+    };
+    auto fail = [=](caf::error& err) {
+      done(false, error_text(self->system(), err));
+      self->quit();
+    };
+    const std::chrono::seconds timeout(timeout_s);
+    switch (op) {
+      case draft_op::info: self->request(handle, timeout, draft_info_atom::value).then(reply, fail); break;
+      case draft_op::load: self->request(handle, timeout, load_draft_atom::value, dir).then(reply, fail); break;
+      case draft_op::rollback: self->request(handle, timeout, rollback_atom::value).then(reply, fail); break;
+    }
+  });
+}
+
+}  // namespace troupe::gateway
