@@ -19,6 +19,7 @@
 #include <fstream>
 
 #include <atomic>
+#include <numeric>
 #include <set>
 #include <thread>
 
@@ -42,6 +43,18 @@ namespace websocket = beast::websocket;
 namespace net = boost::asio;
 using tcp = net::ip::tcp;
 
+model_config demo_tiny() { return load_model_config(std::string(TROUPE_SOURCE_DIR) + "/configs/models/demo-tiny.json"); }
+
+// A random model directory with the 4k tokenizer.
+std::filesystem::path model_dir(const std::string& name, const model_config& config, std::uint64_t seed) {
+  const auto d = test::temp_dir(name);
+  init_options o;
+  o.seed = seed;
+  o.tokenizer_file = std::string(TROUPE_SOURCE_DIR) + "/configs/tokenizers/troupe-bpe-4k.json";
+  init_model(config, d, o);
+  return d;
+}
+
 struct served {
   caf::actor_system_config cfg;
   std::unique_ptr<caf::actor_system> sys;
@@ -55,14 +68,7 @@ struct served {
     add_message_types(cfg);
     cfg.load<caf::io::middleman>();
     sys = std::make_unique<caf::actor_system>(cfg);
-    static const std::filesystem::path dir = [] {
-      const auto d = test::temp_dir("gateway_model");
-      init_options o;
-      o.seed = 3;
-      o.tokenizer_file = std::string(TROUPE_SOURCE_DIR) + "/configs/tokenizers/troupe-bpe-4k.json";
-      init_model(load_model_config(std::string(TROUPE_SOURCE_DIR) + "/configs/models/demo-tiny.json"), d, o);
-      return d;
-    }();
+    static const std::filesystem::path dir = model_dir("gateway_model", demo_tiny(), 3);
     compute = load_compute(dir.string(), 1);
     tok = std::make_shared<const tokenizer>(tokenizer::load(dir / "tokenizer.json"));
     graph = inference_graph::start(*sys, compute, parse_topology(topology_json, "test", compute->net->config()));
@@ -71,6 +77,7 @@ struct served {
     opt.limits.max_tokens = 64;
     server = std::make_unique<gateway::gateway_server>(*sys, caf::actor_cast<caf::actor>(graph.scheduler), tok,
                                                        compute->net->config(), opt);
+    if (graph.draft) server->set_draft(caf::actor_cast<caf::actor>(graph.draft));
     server->start();
     port = server->port();
   }
@@ -636,6 +643,89 @@ TEST(gateway, request_limits_per_connection_and_in_total) {
     }
   }
   EXPECT_EQ(s.server->requests_in_flight() <= 3u, true);
+}
+
+// The issue's hot-swap check: 32 requests stream over HTTP while an admin swaps the draft
+// back and forth (and offers two it must refuse: another vocabulary, another tokenizer);
+// every request completes with exactly the greedy output of the target alone.
+TEST(gateway, draft_hot_swaps_under_load_change_no_output) {
+  const auto perfect = model_dir("gateway_draft_perfect", demo_tiny(), 3);  // the target's weights: all accepted
+  std::ifstream in(std::string(TROUPE_SOURCE_DIR) + "/configs/models/demo-tiny.json");
+  std::string json((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  json.replace(json.find("LongcatFlashNgramForCausalLM"), 28, "LongcatFlashForCausalLM");  // plain embeddings
+  json.replace(json.find("\"num_layers\": 2"), 15, "\"num_layers\": 1");
+  json.replace(json.find("\"num_hidden_layers\": 4"), 22, "\"num_hidden_layers\": 2");
+  const auto weak = model_dir("gateway_draft_weak", parse_model_config(json, "plain-draft"), 8);
+  const auto other_vocab = test::make_model("gateway_draft_vocab", test::tiny_config(R"("vocab_size": 101)", false), 5);
+  const auto other_tok = test::temp_dir("gateway_draft_tok");
+  for (const auto& f : std::filesystem::directory_iterator(weak)) std::filesystem::copy(f.path(), other_tok / f.path().filename());
+  std::ofstream(other_tok / "tokenizer.json", std::ios::app) << "\n";  // other bytes: treated as another tokenizer
+  gateway::gateway_options opt;
+  opt.admin_keys = {"admin-secret"};
+  served s(opt, R"({"speculation": {"draft": ")" + weak.string() + R"(", "draft_tokens": 3, "retry_after": 0, "max_batch": 0}})");
+  const int n = 32, max_tokens = 24;
+  std::vector<std::string> prompts, expected(n), got(n);
+  std::vector<std::int64_t> drafted(n, 0);
+  for (int i = 0; i < n; ++i) {
+    prompts.push_back("Request " + std::to_string(i) + (i % 2 ? " once upon a time" : " <|eos|> and then"));
+    expected[static_cast<std::size_t>(i)] = s.greedy(prompts.back(), max_tokens);
+  }
+  std::atomic<int> running{n};
+  std::vector<std::thread> clients;
+  for (int i = 0; i < n; ++i)
+    clients.emplace_back([&, i] {
+      json_writer w;
+      w.begin_object().key("prompt").value(prompts[static_cast<std::size_t>(i)]).key("max_tokens").value(max_tokens);
+      w.key("temperature").value(0.0).end_object();
+      const auto r = http_call(s.port, http::verb::post, "/v1/completions", w.str());
+      got[static_cast<std::size_t>(i)] = r.status == 200 ? field(r.body, "/choices/0/text") : "HTTP " + std::to_string(r.status) + " " + r.body;
+      simdjson::dom::parser p;
+      simdjson::padded_string body(r.body);
+      std::int64_t d = 0;
+      if (!p.parse(body).at_pointer("/usage/speculation/drafted_tokens").get_int64().get(d)) drafted[static_cast<std::size_t>(i)] = d;
+      --running;
+    });
+  int swaps = 0, refusals = 0;
+  const std::vector<std::filesystem::path> cycle{perfect, weak, other_vocab, perfect, other_tok, weak};
+  for (std::size_t i = 0; running > 0 || swaps < 3; ++i) {
+    const auto& next = cycle[i % cycle.size()];
+    const auto r = http_call(s.port, http::verb::post, "/admin/draft", "{\"model\": \"" + next.string() + "\"}", "admin-secret");
+    if (next == other_vocab || next == other_tok) {
+      EXPECT_EQ(r.status, 422) << r.body;
+      EXPECT_NE(r.body.find(next == other_vocab ? "vocabulary" : "tokenizer"), std::string::npos) << r.body;
+      ++refusals;
+    } else {
+      EXPECT_EQ(r.status, 200) << r.body;
+      swaps += r.status == 200;
+    }
+  }
+  for (auto& c : clients) c.join();
+  for (int i = 0; i < n; ++i) EXPECT_EQ(got[static_cast<std::size_t>(i)], expected[static_cast<std::size_t>(i)]) << "request " << i;
+  EXPECT_GT(std::accumulate(drafted.begin(), drafted.end(), std::int64_t{0}), 0) << "nothing was drafted";
+  EXPECT_GE(swaps, 3);
+  EXPECT_GE(refusals, 1);
+  // One command rolls back to the previous draft; the admin endpoints want the admin key.
+  const auto info = http_call(s.port, http::verb::get, "/admin/draft", {}, "admin-secret");
+  const auto back = http_call(s.port, http::verb::post, "/admin/draft/rollback", {}, "admin-secret");
+  EXPECT_EQ(back.status, 200) << back.body;
+  const auto after = http_call(s.port, http::verb::get, "/admin/draft", {}, "admin-secret");
+  EXPECT_EQ(field(after.body, "/dir"), field(info.body, "/previous_dir"));
+  EXPECT_EQ(http_call(s.port, http::verb::get, "/admin/draft", {}, "wrong").status, 401);
+  EXPECT_EQ(http_call(s.port, http::verb::post, "/admin/draft", "{\"modle\": 1}", "admin-secret").status, 400);
+  const auto metrics = http_call(s.port, http::verb::get, "/metrics").body;
+  EXPECT_NE(metrics.find("troupe_speculation_drafted_tokens_total{draft=\""), std::string::npos);
+  EXPECT_NE(metrics.find("troupe_request_acceptance_length_count"), std::string::npos);
+}
+
+TEST(gateway, admin_endpoints_are_off_without_admin_keys) {
+  served s;
+  EXPECT_EQ(http_call(s.port, http::verb::get, "/admin/draft").status, 403);
+  gateway::gateway_options opt;
+  opt.admin_keys = {"k"};
+  served t(opt);
+  const auto r = http_call(t.port, http::verb::post, "/admin/draft/rollback", {}, "k");
+  EXPECT_EQ(r.status, 409) << r.body;  // no draft in this topology
+  EXPECT_NE(r.body.find("does not speculate"), std::string::npos);
 }
 
 }  // namespace troupe

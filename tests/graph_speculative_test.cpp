@@ -31,7 +31,7 @@ std::string close_draft() { return make_model("graph_spec_close", graph_model_co
 std::string perfect_draft() { return make_model("graph_spec_perfect", graph_model_config(), 9).string(); }
 
 std::string speculative_topology(const std::string& draft, const std::string& extra = "") {
-  return R"({"stages": 2, "expert_shards": 2, "speculation": {"draft": ")" + draft + R"(", "retry_after": 0)" + extra + "}}";
+  return R"({"stages": 2, "expert_shards": 2, "speculation": {"draft": ")" + draft + R"(", "retry_after": 0, "max_batch": 0)" + extra + "}}";
 }
 
 // Prompts where every other one holds two EOS-separated documents.
@@ -185,18 +185,24 @@ TEST(graph_speculative, drafts_swapped_while_requests_stream_change_no_output) {
 }
 
 TEST(graph_speculative, large_batches_and_low_acceptance_turn_drafting_off) {
-  // Above the batch cutoff nobody drafts (but the first request, alone for its first step); a
-  // request alone drafts every step.
+  // Above the batch cutoff nobody drafts; a request alone drafts every step. A long prompt
+  // that never drafts goes first, so the others arrive while its prefill runs and every later
+  // step holds all five (one step in flight at a time with one stage).
   graph_fixture f("graph_spec_cutoff", R"({"speculation": {"draft": ")" + perfect_draft() + R"(", "max_batch": 2}})");
-  std::vector<generate_request> reqs;
+  auto blocker = greedy_request("blocker", prompt_of(200, 1), 40);
+  blocker.draft_tokens = 0;
+  blocker.stop_on_eos = false;
+  std::vector<generate_request> reqs{blocker};
   for (int i = 0; i < 4; ++i) {
     reqs.push_back(greedy_request("b" + std::to_string(i), prompt_of(5, i), 12));
     reqs.back().draft_tokens = 1;
+    reqs.back().stop_on_eos = false;
   }
-  for (const auto& [id, o] : run_requests(f, reqs)) EXPECT_LE(o.done.draft_rounds, 1) << id;
+  for (const auto& [id, o] : run_requests(f, reqs)) EXPECT_EQ(o.done.draft_rounds, 0) << id;
   auto alone = greedy_request("alone", prompt_of(5, 9), 12);
   alone.draft_tokens = 1;
-  EXPECT_GE(run_requests(f, {alone}).at("alone").done.draft_rounds, 4);
+  alone.stop_on_eos = false;
+  EXPECT_GE(run_requests(f, {alone}).at("alone").done.draft_rounds, 5);
   // A draft that is never right is switched off after its window and the output is unchanged.
   graph_fixture g("graph_spec_low", R"({"speculation": {"draft": ")" + weak_draft() +
                                         R"(", "window": 2, "min_acceptance": 3, "retry_after": 4}})");

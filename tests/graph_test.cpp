@@ -188,7 +188,7 @@ TEST(graph, killed_router_fails_its_request_and_is_restarted) {
 TEST(graph, killed_draft_fails_its_request_and_is_restarted) {
   const auto draft = make_model("graph_fault_draft", tiny_config(R"("hidden_size": 24, "num_layers": 1)", false), 4);
   kill_mid_generation("draft", [](graph_fixture& f) { return caf::actor_cast<caf::actor>(f.graph.draft); },
-                      R"({"stages": 2, "expert_shards": 2, "speculation": {"draft": ")" + draft.string() + R"("}})");
+                      R"({"stages": 2, "expert_shards": 2, "speculation": {"draft": ")" + draft.string() + R"(", "max_batch": 0}})");
 }
 
 TEST(graph, tokenizer_actor_encodes_and_streams_whole_characters) {
