@@ -22,11 +22,16 @@ namespace {
 
 namespace fs = std::filesystem;
 
-/// A loaded draft checkpoint, handed from the loader to the draft actor (in process only).
+/// A loaded draft checkpoint, handed from the loader to the draft actor (in process only), or
+/// the target's own MTP head (`mtp`: no model of its own).
 struct loaded_draft {
   std::shared_ptr<model> net;
   std::string dir, name;
+  bool mtp = false;
 };
+
+/// What `draft load` takes to mean the target's MTP head.
+constexpr const char* mtp_draft = "mtp";
 
 }  // namespace
 }  // namespace troupe
@@ -45,6 +50,11 @@ std::string read_file(const fs::path& path) {
 
 // Loads a draft and checks it against the target; throws input_error saying why it cannot draft.
 loaded_draft load_draft(const model& target, const std::string& target_dir, const std::string& dir) {
+  if (dir == mtp_draft) {
+    if (!target.has_mtp())
+      throw input_error("the target checkpoint has no MTP head (model.mtp.*; config num_nextn_predict_layers: 1)");
+    return {nullptr, mtp_draft, mtp_draft, true};
+  }
   if (!fs::is_directory(dir)) throw input_error("draft '" + dir + "' is not a model directory");
   const fs::path mine = fs::path(target_dir) / "tokenizer.json", theirs = fs::path(dir) / "tokenizer.json";
   if (fs::exists(mine) && fs::exists(theirs) && read_file(mine) != read_file(theirs))
@@ -63,10 +73,12 @@ struct draft_sequence {
   explicit draft_sequence(const sampling_params& p) : shape(p), gen(p.seed ^ 0x9e3779b97f4a7c15ull), greedy(p.temperature == 0) {}
   std::vector<std::int32_t> history;  // its tokens by position: prompt, accepted tokens, then the last round's drafts
   sequence_state cache;               // the draft's caches hold history[0, cache.num_tokens)
+  sequence_state mtp;                 // MTP drafting: its layer's cache holds the rows of tokens 1..mtp.num_tokens
   sampler shape;                      // the request's sampling rule, for q
   rng gen;                            // the draft's own randomness (the head verifies with another)
   bool greedy;
   bool lost = false;                  // its history was lost (a restart): it no longer drafts
+  bool mtp_lost = false;              // the MTP head missed some of its target hidden states: no MTP drafts
 };
 
 struct draft_state {
@@ -78,14 +90,18 @@ struct draft_state {
   bool loading = false;
   embedding_actor next;
   std::unordered_map<seq_id, draft_sequence> seqs;
+  std::unique_ptr<latent_block_allocator> mtp_blocks;  // the MTP layer's KV blocks (MTP drafting)
   static inline const char* name = "troupe.draft";
+
+  /// The model that drafts: the draft checkpoint, or the target (its MTP head).
+  model& drafter() const { return current.mtp ? *target->net : *current.net; }
 };
 
 using draft_pointer = draft_actor::stateful_pointer<draft_state>;
 
 // Brings each sequence's history up to the plan and picks how many tokens it drafts.
 std::vector<std::int64_t> track(draft_state& st, const step_plan& plan) {
-  const std::int64_t max_position = st.current.net->config().max_position_embeddings;
+  const std::int64_t max_position = st.drafter().config().max_position_embeddings;
   std::vector<std::int64_t> k(plan.sequences.size(), 0);
   std::size_t offset = 0;
   for (std::size_t i = 0; i < plan.sequences.size(); ++i) {
@@ -107,6 +123,27 @@ std::vector<std::int64_t> track(draft_state& st, const step_plan& plan) {
     if (max_position > 0) k[i] = std::min(k[i], std::max<std::int64_t>(0, max_position - (p + n)));
   }
   return k;
+}
+
+// Tokens picked from one row of draft logits per sequence in `who`, by each sequence's rule;
+// appends them to the histories and drafts (and the q rows of sampled sequences).
+void pick_drafts(draft_state& st, const step_plan& plan, const std::vector<std::size_t>& who, const tensor& logits,
+                 std::vector<std::vector<std::int32_t>>& drafts, std::vector<std::vector<std::vector<float>>>& q_of) {
+  const auto vocab = static_cast<std::size_t>(logits.dim(1));
+  for (std::size_t j = 0; j < who.size(); ++j) {
+    const std::size_t i = who[j];
+    auto& s = st.seqs.at(plan.sequences[i]);
+    const std::span<const float> row(logits.data<float>() + j * vocab, vocab);
+    std::int32_t d;
+    if (s.greedy) {
+      d = s.shape.greedy(row, s.history);
+    } else {
+      q_of[i].push_back(s.shape.distribution(row, s.history));
+      d = draw(q_of[i].back(), s.gen.uniform());
+    }
+    s.history.push_back(d);
+    drafts[i].push_back(d);
+  }
 }
 
 // Drafts k[i] tokens for every sequence (batched draft forwards); appends them to the
@@ -136,23 +173,94 @@ std::vector<std::vector<std::int32_t>> draft_tokens(draft_state& st, const step_
         who.push_back(i);
         in.push_back({&st.seqs.at(plan.sequences[i]).cache, feed[i]});
       }
-    const tensor logits = draft.forward(in, logits_mode::last_token);
-    const auto vocab = static_cast<std::size_t>(logits.dim(1));
-    for (std::size_t j = 0; j < who.size(); ++j) {
-      const std::size_t i = who[j];
-      auto& s = st.seqs.at(plan.sequences[i]);
-      const std::span<const float> row(logits.data<float>() + j * vocab, vocab);
-      std::int32_t d;
-      if (s.greedy) {
-        d = s.shape.greedy(row, s.history);
-      } else {
-        q_of[i].push_back(s.shape.distribution(row, s.history));
-        d = draw(q_of[i].back(), s.gen.uniform());
-      }
-      s.history.push_back(d);
-      drafts[i].push_back(d);
-      feed[i].assign(1, d);
+    pick_drafts(st, plan, who, draft.forward(in, logits_mode::last_token), drafts, q_of);
+    for (auto i : who) feed[i].assign(1, drafts[i].back());
+  }
+  for (auto& rows : q_of)
+    for (auto& r : rows) q.push_back(std::move(r));
+  return drafts;
+}
+
+// MTP drafting. First the MTP layer takes in the positions the last step settled (token j with
+// the target's hidden state at j - 1, for every j the plan's hidden rows reach), replacing the
+// rows it had drafted there; then it drafts k tokens from its own hidden states.
+std::vector<std::vector<std::int32_t>> mtp_drafts(draft_state& st, const step_plan& plan, std::vector<std::int64_t>& k,
+                                                  std::vector<std::vector<float>>& q) {
+  model& net = *st.target->net;
+  const auto& c = net.config();
+  if (!st.mtp_blocks)
+    st.mtp_blocks = std::make_unique<latent_block_allocator>(net.compute(), default_kv_block_tokens,
+                                                             c.kv_lora_rank + c.qk_rope_head_dim);
+  std::vector<std::vector<std::int32_t>> drafts(k.size());
+  std::vector<std::vector<std::vector<float>>> q_of(k.size());
+  std::vector<std::size_t> who;
+  std::vector<std::int64_t> num_rows, first, hidden_index;
+  std::vector<std::int32_t> tokens;
+  std::int64_t offset = 0;
+  for (std::size_t i = 0; i < plan.sequences.size(); ++i) {
+    const std::int64_t rows = plan.hidden_rows.empty() ? 0 : plan.hidden_rows[i];
+    const std::int64_t p = plan.first_position[i];
+    auto& s = st.seqs.at(plan.sequences[i]);
+    offset += rows;
+    const bool settled = !s.lost && !s.mtp_lost && rows > 0 && s.mtp.num_tokens >= p - rows;
+    if (!s.lost && rows > 0 && !settled) s.mtp_lost = true;  // rows before these were never seen
+    if (!settled) {
+      k[i] = 0;
+      continue;
     }
+    s.mtp.num_tokens = p - rows;  // the rows drafted past it are replaced
+    for (std::int64_t j = p - rows + 1; j <= p; ++j) tokens.push_back(s.history[static_cast<std::size_t>(j)]);
+    for (std::int64_t r = offset - rows; r < offset; ++r) hidden_index.push_back(r);
+    who.push_back(i);
+    num_rows.push_back(rows);
+    first.push_back(p - rows);  // the MTP row of token j sits at position j - 1
+  }
+  if (who.empty()) return drafts;
+  auto caches = [&](const std::vector<std::size_t>& ids) {
+    std::vector<latent_cache*> out;
+    for (auto i : ids) {
+      auto& m = st.seqs.at(plan.sequences[i]).mtp;
+      m.latents.resize(1);
+      out.push_back(&m.latents[0]);
+    }
+    return out;
+  };
+  auto run = [&](const std::vector<std::size_t>& ids, const std::vector<std::int32_t>& toks, const tensor& hidden) {
+    tensor t = tensor::empty({static_cast<std::int64_t>(toks.size())}, dtype::i32);
+    std::copy(toks.begin(), toks.end(), t.data<std::int32_t>());
+    const step_layout layout = step_layout::make(num_rows, first);
+    tensor m = net.mtp_forward(t, hidden, layout, caches(ids), *st.mtp_blocks);
+    for (std::size_t j = 0; j < ids.size(); ++j) st.seqs.at(plan.sequences[ids[j]]).mtp.num_tokens = first[j] + num_rows[j];
+    const auto last = layout.last_rows();
+    return net.gather(m, std::vector<std::int32_t>(last.begin(), last.end()));
+  };
+  std::vector<std::int32_t> index(hidden_index.begin(), hidden_index.end());
+  tensor h = run(who, tokens, net.gather(net.compute().upload(plan.target_hidden, dtype::f32), index));
+  // Drafting: round r predicts token p + r + 1 from the MTP hidden state of token p + r.
+  std::vector<std::size_t> drafting;
+  std::vector<std::int32_t> keep;
+  for (std::size_t j = 0; j < who.size(); ++j)
+    if (k[who[j]] > 0) drafting.push_back(who[j]), keep.push_back(static_cast<std::int32_t>(j));
+  h = net.gather(h, keep);
+  for (std::int64_t round = 0; !drafting.empty(); ++round) {
+    pick_drafts(st, plan, drafting, net.compute().download(net.mtp_logits(h)), drafts, q_of);
+    std::vector<std::size_t> next;
+    keep.clear();
+    tokens.clear();
+    num_rows.clear();
+    first.clear();
+    for (std::size_t j = 0; j < drafting.size(); ++j) {
+      const std::size_t i = drafting[j];
+      if (k[i] <= round + 1) continue;
+      next.push_back(i);
+      keep.push_back(static_cast<std::int32_t>(j));
+      tokens.push_back(drafts[i].back());
+      num_rows.push_back(1);
+      first.push_back(st.seqs.at(plan.sequences[i]).mtp.num_tokens);
+    }
+    if (next.empty()) break;
+    h = run(next, tokens, net.gather(h, keep));
+    drafting = std::move(next);
   }
   for (auto& rows : q_of)
     for (auto& r : rows) q.push_back(std::move(r));
@@ -186,7 +294,11 @@ void append_drafts(step_plan& plan, const std::vector<std::vector<std::int32_t>>
 // A new draft takes over: every sequence's draft cache starts empty and catches up on its
 // history when it next drafts; the old model goes with its last reference.
 void install(draft_state& st, loaded_draft d) {
-  for (auto& [id, s] : st.seqs) s.cache = sequence_state{};
+  for (auto& [id, s] : st.seqs) {
+    s.cache = sequence_state{};
+    s.mtp = sequence_state{};
+    s.mtp_lost = true;  // the MTP head can only draft for sequences it has seen from their first step
+  }
   std::cerr << "[draft] now drafting with '" << d.name << "' (" << d.dir << "), was '" << st.current.name << "'" << std::endl;
   st.previous_dir = st.current.dir;
   st.current = std::move(d);
@@ -195,7 +307,7 @@ void install(draft_state& st, loaded_draft d) {
 std::string describe(const draft_state& st) {
   json_writer w;
   w.begin_object().key("draft").value(st.current.name).key("dir").value(st.current.dir);
-  w.key("vocab_size").value(st.current.net->config().vocab_size);
+  w.key("vocab_size").value(st.drafter().config().vocab_size);
   w.key("previous_dir").value(st.previous_dir).key("loading").value(st.loading);
   w.key("sequences").value(static_cast<std::int64_t>(st.seqs.size()));
   w.end_object();
@@ -250,14 +362,19 @@ draft_actor::behavior_type draft_impl(draft_pointer self, shared_compute target,
       [=](forward_atom, step_plan& plan) -> caf::result<step_result> {
         auto& st = self->state;
         try {
-          const auto k = track(st, plan);
-          if (std::any_of(k.begin(), k.end(), [](std::int64_t x) { return x > 0; })) {
-            std::vector<std::vector<float>> q;
-            const auto drafts = draft_tokens(st, plan, k, q);
+          auto k = track(st, plan);
+          plan.want_hidden = st.current.mtp;
+          std::vector<std::vector<float>> q;
+          if (st.current.mtp) {
+            const auto drafts = mtp_drafts(st, plan, k, q);  // takes in the hidden states even when nobody drafts
             append_drafts(plan, drafts, q, st.current.name);
+          } else if (std::any_of(k.begin(), k.end(), [](std::int64_t x) { return x > 0; })) {
+            append_drafts(plan, draft_tokens(st, plan, k, q), q, st.current.name);
           } else {
             plan.draft_tokens.clear();
           }
+          plan.hidden_rows.clear();
+          plan.target_hidden = tensor();  // consumed here
         } catch (const std::exception& e) {
           // Drafting only proposes: the step goes on without drafts, the caches start over.
           std::cerr << "[draft] drafting failed, step " << plan.step << " runs without drafts: " << e.what() << std::endl;

@@ -261,6 +261,20 @@ std::vector<std::int32_t> scored_rows(const step_plan& plan, const step_layout& 
   return rows;
 }
 
+// The target's hidden states (before the final norm) of the positions a step settled: each
+// sequence's own tokens and its accepted drafts (the MTP draft builds on them).
+void settled_hidden(compute_context& compute, const hidden_batch& batch, const step_layout& layout, step_result& out) {
+  const auto& plan = batch.plan;
+  std::vector<std::int32_t> rows;
+  for (std::size_t i = 0; i < plan.sequences.size(); ++i) {
+    const std::int64_t k = plan.draft_tokens.empty() ? 0 : plan.draft_tokens[i];
+    const std::int64_t n = layout.num_rows[i] - k + out.accepted[i];
+    for (std::int64_t r = 0; r < n; ++r) rows.push_back(static_cast<std::int32_t>(layout.row_begin[i] + r));
+    out.hidden_rows.push_back(n);
+  }
+  out.hidden = compute.be->download(compute.net->gather(batch.hidden, rows));
+}
+
 stage_actor::behavior_type head_impl(stage_actor::stateful_pointer<head_state> self, shared_compute compute) {
   self->state.compute = std::move(compute);
   return {
@@ -316,6 +330,7 @@ stage_actor::behavior_type head_impl(stage_actor::stateful_pointer<head_state> s
             out.drafted.push_back(k);
             out.accepted.push_back(v.accepted);
           }
+          if (plan.want_hidden) settled_hidden(*st.compute, batch, layout, out);
           return out;
         });
       },

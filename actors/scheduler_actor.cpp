@@ -27,6 +27,8 @@ struct request_state {
   std::int64_t fed = 0;               // tokens the step in flight adds before its drafts
   std::optional<speculation_policy> policy;
   std::int64_t rounds = 0, drafted = 0, accepted = 0;
+  std::vector<float> hidden;          // the target's hidden states the last step settled, for the next plan (MTP)
+  std::int64_t hidden_rows = 0;
   bool cancelled = false;
   bool in_step = false;               // in a step in flight (a sequence is in at most one)
   clock_type::time_point arrived, first_token, last_token;
@@ -130,15 +132,21 @@ void on_step_done(scheduler_pointer self, const step_result& result) {
   std::vector<seq_id> ended;
   const auto now = clock_type::now();
   std::size_t offset = 0;
+  std::int64_t hidden_offset = 0;
   for (std::size_t i = 0; i < result.sequences.size(); ++i) {
     const std::int64_t accepted = result.accepted.empty() ? 0 : result.accepted[i];
     const std::int64_t drafted = result.drafted.empty() ? 0 : result.drafted[i];
     const std::span<const std::int32_t> tokens(result.tokens.data() + offset, static_cast<std::size_t>(1 + accepted));
     offset += tokens.size();
+    const std::int64_t rows = result.hidden_rows.empty() ? 0 : result.hidden_rows[i];
+    const float* hidden = rows ? result.hidden.data<float>() + hidden_offset * result.hidden.dim(1) : nullptr;
+    hidden_offset += rows;
     auto it = st.running.find(result.sequences[i]);
     if (it == st.running.end()) continue;
     auto& r = it->second;
-    r.cached += r.fed + accepted;  // the step's own tokens and the accepted drafts are in the caches
+    r.cached += r.fed + accepted;
+    r.hidden_rows = rows;
+    r.hidden.assign(hidden, hidden + (rows ? rows * result.hidden.dim(1) : 0));  // the step's own tokens and the accepted drafts are in the caches
     if (r.cancelled) {
       finish(self, r, request_end::cancelled);
       ended.push_back(r.seq);
@@ -194,6 +202,26 @@ std::int64_t draft_budget(const scheduler_state& st, const request_state& r) {
   return std::clamp<std::int64_t>(r.policy->next_draft_tokens(), 0, remaining - 1);
 }
 
+// Hands each sequence's settled hidden states (from its last step) to the plan, for the MTP draft.
+void attach_hidden(scheduler_state& st, step_plan& plan) {
+  std::int64_t total = 0, width = 0;
+  for (auto id : plan.sequences) {
+    const auto& r = st.running.at(id);
+    total += r.hidden_rows;
+    if (r.hidden_rows) width = static_cast<std::int64_t>(r.hidden.size()) / r.hidden_rows;
+  }
+  if (total == 0) return;
+  plan.target_hidden = tensor::empty({total, width}, dtype::f32);
+  float* out = plan.target_hidden.data<float>();
+  for (auto id : plan.sequences) {
+    auto& r = st.running.at(id);
+    plan.hidden_rows.push_back(r.hidden_rows);
+    out = std::copy(r.hidden.begin(), r.hidden.end(), out);
+    r.hidden.clear();
+    r.hidden_rows = 0;
+  }
+}
+
 void send_step(scheduler_pointer self, const std::vector<seq_id>& sequences) {
   auto& st = self->state;
   step_plan plan;
@@ -223,6 +251,7 @@ void send_step(scheduler_pointer self, const std::vector<seq_id>& sequences) {
     r.fed = plan.num_tokens.back();
     if (st.limits.speculative) plan.draft_tokens.push_back(draft_budget(st, r));
   }
+  attach_hidden(st, plan);
   const auto step = plan.step;
   st.in_flight.emplace(step, sequences);
   ++st.metrics.steps;

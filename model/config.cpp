@@ -167,6 +167,9 @@ model_config parse_model_config(std::string_view json, const std::string& source
   c.bos_token_id = token_id(r, "bos_token_id", 1);
   c.eos_token_id = token_id(r, "eos_token_id", 2);
   c.tie_word_embeddings = r.boolean_or("tie_word_embeddings", false);
+  c.num_nextn_predict_layers = r.integer_or("num_nextn_predict_layers", 0);
+  if (c.num_nextn_predict_layers < 0 || c.num_nextn_predict_layers > 1)
+    r.fail("num_nextn_predict_layers", "must be 0 or 1 (one MTP layer at most)");
   const std::string amp = r.string_or("embedding_amplification", "none");
   if (amp == "none") c.embedding_amplification = amplification::none;
   else if (amp == "sqrt_hidden") c.embedding_amplification = amplification::sqrt_hidden;
@@ -243,6 +246,7 @@ std::string model_config_to_json(const model_config& c) {
   w.key("bos_token_id").value(static_cast<std::int64_t>(c.bos_token_id));
   w.key("eos_token_id").value(static_cast<std::int64_t>(c.eos_token_id));
   w.key("tie_word_embeddings").value(c.tie_word_embeddings);
+  if (c.num_nextn_predict_layers) w.key("num_nextn_predict_layers").value(c.num_nextn_predict_layers);
   if (c.embedding_amplification == amplification::sqrt_hidden) w.key("embedding_amplification").value("sqrt_hidden");
   if (c.embedding_amplification == amplification::layer_norm) w.key("embedding_amplification").value("layer_norm");
   w.key("hidden_act").value("silu");

@@ -62,6 +62,7 @@ struct model_config {
 
   std::int32_t bos_token_id = 1, eos_token_id = 2;
   bool tie_word_embeddings = false;
+  std::int64_t num_nextn_predict_layers = 0;  // 1: the checkpoint has an MTP head (model.mtp.*, section 6)
 
   // Derived sizes.
   std::int64_t num_attention_layers() const { return 2 * num_layers; }

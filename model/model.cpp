@@ -262,6 +262,40 @@ tensor model::head(const tensor& h) {
   return logits;
 }
 
+tensor model::mtp_forward(const tensor& tokens, const tensor& hidden, const step_layout& layout,
+                          std::span<latent_cache* const> caches, latent_block_allocator& blocks) {
+  if (!has_mtp()) throw input_error("the checkpoint has no MTP head (model.mtp.*)");
+  const auto& m = weights_.mtp.front();
+  const auto t = layout.total_rows;
+  if (tokens.numel() != t || hidden.dim(0) != t || hidden.dim(1) != config_.hidden_size)
+    throw std::logic_error("mtp_forward: tokens, hidden states and layout disagree");
+  tensor ids = tensor::empty({t}, dtype::i64);
+  for (std::int64_t r = 0; r < t; ++r) {
+    const auto id = tokens.data<std::int32_t>()[r];
+    if (id < 0 || id >= config_.vocab_size)
+      throw input_error("token id " + std::to_string(id) + " is outside the vocabulary of " + std::to_string(config_.vocab_size));
+    ids.data<std::int64_t>()[r] = id;
+  }
+  tensor e = be_.empty({t, config_.hidden_size}, dtype::f32);
+  be_.gather_rows(weights_.embed, ids, e);  // the shared token embedding
+  tensor x = be_.empty({t, config_.hidden_size}, dtype::f32);
+  be_.linear(norm(e, m.enorm), m.eh_embed, x, write_mode::overwrite);  // eh_proj([enorm(e); hnorm(h)])
+  be_.linear(norm(hidden, m.hnorm), m.eh_hidden, x, write_mode::accumulate);
+  tensor a = attention(m.attention, norm(x, m.input_norm), layout, caches, blocks);
+  be_.add(a, x);  // a = x + MLA(RMS(x))
+  tensor out = swiglu(m.mlp, norm(a, m.post_attention_norm));
+  be_.add(out, a);  // a + MLP(RMS(a))
+  return out;
+}
+
+tensor model::mtp_logits(const tensor& h) {
+  if (!has_mtp()) throw input_error("the checkpoint has no MTP head (model.mtp.*)");
+  tensor normed = norm(h, weights_.mtp.front().norm);
+  tensor logits = be_.empty({normed.dim(0), config_.vocab_size}, dtype::f32);
+  be_.linear(normed, weights_.lm_head, logits, write_mode::overwrite);
+  return logits;
+}
+
 tensor model::forward(std::span<const step_input> batch, logits_mode mode) {
   const auto& c = config_;
   std::vector<std::int64_t> num_rows, first_position;

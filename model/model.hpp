@@ -107,6 +107,17 @@ class model {
   tensor moe(std::int64_t block, const tensor& u);
   /// Final norm and lm_head over rows of hidden states: device logits [rows, V].
   tensor head(const tensor& h);
+  /// Whether the checkpoint has an MTP head (model.mtp.*).
+  bool has_mtp() const { return !weights_.mtp.empty(); }
+  /// The MTP head (spec section 6) over one step's rows: row r takes token tokens[r] and the
+  /// target's hidden state (before the final norm) at the position before it, and sits at
+  /// MTP position (token position - 1) in `caches` (its one MLA layer). Returns the MTP hidden
+  /// states [T, H]; mtp_logits() turns them into predictions of the token after tokens[r], and
+  /// the hidden state of row r stands in for the target's when drafting further.
+  tensor mtp_forward(const tensor& tokens, const tensor& hidden, const step_layout& layout,
+                     std::span<latent_cache* const> caches, latent_block_allocator& blocks);
+  /// The MTP head's norm and the shared lm_head: device logits [rows, V].
+  tensor mtp_logits(const tensor& m);
   /// Rows `rows` of x (i64 host list) as a new tensor.
   tensor gather(const tensor& x, std::span<const std::int32_t> rows);
 

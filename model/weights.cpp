@@ -15,6 +15,24 @@ std::vector<weight_spec> weight_specs(const model_config& c) {
     out.push_back({std::move(name), std::move(shape), init, keep_f32});
   };
   const auto h = c.hidden_size, heads = c.num_attention_heads;
+  auto add_mla = [&](const std::string& a) {
+    if (c.q_lora_rank) {
+      add(a + "q_a_proj.weight", {c.q_lora_rank, h}, weight_init::matrix);
+      add(a + "q_a_layernorm.weight", {c.q_lora_rank}, weight_init::norm);
+      add(a + "q_b_proj.weight", {heads * c.qk_head_dim(), c.q_lora_rank}, weight_init::matrix);
+    } else {
+      add(a + "q_proj.weight", {heads * c.qk_head_dim(), h}, weight_init::matrix);
+    }
+    add(a + "kv_a_proj_with_mqa.weight", {c.kv_lora_rank + c.qk_rope_head_dim, h}, weight_init::matrix);
+    add(a + "kv_a_layernorm.weight", {c.kv_lora_rank}, weight_init::norm);
+    add(a + "kv_b_proj.weight", {heads * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank}, weight_init::matrix);
+    add(a + "o_proj.weight", {h, heads * c.v_head_dim}, weight_init::matrix);
+  };
+  auto add_swiglu = [&](const std::string& m, std::int64_t f) {
+    add(m + "gate_proj.weight", {f, h}, weight_init::matrix);
+    add(m + "up_proj.weight", {f, h}, weight_init::matrix);
+    add(m + "down_proj.weight", {h, f}, weight_init::matrix);
+  };
   add("model.embed_tokens.weight", {c.vocab_size, h}, weight_init::embedding);
   for (std::int64_t i = 0; i < c.num_ngram_tables(); ++i)
     add("model.ngram_embeddings.embedders." + std::to_string(i) + ".weight", {c.ngram_table_rows(i), c.ngram_dim()},
@@ -27,34 +45,26 @@ std::vector<weight_spec> weight_specs(const model_config& c) {
       const std::string s = std::to_string(j);
       add(p + "input_layernorm." + s + ".weight", {h}, weight_init::norm);
       add(p + "post_attention_layernorm." + s + ".weight", {h}, weight_init::norm);
-      const std::string a = p + "self_attn." + s + ".";
-      if (c.q_lora_rank) {
-        add(a + "q_a_proj.weight", {c.q_lora_rank, h}, weight_init::matrix);
-        add(a + "q_a_layernorm.weight", {c.q_lora_rank}, weight_init::norm);
-        add(a + "q_b_proj.weight", {heads * c.qk_head_dim(), c.q_lora_rank}, weight_init::matrix);
-      } else {
-        add(a + "q_proj.weight", {heads * c.qk_head_dim(), h}, weight_init::matrix);
-      }
-      add(a + "kv_a_proj_with_mqa.weight", {c.kv_lora_rank + c.qk_rope_head_dim, h}, weight_init::matrix);
-      add(a + "kv_a_layernorm.weight", {c.kv_lora_rank}, weight_init::norm);
-      add(a + "kv_b_proj.weight", {heads * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank}, weight_init::matrix);
-      add(a + "o_proj.weight", {h, heads * c.v_head_dim}, weight_init::matrix);
-      const std::string m = p + "mlps." + s + ".";
-      add(m + "gate_proj.weight", {c.ffn_hidden_size, h}, weight_init::matrix);
-      add(m + "up_proj.weight", {c.ffn_hidden_size, h}, weight_init::matrix);
-      add(m + "down_proj.weight", {h, c.ffn_hidden_size}, weight_init::matrix);
+      add_mla(p + "self_attn." + s + ".");
+      add_swiglu(p + "mlps." + s + ".", c.ffn_hidden_size);
     }
     add(p + "mlp.router.classifier.weight", {c.num_router_experts(), h}, weight_init::matrix, true);
     add(p + "mlp.router.e_score_correction_bias", {c.num_router_experts()}, weight_init::bias, true);
-    for (std::int64_t e = 0; e < c.n_routed_experts; ++e) {
-      const std::string x = p + "mlp.experts." + std::to_string(e) + ".";
-      add(x + "gate_proj.weight", {c.expert_ffn_hidden_size, h}, weight_init::matrix);
-      add(x + "up_proj.weight", {c.expert_ffn_hidden_size, h}, weight_init::matrix);
-      add(x + "down_proj.weight", {h, c.expert_ffn_hidden_size}, weight_init::matrix);
-    }
+    for (std::int64_t e = 0; e < c.n_routed_experts; ++e)
+      add_swiglu(p + "mlp.experts." + std::to_string(e) + ".", c.expert_ffn_hidden_size);
   }
   add("model.norm.weight", {h}, weight_init::norm);
   if (!c.tie_word_embeddings) add("lm_head.weight", {c.vocab_size, h}, weight_init::matrix);
+  if (c.num_nextn_predict_layers) {  // Troupe's names for the spec's MTP head (section 6)
+    add("model.mtp.enorm.weight", {h}, weight_init::norm);
+    add("model.mtp.hnorm.weight", {h}, weight_init::norm);
+    add("model.mtp.eh_proj.weight", {h, 2 * h}, weight_init::matrix);
+    add("model.mtp.layers.0.input_layernorm.weight", {h}, weight_init::norm);
+    add("model.mtp.layers.0.post_attention_layernorm.weight", {h}, weight_init::norm);
+    add_mla("model.mtp.layers.0.self_attn.");
+    add_swiglu("model.mtp.layers.0.mlp.", c.ffn_hidden_size);
+    add("model.mtp.norm.weight", {h}, weight_init::norm);
+  }
   return out;
 }
 
@@ -82,6 +92,32 @@ struct loader {
     std::memcpy(static_cast<std::byte*>(gate_up.raw()) + gate.nbytes(), up.raw(), up.nbytes());
     return {be.upload(gate_up, be.weight_type(gate_up.type())), matrix(prefix + "down_proj.weight")};
   }
+  mla_weights mla(const std::string& a, bool q_lora) const {
+    mla_weights att;
+    if (q_lora) {
+      att.q_a = matrix(a + "q_a_proj.weight");
+      att.q_a_norm = f32(a + "q_a_layernorm.weight");
+      att.q_b = matrix(a + "q_b_proj.weight");
+    } else {
+      att.q_b = matrix(a + "q_proj.weight");
+    }
+    att.kv_a = matrix(a + "kv_a_proj_with_mqa.weight");
+    att.kv_a_norm = f32(a + "kv_a_layernorm.weight");
+    att.kv_b = f32(a + "kv_b_proj.weight");
+    att.o = matrix(a + "o_proj.weight");
+    return att;
+  }
+  /// Columns [first, first + width) of a matrix, as a matrix of its own.
+  tensor columns(const std::string& name, std::int64_t first, std::int64_t width) const {
+    const tensor full = host(name);
+    tensor part = tensor::empty({full.dim(0), width}, full.type());
+    const auto bytes = static_cast<std::size_t>(dtype_size(full.type()));
+    for (std::int64_t r = 0; r < full.dim(0); ++r)
+      std::memcpy(static_cast<std::byte*>(part.raw()) + static_cast<std::size_t>(r * width) * bytes,
+                  static_cast<const std::byte*>(full.raw()) + static_cast<std::size_t>(r * full.dim(1) + first) * bytes,
+                  static_cast<std::size_t>(width) * bytes);
+    return be.upload(part, be.weight_type(part.type()));
+  }
 };
 
 }  // namespace
@@ -103,19 +139,7 @@ model_weights load_model_weights(const checkpoint& ckpt, const model_config& c, 
       const std::string s = std::to_string(j);
       b.input_norm[j] = ld.f32(p + "input_layernorm." + s + ".weight");
       b.post_attention_norm[j] = ld.f32(p + "post_attention_layernorm." + s + ".weight");
-      const std::string a = p + "self_attn." + s + ".";
-      auto& att = b.attention[j];
-      if (c.q_lora_rank) {
-        att.q_a = ld.matrix(a + "q_a_proj.weight");
-        att.q_a_norm = ld.f32(a + "q_a_layernorm.weight");
-        att.q_b = ld.matrix(a + "q_b_proj.weight");
-      } else {
-        att.q_b = ld.matrix(a + "q_proj.weight");
-      }
-      att.kv_a = ld.matrix(a + "kv_a_proj_with_mqa.weight");
-      att.kv_a_norm = ld.f32(a + "kv_a_layernorm.weight");
-      att.kv_b = ld.f32(a + "kv_b_proj.weight");
-      att.o = ld.matrix(a + "o_proj.weight");
+      b.attention[j] = ld.mla(p + "self_attn." + s + ".", c.q_lora_rank > 0);
       b.mlp[j] = ld.swiglu(p + "mlps." + s + ".");
     }
     b.router = ld.f32(p + "mlp.router.classifier.weight");
@@ -126,6 +150,19 @@ model_weights load_model_weights(const checkpoint& ckpt, const model_config& c, 
   }
   w.final_norm = ld.f32("model.norm.weight");
   w.lm_head = c.tie_word_embeddings ? be.upload(w.embed, be.weight_type(w.embed.type())) : ld.matrix("lm_head.weight");
+  if (c.num_nextn_predict_layers) {
+    mtp_weights m;
+    m.enorm = ld.f32("model.mtp.enorm.weight");
+    m.hnorm = ld.f32("model.mtp.hnorm.weight");
+    m.eh_embed = ld.columns("model.mtp.eh_proj.weight", 0, c.hidden_size);
+    m.eh_hidden = ld.columns("model.mtp.eh_proj.weight", c.hidden_size, c.hidden_size);
+    m.input_norm = ld.f32("model.mtp.layers.0.input_layernorm.weight");
+    m.post_attention_norm = ld.f32("model.mtp.layers.0.post_attention_layernorm.weight");
+    m.attention = ld.mla("model.mtp.layers.0.self_attn.", c.q_lora_rank > 0);
+    m.mlp = ld.swiglu("model.mtp.layers.0.mlp.");
+    m.norm = ld.f32("model.mtp.norm.weight");
+    w.mtp.push_back(std::move(m));
+  }
   return w;
 }
 

@@ -57,6 +57,17 @@ struct block_weights {
   std::vector<swiglu_weights> experts;  // n_routed
 };
 
+/// The MTP head (spec section 6): x = eh_proj([enorm(embed(t)); hnorm(h)]) split into its
+/// two column halves, then one dense MLA + SwiGLU layer and its own final norm.
+struct mtp_weights {
+  tensor enorm, hnorm;         // [H]
+  tensor eh_embed, eh_hidden;  // [H, H] each: eh_proj's columns for the embedding, for the hidden state
+  tensor input_norm, post_attention_norm;  // [H]
+  mla_weights attention;
+  swiglu_weights mlp;
+  tensor norm;  // [H]
+};
+
 struct model_weights {
   tensor embed;                      // [V, H], read in place (may be a bf16 checkpoint view)
   std::vector<tensor> ngram_tables;  // [M_i, d], read in place
@@ -64,6 +75,7 @@ struct model_weights {
   std::vector<block_weights> blocks;
   tensor final_norm;  // [H]
   tensor lm_head;     // [V, H]
+  std::vector<mtp_weights> mtp;  // num_nextn_predict_layers of them (0 or 1)
 };
 
 /// Loads and checks every tensor; matrices go to the backend in its weight type (bf16 stays

@@ -30,6 +30,12 @@ struct step_plan {
   std::vector<std::int64_t> draft_tokens;
   tensor draft_probs;       // f32 [drafts of sampled sequences, V]: the draft's distributions q, in order
   std::string draft_model;  // the draft that proposed them (for per-draft metrics)
+  // The MTP draft drafts from the target's hidden states: it sets want_hidden, and the next
+  // plan carries, per sequence, the target's hidden states (before the final norm) at
+  // positions [first_position[i] - hidden_rows[i], first_position[i]).
+  bool want_hidden = false;
+  std::vector<std::int64_t> hidden_rows;
+  tensor target_hidden;  // f32 [sum of hidden_rows, H]
 };
 
 /// A step's hidden states on their way through the stages: rows in plan order.
@@ -54,6 +60,10 @@ struct step_result {
   std::vector<std::int32_t> tokens;
   std::vector<std::int64_t> drafted, accepted;  // per sequence: drafts verified, drafts kept
   std::string draft_model;
+  // When the plan wanted them: per sequence, the target's hidden states of the positions this
+  // step settled (its own tokens and the accepted drafts), concatenated.
+  std::vector<std::int64_t> hidden_rows;
+  tensor hidden;
 };
 
 /// A generation request as the scheduler receives it (the gateway fills it from JSON).

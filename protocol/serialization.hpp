@@ -44,7 +44,7 @@ typename Inspector::result_type inspect(Inspector& f, sampling_params& x) {
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, step_plan& x) {
   return f(caf::meta::type_name("step_plan"), x.step, x.sequences, x.first_position, x.num_tokens, x.tokens, x.sampling,
-           x.draft_tokens, x.draft_probs, x.draft_model);
+           x.draft_tokens, x.draft_probs, x.draft_model, x.want_hidden, x.hidden_rows, x.target_hidden);
 }
 
 template <class Inspector>
@@ -59,7 +59,8 @@ typename Inspector::result_type inspect(Inspector& f, expert_batch& x) {
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, step_result& x) {
-  return f(caf::meta::type_name("step_result"), x.step, x.sequences, x.tokens, x.drafted, x.accepted, x.draft_model);
+  return f(caf::meta::type_name("step_result"), x.step, x.sequences, x.tokens, x.drafted, x.accepted, x.draft_model,
+           x.hidden_rows, x.hidden);
 }
 
 template <class Inspector>

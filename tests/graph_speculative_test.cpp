@@ -10,6 +10,7 @@
 #include <cmath>
 #include <thread>
 
+#include "gpu/cpu/cpu_backend.hpp"
 #include "graph/topology.hpp"
 #include "model/generator.hpp"
 #include "protocol/errors.hpp"
@@ -235,6 +236,71 @@ TEST(graph_speculative, a_draft_of_another_vocabulary_is_refused_at_start) {
   EXPECT_NE(error_of(R"({"speculation": {"draft": "d", "draft_tokens": 99}})").find("draft_tokens"), std::string::npos);
   EXPECT_NE(error_of(R"({"speculation": {"draft": "d", "k": 3}})").find("'speculation.k'"), std::string::npos);
   EXPECT_NE(error_of(R"({"speculation": {"draft": "d", "min_acceptance": "x"}})").find("min_acceptance"), std::string::npos);
+}
+
+TEST(graph_speculative, the_mtp_head_drafts_losslessly) {
+  // A target with an MTP head (model.mtp.*) drafts for itself: greedy output stays the plain
+  // forward pass's, and the head's drafts are verified like any draft's.
+  graph_fixture f("graph_spec_mtp", R"({"stages": 2, "speculation": {"draft": "mtp", "retry_after": 0, "max_batch": 0}})",
+                  R"("num_nextn_predict_layers": 1)");
+  ASSERT_TRUE(f.compute->net->has_mtp());
+  std::vector<generate_request> reqs;
+  std::map<std::string, std::vector<std::int32_t>> expected;
+  double gap = 1;
+  for (int i = 0; i < 8; ++i) {
+    const auto prompt = spec_prompt(i, f.compute->net->config().eos_token_id);
+    const std::string id = "m" + std::to_string(i);
+    expected[id] = plain_greedy(*f.compute->net, prompt, 16, gap);
+    auto r = greedy_request(id, prompt, 16);
+    r.draft_tokens = 1 + i % 3;
+    reqs.push_back(r);
+  }
+  const auto got = run_requests(f, reqs);
+  std::int64_t drafted = 0;
+  for (const auto& r : reqs) {
+    EXPECT_EQ(got.at(r.id).tokens, expected.at(r.id)) << r.id;
+    drafted += got.at(r.id).done.drafted_tokens;
+  }
+  EXPECT_GT(drafted, 0);
+  EXPECT_EQ(metrics_of(f).drafts.at(0).draft, "mtp");
+  // A target without an MTP head refuses it, at start and as a swap.
+  try {
+    graph_fixture g("graph_spec_no_mtp", R"({"speculation": {"draft": "mtp"}})");
+    ADD_FAILURE() << "a target without an MTP head accepted the mtp draft";
+  } catch (const input_error& e) {
+    EXPECT_NE(std::string(e.what()).find("no MTP head"), std::string::npos) << e.what();
+  }
+}
+
+TEST(graph_speculative, the_mtp_head_fed_in_pieces_equals_one_pass) {
+  // The MTP layer's cache and positions: rows fed one step at a time give the hidden states of
+  // one pass over all rows.
+  cpu_backend be(1);
+  auto net = model::load(make_model("mtp_pieces", tiny_config(R"("num_nextn_predict_layers": 1)"), 6, dtype::f32), be);
+  const auto h = net->config().hidden_size;
+  const std::int64_t n = 9;
+  tensor tokens = tensor::empty({n}, dtype::i32), hidden = tensor::empty({n, h}, dtype::f32);
+  rng gen(3);
+  for (std::int64_t i = 0; i < n; ++i) tokens.data<std::int32_t>()[i] = static_cast<std::int32_t>(3 + gen.next() % 90);
+  for (std::int64_t i = 0; i < n * h; ++i) hidden.data<float>()[i] = static_cast<float>(gen.normal());
+  latent_block_allocator blocks(be, default_kv_block_tokens, net->config().kv_lora_rank + net->config().qk_rope_head_dim);
+  latent_cache whole, pieces;
+  latent_cache* one[] = {&whole};
+  const std::vector<std::int64_t> all_rows{n}, zero{0};
+  const tensor expected = net->mtp_forward(tokens, hidden, step_layout::make(all_rows, zero), one, blocks);
+  latent_cache* piece[] = {&pieces};
+  for (std::int64_t start = 0; start < n; start += 4) {
+    const std::int64_t rows = std::min<std::int64_t>(4, n - start);
+    tensor t = tensor::empty({rows}, dtype::i32), x = tensor::empty({rows, h}, dtype::f32);
+    std::copy_n(tokens.data<std::int32_t>() + start, rows, t.data<std::int32_t>());
+    std::copy_n(hidden.data<float>() + start * h, rows * h, x.data<float>());
+    const std::vector<std::int64_t> r{rows}, p{start};
+    const tensor got = net->mtp_forward(t, x, step_layout::make(r, p), piece, blocks);
+    EXPECT_LT(relative_l2(got.data<float>(), expected.data<float>() + start * h, static_cast<std::size_t>(rows * h)), 1e-5)
+        << "rows " << start << "..";
+  }
+  const tensor logits = net->mtp_logits(expected);
+  EXPECT_EQ(logits.dim(1), net->config().vocab_size);
 }
 
 }  // namespace troupe

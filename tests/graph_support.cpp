@@ -10,13 +10,15 @@
 
 namespace troupe::test {
 
-model_config graph_model_config() { return tiny_config(R"("num_layers": 3, "max_position_embeddings": 256)"); }
+model_config graph_model_config(const std::string& overrides) {
+  return tiny_config(R"("num_layers": 3, "max_position_embeddings": 256)" + (overrides.empty() ? "" : ", " + overrides));
+}
 
-graph_fixture::graph_fixture(const std::string& name, const std::string& topology_json) {
+graph_fixture::graph_fixture(const std::string& name, const std::string& topology_json, const std::string& config_overrides) {
   add_message_types(cfg);
   cfg.load<caf::io::middleman>();
   sys = std::make_unique<caf::actor_system>(cfg);
-  const auto dir = make_model(name, graph_model_config(), 9);
+  const auto dir = make_model(name, graph_model_config(config_overrides), 9);
   compute = load_compute(dir.string(), 1);
   graph = inference_graph::start(*sys, compute, parse_topology(topology_json, "test-topology", compute->net->config()));
 }

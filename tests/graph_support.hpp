@@ -16,8 +16,8 @@
 
 namespace troupe::test {
 
-/// The config of graph_fixture's model (3 blocks, 256 positions).
-model_config graph_model_config();
+/// The config of graph_fixture's model (3 blocks, 256 positions), with `overrides` merged in.
+model_config graph_model_config(const std::string& overrides = "");
 
 struct graph_fixture {
   caf::actor_system_config cfg;
@@ -25,8 +25,8 @@ struct graph_fixture {
   shared_compute compute;
   inference_graph graph;
 
-  /// Serves a random model of graph_model_config() (seed 9) through `topology_json`.
-  graph_fixture(const std::string& name, const std::string& topology_json);
+  /// Serves a random model of graph_model_config(config_overrides) (seed 9) through `topology_json`.
+  graph_fixture(const std::string& name, const std::string& topology_json, const std::string& config_overrides = "");
   ~graph_fixture();
 };
 
