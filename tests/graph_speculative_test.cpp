@@ -31,8 +31,10 @@ std::string weak_draft() { return make_model("graph_spec_weak", tiny_config(R"("
 std::string close_draft() { return make_model("graph_spec_close", graph_model_config(), 9, dtype::f32).string(); }
 std::string perfect_draft() { return make_model("graph_spec_perfect", graph_model_config(), 9).string(); }
 
-std::string speculative_topology(const std::string& draft, const std::string& extra = "") {
-  return R"({"stages": 2, "expert_shards": 2, "speculation": {"draft": ")" + draft + R"(", "retry_after": 0, "max_batch": 0)" + extra + "}}";
+// Two stages, two shards, drafting never switched off; `scheduler`: scheduler fields.
+std::string speculative_topology(const std::string& draft, const std::string& scheduler = "") {
+  return R"({"stages": 2, "expert_shards": 2, "scheduler": {)" + scheduler + R"(},
+            "speculation": {"draft": ")" + draft + R"(", "retry_after": 0, "max_batch": 0}})";
 }
 
 // Prompts where every other one holds two EOS-separated documents.
@@ -96,7 +98,7 @@ TEST(graph_speculative, greedy_is_the_plain_forward_pass_for_mixed_draft_lengths
 TEST(graph_speculative, sampling_keeps_the_targets_distribution) {
   // The first two sampled tokens over many seeds, with the graph speculating (k = 2, drafts
   // verified by the rejection rule) and with the plain sampler: a two-sample chi-square.
-  graph_fixture f("graph_spec_sampled", speculative_topology(weak_draft()));
+  graph_fixture f("graph_spec_sampled", speculative_topology(weak_draft(), R"("max_waiting": 2000)"));
   const tokenizer tok = tokenizer::load(std::string(TROUPE_SOURCE_DIR) + "/configs/tokenizers/troupe-bpe-4k.json");
   const std::vector<std::int32_t> prompt{7, 11, 19};
   const int n = 1200;
