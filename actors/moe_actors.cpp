@@ -96,7 +96,7 @@ tensor combine_all(router_state& st, moe_job& job) {
   model& net = *st.compute->net;
   const auto& c = net.config();
   tensor out = st.compute->be->empty({job.u.dim(0), c.hidden_size}, dtype::f32);
-  std::memset(out.raw(), 0, out.nbytes());
+  st.compute->be->zero(out);
   for (std::int64_t e = 0; e < c.num_router_experts(); ++e) {  // expert order, as model::moe
     const auto& rows = job.routing.rows[static_cast<std::size_t>(e)];
     if (rows.empty()) continue;

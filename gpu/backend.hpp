@@ -69,6 +69,8 @@ class backend {
   virtual void rms_norm_prefix_inplace(tensor& x, std::int64_t cols, const tensor& w, float eps, float post_scale) = 0;
   /// y = (x - mean(x)) / std(x) row-wise, no affine weights (embedding amplification).
   virtual void layer_norm(const tensor& x, float eps, tensor& y) = 0;
+  /// y = 0
+  virtual void zero(tensor& y) = 0;
   /// y *= s
   virtual void scale(tensor& y, float s) = 0;
   /// y += x

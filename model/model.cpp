@@ -244,7 +244,7 @@ void model::combine(const moe_routing& routing, std::int64_t expert, const tenso
 tensor model::moe(std::int64_t block, const tensor& u) {
   const moe_routing routing = route(block, u);
   tensor out = be_.empty({u.dim(0), config_.hidden_size}, dtype::f32);
-  std::memset(out.raw(), 0, out.nbytes());
+  be_.zero(out);
   // In expert order; zero (identity) experts add their gated input and cost no GEMM.
   for (std::int64_t e = 0; e < config_.num_router_experts(); ++e) {
     const auto& rows = routing.rows[static_cast<std::size_t>(e)];

@@ -9,12 +9,17 @@
 
 #include "model/init_model.hpp"
 
+#include <cstdlib>
+
 namespace troupe::test {
 
 std::filesystem::path temp_dir(const std::string& name) {
   // Per process: ctest runs test cases in parallel processes, and a model directory rewritten
   // under another process's memory map would crash it.
-  const auto p = std::filesystem::path(TROUPE_BINARY_DIR) / "test-tmp" / (name + "-" + std::to_string(getpid()));
+  // TROUPE_TEST_TMP moves them (the GPU machine runs binaries built elsewhere).
+  const char* root = std::getenv("TROUPE_TEST_TMP");
+  const auto p = (root ? std::filesystem::path(root) : std::filesystem::path(TROUPE_BINARY_DIR) / "test-tmp") /
+                 (name + "-" + std::to_string(getpid()));
   std::filesystem::remove_all(p);
   std::filesystem::create_directories(p);
   return p;

@@ -12,7 +12,8 @@
 
 namespace troupe::test {
 
-/// A fresh, empty directory under the build tree for this process, emptied at each use.
+/// A fresh, empty directory under the build tree (or $TROUPE_TEST_TMP) for this process,
+/// emptied at each use.
 std::filesystem::path temp_dir(const std::string& name);
 
 /// A small n-gram config JSON with `overrides` merged in ("\"key\": value" pairs).

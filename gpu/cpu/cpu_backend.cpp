@@ -140,6 +140,8 @@ void cpu_backend::rms_norm_prefix_inplace(tensor& x, std::int64_t cols, const te
   }
 }
 
+void cpu_backend::zero(tensor& y) { std::memset(y.raw(), 0, y.nbytes()); }
+
 void cpu_backend::scale(tensor& y, float s) {
   float* p = y.data<float>();
   for (std::int64_t i = 0, n = y.numel(); i < n; ++i) p[i] *= s;

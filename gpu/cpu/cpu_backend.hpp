@@ -34,6 +34,7 @@ class cpu_backend final : public backend {
   void rms_norm(const tensor& x, const tensor& w, float eps, tensor& y) override;
   void rms_norm_prefix_inplace(tensor& x, std::int64_t cols, const tensor& w, float eps, float post_scale) override;
   void layer_norm(const tensor& x, float eps, tensor& y) override;
+  void zero(tensor& y) override;
   void scale(tensor& y, float s) override;
   void add(tensor& y, const tensor& x) override;
   void swiglu(const tensor& gate_up, tensor& out) override;

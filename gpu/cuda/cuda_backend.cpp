@@ -1,0 +1,289 @@
+#include "gpu/cuda/cuda_backend.hpp"
+
+#include <cublas_v2.h>
+#include <cuda_runtime_api.h>
+
+#include <mutex>
+#include <stdexcept>
+
+#include "gpu/cuda/cuda_check.hpp"
+#include "gpu/cuda/cuda_kernels.hpp"
+
+namespace troupe {
+namespace {
+
+#define TROUPE_CUBLAS_CHECK(call)                                                                          \
+  do {                                                                                                     \
+    const cublasStatus_t troupe_status_ = (call);                                                          \
+    if (troupe_status_ != CUBLAS_STATUS_SUCCESS)                                                           \
+      throw std::runtime_error(std::string("cuBLAS error: ") + cublasGetStatusString(troupe_status_) + " in " + \
+                               #call + " at " + __FILE__ + ":" + std::to_string(__LINE__));                \
+  } while (0)
+
+[[noreturn]] void fail_argument(const char* op, const std::string& what) {
+  throw std::invalid_argument(std::string("cuda_backend::") + op + ": " + what);
+}
+
+#define TROUPE_EXPECT(ok, op, what)     \
+  do {                                  \
+    if (!(ok)) fail_argument(op, what); \
+  } while (0)
+
+bool on_gpu(const tensor& t) { return t.where().kind == device_kind::cuda; }
+
+std::string shapes(const tensor& a, const tensor& b) {
+  return shape_to_string(a.shape()) + " vs " + shape_to_string(b.shape());
+}
+
+cudaStream_t as_stream(CUstream_st* s) { return s; }
+
+// One mutex for cuBLAS calls: actors of one process share the backend from several threads.
+std::mutex& blas_mutex() {
+  static std::mutex m;
+  return m;
+}
+
+}  // namespace
+
+bool cuda_backend::available() {
+  int n = 0;
+  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+}
+
+cuda_backend::cuda_backend(int index) : index_(index) {
+  if (!available()) throw std::runtime_error("cuda_backend: no CUDA device is visible");
+  TROUPE_CUDA_CHECK(cudaSetDevice(index_));
+  cudaStream_t s;
+  TROUPE_CUDA_CHECK(cudaStreamCreate(&s));
+  stream_ = s;
+  cublasHandle_t h;
+  TROUPE_CUBLAS_CHECK(cublasCreate(&h));
+  blas_ = h;
+  TROUPE_CUBLAS_CHECK(cublasSetStream(h, s));
+  TROUPE_CUBLAS_CHECK(cublasSetMathMode(h, CUBLAS_DEFAULT_MATH));  // no TF32: float32 GEMMs stay float32
+}
+
+cuda_backend::~cuda_backend() {
+  cudaStreamSynchronize(as_stream(stream_));
+  cublasDestroy(blas_);
+  cudaStreamDestroy(as_stream(stream_));
+}
+
+std::string cuda_backend::name() const {
+  cudaDeviceProp p{};
+  if (cudaGetDeviceProperties(&p, index_) != cudaSuccess) return "cuda";
+  return std::string("cuda:") + std::to_string(index_) + " (" + p.name + ")";
+}
+
+tensor cuda_backend::empty(shape_t shape, dtype type) {
+  std::int64_t n = 1;
+  for (auto d : shape) n *= d;
+  const std::size_t bytes = std::max<std::size_t>(1, static_cast<std::size_t>(n) * dtype_size(type));
+  void* p = nullptr;
+  TROUPE_CUDA_CHECK(cudaMallocAsync(&p, bytes, as_stream(stream_)));
+  // Freed on the legacy default stream: ordered after this backend's (blocking) stream, and
+  // valid even when the tensor outlives the backend object.
+  std::shared_ptr<void> owner(p, [](void* q) { cudaFreeAsync(q, nullptr); });
+  return tensor::view(std::move(owner), p, std::move(shape), type, where());
+}
+
+tensor cuda_backend::upload(const tensor& host, dtype type) {
+  TROUPE_EXPECT(!on_gpu(host), "upload", "the tensor is already on a GPU");
+  tensor src = host;
+  if (host.type() != type) {
+    tensor f = host.to_f32();
+    if (type == dtype::f32) {
+      src = f;
+    } else {
+      src = tensor::empty(host.shape(), type);
+      convert_from_f32(type, f.data<float>(), src.raw(), static_cast<std::size_t>(f.numel()));
+    }
+  }
+  tensor out = empty(src.shape(), type);
+  // From pageable memory the copy is staged before the call returns, so `src` may go.
+  TROUPE_CUDA_CHECK(cudaMemcpyAsync(out.raw(), src.raw(), src.nbytes(), cudaMemcpyHostToDevice, as_stream(stream_)));
+  return out;
+}
+
+tensor cuda_backend::download(const tensor& t) {
+  if (!on_gpu(t)) return t;
+  tensor out = tensor::empty(t.shape(), t.type());
+  TROUPE_CUDA_CHECK(cudaMemcpyAsync(out.raw(), t.raw(), t.nbytes(), cudaMemcpyDeviceToHost, as_stream(stream_)));
+  synchronize();
+  return out;
+}
+
+tensor cuda_backend::on_device(const tensor& t) { return on_gpu(t) ? t : upload(t, t.type()); }
+
+void cuda_backend::copy_rows(const tensor& src, tensor& dst, std::int64_t dst_row) {
+  TROUPE_EXPECT(src.type() == dst.type() && src.rank() == 2 && dst.rank() == 2 && src.dim(1) == dst.dim(1), "copy_rows",
+                shapes(src, dst));
+  TROUPE_EXPECT(dst_row >= 0 && dst_row + src.dim(0) <= dst.dim(0), "copy_rows", "rows out of range");
+  const std::size_t row_bytes = static_cast<std::size_t>(dst.dim(1)) * dtype_size(dst.type());
+  TROUPE_CUDA_CHECK(cudaMemcpyAsync(static_cast<std::byte*>(dst.raw()) + dst_row * row_bytes, src.raw(), src.nbytes(),
+                                    on_gpu(src) ? cudaMemcpyDeviceToDevice : cudaMemcpyHostToDevice, as_stream(stream_)));
+}
+
+void cuda_backend::synchronize() { TROUPE_CUDA_CHECK(cudaStreamSynchronize(as_stream(stream_))); }
+
+void cuda_backend::linear(const tensor& x, const tensor& w, tensor& y, write_mode mode) {
+  TROUPE_EXPECT(x.rank() == 2 && w.rank() == 2 && y.rank() == 2, "linear", "rank-2 tensors expected");
+  const auto m = x.dim(0), k = x.dim(1), n = w.dim(0);
+  TROUPE_EXPECT(w.dim(1) == k && y.dim(0) == m && y.dim(1) == n, "linear",
+                "x " + shape_to_string(x.shape()) + ", w " + shape_to_string(w.shape()) + ", y " + shape_to_string(y.shape()));
+  TROUPE_EXPECT(on_gpu(x) && on_gpu(w) && on_gpu(y), "linear", "operands must be on the GPU");
+  if (m == 0) return;
+  const float alpha = 1.0f, beta = mode == write_mode::accumulate ? 1.0f : 0.0f;
+  // Row-major y[M,N] = x[M,K] w[N,K]^T is column-major y^T[N,M] = w^T(N x K) x^T(K x M).
+  std::lock_guard lock(blas_mutex());
+  if (w.type() == dtype::f32) {  // the router: float32 throughout
+    TROUPE_CUBLAS_CHECK(cublasSgemm(blas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(n), static_cast<int>(m),
+                                    static_cast<int>(k), &alpha, w.data<float>(), static_cast<int>(k), x.data<float>(),
+                                    static_cast<int>(k), &beta, y.data<float>(), static_cast<int>(n)));
+    return;
+  }
+  TROUPE_EXPECT(w.type() == dtype::bf16, "linear", "weights must be bf16 or f32");
+  tensor xb = empty({m, k}, dtype::bf16);  // activations rounded to bf16: bf16 x bf16 products, float32 sums
+  cuda::f32_to_bf16(x.data<float>(), static_cast<std::uint16_t*>(xb.raw()), m * k, as_stream(stream_));
+  TROUPE_CUBLAS_CHECK(cublasGemmEx(blas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(n), static_cast<int>(m),
+                                   static_cast<int>(k), &alpha, w.raw(), CUDA_R_16BF, static_cast<int>(k), xb.raw(),
+                                   CUDA_R_16BF, static_cast<int>(k), &beta, y.raw(), CUDA_R_32F, static_cast<int>(n),
+                                   CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+void cuda_backend::rms_norm(const tensor& x, const tensor& w, float eps, tensor& y) {
+  const auto rows = x.dim(0), cols = x.dim(1);
+  TROUPE_EXPECT(w.numel() == cols && y.shape() == x.shape(), "rms_norm", shapes(x, y));
+  cuda::rms_norm(x.data<float>(), cols, w.data<float>(), y.data<float>(), cols, rows, cols, eps, 1.0f, as_stream(stream_));
+}
+
+void cuda_backend::rms_norm_prefix_inplace(tensor& x, std::int64_t cols, const tensor& w, float eps, float post_scale) {
+  const auto rows = x.dim(0), width = x.dim(1);
+  TROUPE_EXPECT(w.numel() == cols && cols <= width, "rms_norm_prefix_inplace", shapes(x, w));
+  cuda::rms_norm(x.data<float>(), width, w.data<float>(), x.data<float>(), width, rows, cols, eps, post_scale,
+                 as_stream(stream_));
+}
+
+void cuda_backend::layer_norm(const tensor& x, float eps, tensor& y) {
+  TROUPE_EXPECT(y.shape() == x.shape(), "layer_norm", shapes(x, y));
+  cuda::layer_norm(x.data<float>(), y.data<float>(), x.dim(0), x.dim(1), eps, as_stream(stream_));
+}
+
+void cuda_backend::zero(tensor& y) { TROUPE_CUDA_CHECK(cudaMemsetAsync(y.raw(), 0, y.nbytes(), as_stream(stream_))); }
+
+void cuda_backend::scale(tensor& y, float s) { cuda::scale(y.data<float>(), y.numel(), s, as_stream(stream_)); }
+
+void cuda_backend::add(tensor& y, const tensor& x) {
+  TROUPE_EXPECT(y.numel() == x.numel(), "add", shapes(y, x));
+  cuda::add(y.data<float>(), x.data<float>(), y.numel(), as_stream(stream_));
+}
+
+void cuda_backend::swiglu(const tensor& gate_up, tensor& out) {
+  const auto rows = gate_up.dim(0), f = out.dim(1);
+  TROUPE_EXPECT(gate_up.dim(1) == 2 * f && out.dim(0) == rows, "swiglu", shapes(gate_up, out));
+  cuda::swiglu(gate_up.data<float>(), out.data<float>(), rows, f, as_stream(stream_));
+}
+
+void cuda_backend::gather_rows(const tensor& table, const tensor& ids, tensor& out) {
+  const auto n = ids.numel(), cols = table.dim(1);
+  TROUPE_EXPECT(out.dim(0) == n && out.dim(1) == cols && ids.type() == dtype::i64, "gather_rows", shapes(table, out));
+  if (!on_gpu(ids))
+    for (std::int64_t r = 0; r < n; ++r)
+      TROUPE_EXPECT(ids.data<std::int64_t>()[r] >= 0 && ids.data<std::int64_t>()[r] < table.dim(0), "gather_rows",
+                    "row id " + std::to_string(ids.data<std::int64_t>()[r]) + " outside a table of " +
+                        std::to_string(table.dim(0)) + " rows");
+  if (!on_gpu(table)) {
+    // A table in host memory (memory-mapped): gather there, ship only the rows.
+    TROUPE_EXPECT(!on_gpu(ids), "gather_rows", "a host table needs host ids");
+    tensor rows = tensor::empty({n, cols}, dtype::f32);
+    const auto row_bytes = static_cast<std::size_t>(cols) * dtype_size(table.type());
+    for (std::int64_t r = 0; r < n; ++r)
+      convert_to_f32(table.type(), static_cast<const std::byte*>(table.raw()) + ids.data<std::int64_t>()[r] * row_bytes,
+                     rows.data<float>() + r * cols, static_cast<std::size_t>(cols));
+    TROUPE_CUDA_CHECK(cudaMemcpyAsync(out.raw(), rows.raw(), rows.nbytes(), cudaMemcpyHostToDevice, as_stream(stream_)));
+    return;
+  }
+  const tensor d_ids = on_device(ids);
+  cuda::gather_rows(table.type(), table.raw(), cols, d_ids.data<std::int64_t>(), out.data<float>(), n, as_stream(stream_));
+}
+
+void cuda_backend::scatter_add_rows(const tensor& x, const tensor& rows, const tensor& weights, tensor& out) {
+  const auto n = x.dim(0), cols = x.dim(1);
+  TROUPE_EXPECT(rows.numel() == n && weights.numel() == n && out.dim(1) == cols, "scatter_add_rows", shapes(x, out));
+  const tensor d_rows = on_device(rows), d_weights = on_device(weights);
+  cuda::scatter_add_rows(x.data<float>(), d_rows.data<std::int32_t>(), d_weights.data<float>(), out.data<float>(), n, cols,
+                         as_stream(stream_));
+}
+
+void cuda_backend::ngram_embed(const tensor& base, const tensor& tokens, const tensor& ngram_ids,
+                               std::span<const tensor> tables, std::span<const tensor> projections, tensor& out) {
+  const auto t = tokens.numel();
+  const auto num_tables = static_cast<std::int64_t>(tables.size());
+  TROUPE_EXPECT(ngram_ids.rank() == 2 && ngram_ids.dim(0) == t && ngram_ids.dim(1) == num_tables && !on_gpu(tokens) &&
+                    !on_gpu(ngram_ids),
+                "ngram_embed", "host token and n-gram ids " + shape_to_string(ngram_ids.shape()) + " for " + std::to_string(t) +
+                                   " tokens and " + std::to_string(num_tables) + " tables");
+  tensor ids = tensor::empty({t}, dtype::i64);
+  for (std::int64_t r = 0; r < t; ++r) ids.data<std::int64_t>()[r] = tokens.data<std::int32_t>()[r];
+  gather_rows(base, ids, out);
+  if (num_tables == 0) return;
+  const auto* all = ngram_ids.data<std::int64_t>();
+  for (std::int64_t i = 0; i < num_tables; ++i) {
+    for (std::int64_t r = 0; r < t; ++r) ids.data<std::int64_t>()[r] = all[r * num_tables + i];
+    tensor rows = empty({t, tables[i].dim(1)}, dtype::f32);
+    gather_rows(tables[i], ids, rows);
+    linear(rows, projections[i], out, write_mode::accumulate);
+  }
+  scale(out, 1.0f / static_cast<float>(1 + num_tables));
+}
+
+void cuda_backend::rope_interleaved(tensor& x, std::int64_t num_heads, std::int64_t head_stride, std::int64_t offset,
+                                    const tensor& positions, const rope_params& rope) {
+  const auto t = x.dim(0);
+  const auto half = static_cast<std::int64_t>(rope.inv_freq.size());
+  TROUPE_EXPECT(x.dim(1) == num_heads * head_stride && offset + 2 * half <= head_stride && positions.numel() == t,
+                "rope_interleaved", "x " + shape_to_string(x.shape()));
+  tensor freq = tensor::empty({half}, dtype::f32);
+  std::copy(rope.inv_freq.begin(), rope.inv_freq.end(), freq.data<float>());
+  const tensor d_freq = upload(freq, dtype::f32), d_pos = on_device(positions);
+  cuda::rope_interleaved(x.data<float>(), t, num_heads, head_stride, offset, d_pos.data<std::int64_t>(), d_freq.data<float>(),
+                         half, rope.attention_factor, as_stream(stream_));
+}
+
+void cuda_backend::mla_attention(const tensor& q, const tensor& kv_b, std::span<const attention_segment> segments,
+                                 const mla_dims& d, float softmax_scale, tensor& out) {
+  const std::int64_t qk = d.nope_dim + d.rope_dim, lat_w = d.kv_lora_rank + d.rope_dim;
+  TROUPE_EXPECT(q.dim(1) == d.num_heads * qk && out.dim(1) == d.num_heads * d.v_dim && out.dim(0) == q.dim(0),
+                "mla_attention", "q " + shape_to_string(q.shape()) + ", out " + shape_to_string(out.shape()));
+  TROUPE_EXPECT(kv_b.dim(0) == d.num_heads * (d.nope_dim + d.v_dim) && kv_b.dim(1) == d.kv_lora_rank, "mla_attention",
+                "kv_b " + shape_to_string(kv_b.shape()));
+  for (const auto& s : segments) {
+    if (s.num_rows == 0) continue;
+    const std::int64_t keys = s.first_position + s.num_rows;
+    TROUPE_EXPECT(!s.blocks.empty(), "mla_attention", "a segment without cache blocks");
+    const std::int64_t block = s.blocks[0].dim(0);
+    TROUPE_EXPECT(static_cast<std::int64_t>(s.blocks.size()) * block >= keys && s.blocks[0].dim(1) == lat_w,
+                  "mla_attention", std::to_string(s.blocks.size()) + " cache blocks of " + std::to_string(block) +
+                                       " rows for " + std::to_string(keys) + " keys");
+    tensor pointers = tensor::empty({static_cast<std::int64_t>(s.blocks.size())}, dtype::i64);
+    for (std::size_t b = 0; b < s.blocks.size(); ++b)
+      pointers.data<std::int64_t>()[b] = reinterpret_cast<std::int64_t>(s.blocks[b].raw());
+    const tensor d_pointers = upload(pointers, dtype::i64);
+    tensor scores = empty({s.num_rows * d.num_heads * keys}, dtype::f32);
+    cuda::mla_segment_args a{q.data<float>(), q.dim(1), kv_b.data<float>(), static_cast<const float* const*>(d_pointers.raw()),
+                             block, s.row_begin, s.num_rows, s.first_position, d.num_heads, d.nope_dim, d.rope_dim,
+                             d.v_dim, d.kv_lora_rank, softmax_scale, scores.data<float>(), out.data<float>(), out.dim(1)};
+    cuda::mla_attention_segment(a, as_stream(stream_));
+  }
+}
+
+void cuda_backend::router_topk(const tensor& logits, const tensor& bias, int k, float scaling, tensor& idx,
+                               tensor& weights) {
+  const auto t = logits.dim(0), e = logits.dim(1);
+  TROUPE_EXPECT(bias.numel() == e && k > 0 && k <= e && idx.dim(0) == t && idx.dim(1) == k && weights.dim(1) == k,
+                "router_topk", "logits " + shape_to_string(logits.shape()) + ", k " + std::to_string(k));
+  cuda::router_topk(logits.data<float>(), bias.data<float>(), t, e, k, scaling, idx.data<std::int32_t>(),
+                    weights.data<float>(), as_stream(stream_));
+}
+
+}  // namespace troupe

@@ -1,0 +1,70 @@
+// The CUDA backend (Hopper first): the model's ops on one GPU, enqueued on one stream.
+// Matrices are bf16 (cuBLAS GEMMs with bf16 operands and float32 accumulation; activations are
+// rounded to bf16 on their way in); the router's float32 matrix goes through a float32 GEMM.
+// Norms, RoPE, SwiGLU, gathers, the router and MLA attention over the paged latent cache are
+// kernels of ours (cuda_kernels.cu). Index arguments the model builds on the host (token ids,
+// positions, gathered rows) are uploaded by the op; tables that stay in host memory (the
+// embedding and n-gram tables of a memory-mapped checkpoint) are gathered on the host and only
+// the gathered rows cross the bus.
+// Invariant: every CUDA and cuBLAS call is checked; a failure throws naming the call.
+#pragma once
+
+#include <memory>
+
+#include "gpu/backend.hpp"
+
+struct CUstream_st;
+struct cublasContext;
+
+namespace troupe {
+
+class cuda_backend final : public backend {
+ public:
+  /// Uses GPU `index`; throws when there is none.
+  explicit cuda_backend(int index = 0);
+  ~cuda_backend() override;
+  cuda_backend(const cuda_backend&) = delete;
+  cuda_backend& operator=(const cuda_backend&) = delete;
+
+  /// Whether this process sees a CUDA device (tests skip without one).
+  static bool available();
+
+  device where() const override { return {device_kind::cuda, index_}; }
+  std::string name() const override;
+
+  tensor empty(shape_t shape, dtype type) override;
+  tensor upload(const tensor& host, dtype type) override;
+  dtype weight_type(dtype) const override { return dtype::bf16; }
+  tensor download(const tensor& t) override;
+  void copy_rows(const tensor& src, tensor& dst, std::int64_t dst_row) override;
+  void synchronize() override;
+
+  void linear(const tensor& x, const tensor& w, tensor& y, write_mode mode) override;
+  void rms_norm(const tensor& x, const tensor& w, float eps, tensor& y) override;
+  void rms_norm_prefix_inplace(tensor& x, std::int64_t cols, const tensor& w, float eps, float post_scale) override;
+  void layer_norm(const tensor& x, float eps, tensor& y) override;
+  void zero(tensor& y) override;
+  void scale(tensor& y, float s) override;
+  void add(tensor& y, const tensor& x) override;
+  void swiglu(const tensor& gate_up, tensor& out) override;
+  void gather_rows(const tensor& table, const tensor& ids, tensor& out) override;
+  void scatter_add_rows(const tensor& x, const tensor& rows, const tensor& weights, tensor& out) override;
+  void ngram_embed(const tensor& base, const tensor& tokens, const tensor& ngram_ids,
+                   std::span<const tensor> tables, std::span<const tensor> projections, tensor& out) override;
+  void rope_interleaved(tensor& x, std::int64_t num_heads, std::int64_t head_stride, std::int64_t offset,
+                        const tensor& positions, const rope_params& rope) override;
+  void mla_attention(const tensor& q, const tensor& kv_b, std::span<const attention_segment> segments,
+                     const mla_dims& dims, float softmax_scale, tensor& out) override;
+  void router_topk(const tensor& logits, const tensor& bias, int k, float scaling, tensor& idx,
+                   tensor& weights) override;
+
+ private:
+  /// `t` on this device: itself, or an upload of a host tensor (index arguments).
+  tensor on_device(const tensor& t);
+
+  int index_;
+  CUstream_st* stream_ = nullptr;
+  cublasContext* blas_ = nullptr;
+};
+
+}  // namespace troupe

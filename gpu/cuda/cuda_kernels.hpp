@@ -1,0 +1,64 @@
+// The CUDA backend's kernels, as launch functions on a stream (cuda_kernels.cu). Every
+// function checks its launch. Float32 in and out unless a name says otherwise; shapes are
+// row-major.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "gpu/dtype.hpp"
+
+namespace troupe::cuda {
+
+/// dst[i] = bf16(src[i]), round to nearest even.
+void f32_to_bf16(const float* src, std::uint16_t* dst, std::int64_t n, cudaStream_t s);
+/// dst[i] = float(src[i]) for a bf16/f16/f32 source.
+void to_f32(dtype from, const void* src, float* dst, std::int64_t n, cudaStream_t s);
+
+/// y[r, :cols] = x[r, :cols] / rms(x[r, :cols]) * w * post_scale; rows `x_stride` / `y_stride` apart.
+void rms_norm(const float* x, std::int64_t x_stride, const float* w, float* y, std::int64_t y_stride, std::int64_t rows,
+              std::int64_t cols, float eps, float post_scale, cudaStream_t s);
+/// y = (x - mean) / std, row-wise, no affine weights.
+void layer_norm(const float* x, float* y, std::int64_t rows, std::int64_t cols, float eps, cudaStream_t s);
+void scale(float* y, std::int64_t n, float factor, cudaStream_t s);
+/// y += x
+void add(float* y, const float* x, std::int64_t n, cudaStream_t s);
+/// out[r, c] = silu(gate_up[r, c]) * gate_up[r, F + c]
+void swiglu(const float* gate_up, float* out, std::int64_t rows, std::int64_t f, cudaStream_t s);
+/// out[r] = float(table[ids[r]]) for a bf16/f16/f32 table on the device.
+void gather_rows(dtype type, const void* table, std::int64_t cols, const std::int64_t* ids, float* out, std::int64_t n,
+                 cudaStream_t s);
+/// out[rows[r]] += weights[r] * x[r]; rows distinct within a call.
+void scatter_add_rows(const float* x, const std::int32_t* rows, const float* weights, float* out, std::int64_t n,
+                      std::int64_t cols, cudaStream_t s);
+/// Interleaved RoPE in place on columns [offset, offset + 2 * half) of each head block.
+void rope_interleaved(float* x, std::int64_t rows, std::int64_t num_heads, std::int64_t head_stride, std::int64_t offset,
+                      const std::int64_t* positions, const float* inv_freq, std::int64_t half, float attention_factor,
+                      cudaStream_t s);
+
+/// One sequence's causal MLA attention with kv_b absorbed (see backend::mla_attention):
+/// rows [row_begin, row_begin + rows) of q attend over the first first_position + r + 1 latent
+/// rows held in `blocks` (device pointers, block_tokens rows of kv_lora + rope each).
+/// `scores` is scratch of rows * heads * (first_position + rows) floats.
+struct mla_segment_args {
+  const float* q;
+  std::int64_t q_stride;
+  const float* kv_b;
+  const float* const* blocks;
+  std::int64_t block_tokens;
+  std::int64_t row_begin, rows, first_position;
+  std::int64_t heads, nope, rope, v, kv_lora;
+  float softmax_scale;
+  float* scores;
+  float* out;
+  std::int64_t out_stride;
+};
+void mla_attention_segment(const mla_segment_args& a, cudaStream_t s);
+
+/// Router: p = softmax(logits[r]); idx = top-k of p + bias (ties: lower id first);
+/// weights = p[idx] * scaling.
+void router_topk(const float* logits, const float* bias, std::int64_t rows, std::int64_t experts, int k, float scaling,
+                 std::int32_t* idx, float* weights, cudaStream_t s);
+
+}  // namespace troupe::cuda
