@@ -6,7 +6,7 @@
 #include <iostream>
 
 #include "cli/commands.hpp"
-#include "gpu/cpu/cpu_backend.hpp"
+#include "gpu/make_backend.hpp"
 #include "model/config.hpp"
 #include "model/generator.hpp"
 #include "model/init_model.hpp"
@@ -76,7 +76,7 @@ void add_model_commands(CLI::App& app, std::function<int()>& run) {
 
   // generate
   struct gen_opts {
-    std::string model = "models/demo", prompt, tokenizer, topology, draft;
+    std::string model = "models/demo", prompt, tokenizer, topology, draft, device = "cpu";
     generation_params params;
     int threads = 0;
     speculation_config speculation;
@@ -97,6 +97,7 @@ void add_model_commands(CLI::App& app, std::function<int()>& run) {
   gen->add_option("--seed", go->params.sampling.seed, "sampling seed")->capture_default_str();
   gen->add_option("--stop", go->params.stop, "stop string (repeatable); not included in the output");
   gen->add_option("--threads", go->threads, "CPU threads for matrix products; 0 = all cores")->capture_default_str();
+  gen->add_option("--device", go->device, "cpu, or cuda[:N] where the CUDA backend is built")->capture_default_str();
   gen->add_flag("--quiet", go->quiet, "do not print timing statistics to stderr");
   gen->add_option("--topology", go->topology,
                   "run through the actor graph of this topology file ('local' for the embedded default)");
@@ -118,7 +119,8 @@ void add_model_commands(CLI::App& app, std::function<int()>& run) {
         if (!go->draft.empty()) throw input_error("--draft does not combine with --topology yet");
         return generate_with_graph(go->model, go->topology, tok, prompt, go->params, go->threads);
       }
-      cpu_backend be(go->threads);
+      auto be_owner = make_backend(go->device, go->threads);
+      backend& be = *be_owner;
       auto m = model::load(go->model, be);
       const auto print = [](std::string_view text, std::int32_t) { std::cout << text << std::flush; };
       generation_result result;
@@ -151,7 +153,7 @@ void add_model_commands(CLI::App& app, std::function<int()>& run) {
 
   // logits
   struct logit_opts {
-    std::string model, ids, out, ngram_out;
+    std::string model, ids, out, ngram_out, device = "cpu";
     int threads = 0;
     std::size_t chunk = 0;
   };
@@ -164,11 +166,12 @@ void add_model_commands(CLI::App& app, std::function<int()>& run) {
                      "feed the sequence in steps of this many tokens (0 = one prefill); the result must not change")
       ->capture_default_str();
   logits->add_option("--threads", lo->threads, "CPU threads; 0 = all cores")->capture_default_str();
+  logits->add_option("--device", lo->device, "cpu, or cuda[:N] where the CUDA backend is built")->capture_default_str();
   logits->add_option("--ngram-ids", lo->ngram_out, "also write the n-gram hash ids [tokens, tables] (int64 .npy)");
   logits->callback([&run, lo] {
     run = [lo] {
-      cpu_backend be(lo->threads);
-      auto m = model::load(lo->model, be);
+      auto be = make_backend(lo->device, lo->threads);
+      auto m = model::load(lo->model, *be);
       const auto ids = read_ids_file(lo->ids);
       const std::size_t step = lo->chunk ? lo->chunk : ids.size();
       tensor all = tensor::empty({static_cast<std::int64_t>(ids.size()), m->config().vocab_size}, dtype::f32);
@@ -176,8 +179,8 @@ void add_model_commands(CLI::App& app, std::function<int()>& run) {
       for (std::size_t begin = 0; begin < ids.size(); begin += step) {
         const std::size_t n = std::min(step, ids.size() - begin);
         const step_input in{&state, std::span<const std::int32_t>(ids).subspan(begin, n)};
-        const tensor part = m->forward({&in, 1}, logits_mode::all_tokens);
-        be.copy_rows(part, all, static_cast<std::int64_t>(begin));
+        const tensor part = m->forward({&in, 1}, logits_mode::all_tokens);  // host logits
+        std::copy_n(part.data<float>(), part.numel(), all.data<float>() + static_cast<std::int64_t>(begin) * all.dim(1));
       }
       write_npy(lo->out, all);
       if (!lo->ngram_out.empty()) {

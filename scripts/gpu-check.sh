@@ -1,17 +1,30 @@
 #!/usr/bin/env bash
 # Prepares the GPU checks for the lent GPU machine (it has CUDA, PyTorch and transformers but
-# none of our Debian libraries): builds the CUDA tests without -march=native into build-gpu/,
-# packs them with their libraries into gpu-bundle/ (git-ignored), and adds the transformers
-# comparison cases (plain LongcatFlashForCausalLM models, default RoPE and YaRN, with Troupe's
-# CPU logits). Then, on the GPU machine, with gpu-bundle carried:
-#   gpu-bundle/check.sh
+# none of our Debian libraries): builds the CUDA tests, the CLI and the decode benchmark
+# without -march=native into build-gpu/, packs them with their libraries into gpu-bundle/
+# (git-ignored), and adds the transformers comparison cases (plain LongcatFlashForCausalLM
+# models, default RoPE and YaRN, with Troupe's CPU logits; the GPU logits are computed there).
+# Then, on the GPU machine, with gpu-bundle carried:
+#   gpu-bundle/check.sh          the CUDA tests and the transformers comparisons (CPU and GPU)
+#   gpu-bundle/bench.sh          batch-1 decode against the bandwidth roofline (demo, lite-1b)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DTROUPE_NATIVE=OFF >/dev/null
-ninja -C build-gpu troupe troupe_cuda_tests
+ninja -C build-gpu troupe troupe_cuda_tests troupe_bench_cuda_decode
 rm -rf gpu-bundle
-../shared/scripts/gpu-bundle.sh gpu-bundle build-gpu/gpu/cuda/troupe_cuda_tests build-gpu/troupe
+../shared/scripts/gpu-bundle.sh gpu-bundle build-gpu/gpu/cuda/troupe_cuda_tests build-gpu/troupe \
+  build-gpu/bench/troupe_bench_cuda_decode
+# OpenBLAS alone is 36 MB; with the tracked tree the carry would pass 64 MiB. It travels
+# compressed and check.sh / bench.sh unpack it on the GPU machine.
+python3 -c "import lzma, shutil, sys; shutil.copyfileobj(open(sys.argv[1], 'rb'), lzma.open(sys.argv[1] + '.xz', 'wb', preset=6))" \
+  gpu-bundle/lib/libopenblas.so.0
+rm gpu-bundle/lib/libopenblas.so.0
+cat > gpu-bundle/unpack.sh <<'UNPACK'
+#!/usr/bin/env bash
+[ -f gpu-bundle/lib/libopenblas.so.0 ] || python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[1][:-3], 'wb'))" gpu-bundle/lib/libopenblas.so.0.xz
+UNPACK
+chmod +x gpu-bundle/unpack.sh
 mkdir -p gpu-bundle/cases
 cp tests/reference/check_transformers.py tests/reference/longcat_reference.py gpu-bundle/
 /usr/bin/python3 - <<'PY'
@@ -37,10 +50,34 @@ cat > gpu-bundle/check.sh <<CHECK
 # Runs on the GPU machine from the repository root.
 set -uo pipefail
 status=0
+gpu-bundle/unpack.sh
 nvidia-smi -L
+export TROUPE_TEST_TMP=/tmp/troupe-test-tmp
+mkdir -p \$TROUPE_TEST_TMP
 gpu-bundle/run troupe_cuda_tests || status=1
+echo "== transformers (float64) vs Troupe on the CPU (computed here before the run)"
 python3 gpu-bundle/check_transformers.py ${cases[*]} || status=1
+echo "== transformers (float64) vs Troupe on the GPU (bf16 weights and GEMM inputs)"
+gpu_cases=()
+for c in plain plain_yarn; do
+  gpu-bundle/run troupe logits --device cuda --model gpu-bundle/cases/\$c --ids gpu-bundle/cases/ids.json \\
+    --out /tmp/\$c.cuda.npy || status=1
+  gpu_cases+=(--case gpu-bundle/cases/\$c gpu-bundle/cases/ids.json /tmp/\$c.cuda.npy)
+done
+python3 gpu-bundle/check_transformers.py "\${gpu_cases[@]}" --tol 2e-2 --min-agreement 0.95 || status=1
 exit \$status
 CHECK
 chmod +x gpu-bundle/check.sh
+cp configs/models/lite-1b.json gpu-bundle/
+cat > gpu-bundle/bench.sh <<'BENCH'
+#!/usr/bin/env bash
+# Runs on the GPU machine from the repository root: batch-1 decode of the demo model and of a
+# 1.83B Lite-shaped model (random weights, written to /tmp first) against the roofline.
+set -euo pipefail
+gpu-bundle/unpack.sh
+gpu-bundle/run troupe_bench_cuda_decode models/demo 256
+[ -d /tmp/lite-1b ] || gpu-bundle/run troupe init-model --config gpu-bundle/lite-1b.json --out /tmp/lite-1b --seed 1 --tokenizer ""
+gpu-bundle/run troupe_bench_cuda_decode /tmp/lite-1b 128
+BENCH
+chmod +x gpu-bundle/bench.sh
 du -sh gpu-bundle

@@ -1,0 +1,113 @@
+// Batch-1 greedy decode on the CUDA backend against the memory-bandwidth roofline of the same
+// GPU, measured in the same run:
+//   bandwidth   a 1 GiB device-to-device copy (bytes read + written per second);
+//   bytes/token every weight a decode step reads (bf16 matrices, float32 norms, router and
+//               kv_b), the expected routed experts (moe_topk x n_routed / (n_routed + zero):
+//               zero experts cost nothing), the n-gram rows gathered, and the latent KV cache
+//               read at the mean position of the run;
+//   roofline    bandwidth / bytes per token.
+// Also the same decode on the CPU backend of this machine when --cpu is given.
+//   troupe_bench_cuda_decode MODEL_DIR [TOKENS] [PROMPT_TOKENS]
+#include <cuda_runtime_api.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+
+#include "gpu/cuda/cuda_backend.hpp"
+#include "gpu/cuda/cuda_check.hpp"
+#include "model/model.hpp"
+#include "model/sampler.hpp"
+#include "model/weights.hpp"
+
+using namespace troupe;
+
+namespace {
+
+double copy_bandwidth() {
+  const std::size_t bytes = std::size_t(1) << 30;
+  void *a = nullptr, *b = nullptr;
+  TROUPE_CUDA_CHECK(cudaMalloc(&a, bytes));
+  TROUPE_CUDA_CHECK(cudaMalloc(&b, bytes));
+  cudaEvent_t start, stop;
+  TROUPE_CUDA_CHECK(cudaEventCreate(&start));
+  TROUPE_CUDA_CHECK(cudaEventCreate(&stop));
+  TROUPE_CUDA_CHECK(cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice));  // warm-up
+  TROUPE_CUDA_CHECK(cudaEventRecord(start));
+  for (int i = 0; i < 10; ++i) TROUPE_CUDA_CHECK(cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice));
+  TROUPE_CUDA_CHECK(cudaEventRecord(stop));
+  TROUPE_CUDA_CHECK(cudaEventSynchronize(stop));
+  float ms = 0;
+  TROUPE_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+  cudaFree(a);
+  cudaFree(b);
+  return 2.0 * 10 * static_cast<double>(bytes) / (ms * 1e-3);
+}
+
+// Bytes one decode step reads at `position` (see the header).
+double bytes_per_token(const model_config& c, double position) {
+  double matrices = 0, f32 = 0, tables = 0;
+  const double routed = static_cast<double>(c.moe_topk) * static_cast<double>(c.n_routed_experts) /
+                        static_cast<double>(c.num_router_experts());
+  for (const auto& s : weight_specs(c)) {
+    double n = 1;
+    for (auto d : s.shape) n *= static_cast<double>(d);
+    const bool expert = s.name.find(".mlp.experts.") != std::string::npos;
+    const bool table = s.name.find("embedders") != std::string::npos || s.name == "model.embed_tokens.weight";
+    const bool mtp = s.name.starts_with("model.mtp.");
+    if (mtp) continue;
+    if (table) {
+      tables += static_cast<double>(s.shape.back()) * 2;  // one bf16 row per table per token
+    } else if (expert) {
+      matrices += n * 2 * routed / static_cast<double>(c.n_routed_experts);
+    } else if (s.keep_f32 || s.shape.size() == 1 || s.name.find("kv_b_proj") != std::string::npos) {
+      f32 += n * 4;
+    } else {
+      matrices += n * 2;
+    }
+  }
+  const double kv = static_cast<double>(2 * c.num_layers) * position * static_cast<double>(c.kv_lora_rank + c.qk_rope_head_dim) * 4;
+  return matrices + f32 + tables + kv;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2) {
+    std::fprintf(stderr, "usage: %s MODEL_DIR [TOKENS] [PROMPT_TOKENS]\n", argv[0]);
+    return 2;
+  }
+  const int tokens = argc > 2 ? std::atoi(argv[2]) : 128;
+  const int prompt_tokens = argc > 3 ? std::atoi(argv[3]) : 16;
+  cuda_backend be;
+  const auto t_load = std::chrono::steady_clock::now();
+  auto m = model::load(argv[1], be);
+  be.synchronize();
+  const auto& c = m->config();
+  std::printf("# %s on %s, loaded in %.1f s\n", argv[1], be.name().c_str(),
+              std::chrono::duration<double>(std::chrono::steady_clock::now() - t_load).count());
+  const double bandwidth = copy_bandwidth();
+  sequence_state s;
+  std::vector<std::int32_t> step;
+  for (int i = 0; i < prompt_tokens; ++i) step.push_back(3 + (i * 37) % 1000);
+  auto run = [&](int n) {
+    for (int i = 0; i < n; ++i) {
+      const step_input in{&s, step};
+      const tensor logits = m->forward({&in, 1}, logits_mode::last_token);
+      step.assign(1, argmax({logits.data<float>(), static_cast<std::size_t>(c.vocab_size)}));
+    }
+  };
+  run(4);  // prefill and warm-up
+  const auto t0 = std::chrono::steady_clock::now();
+  run(tokens);
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const double tok_s = tokens / seconds;
+  const double bytes = bytes_per_token(c, prompt_tokens + 4 + tokens / 2.0);
+  const double roofline = bandwidth / bytes;
+  std::printf("copy bandwidth %.0f GB/s; %.1f MB read per token; roofline %.0f tok/s\n", bandwidth / 1e9, bytes / 1e6,
+              roofline);
+  std::printf("batch-1 decode: %.1f tok/s (%.3f ms/token) = %.1f%% of the roofline\n", tok_s, 1e3 / tok_s,
+              100 * tok_s / roofline);
+  return 0;
+}
