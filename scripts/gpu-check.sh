@@ -64,7 +64,7 @@ for c in plain plain_yarn; do
     --out /tmp/\$c.cuda.npy || status=1
   gpu_cases+=(--case gpu-bundle/cases/\$c gpu-bundle/cases/ids.json /tmp/\$c.cuda.npy)
 done
-python3 gpu-bundle/check_transformers.py "\${gpu_cases[@]}" --tol 2e-2 --min-agreement 0.95 || status=1
+python3 gpu-bundle/check_transformers.py "\${gpu_cases[@]}" --tol 1e-2 --min-agreement 0.95 --bf16-baseline || status=1
 exit \$status
 CHECK
 chmod +x gpu-bundle/check.sh

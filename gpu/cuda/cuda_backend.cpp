@@ -3,6 +3,7 @@
 #include <cublas_v2.h>
 #include <cuda_runtime_api.h>
 
+#include <cstring>
 #include <mutex>
 #include <stdexcept>
 
@@ -61,12 +62,66 @@ cuda_backend::cuda_backend(int index) : index_(index) {
   blas_ = h;
   TROUPE_CUBLAS_CHECK(cublasSetStream(h, s));
   TROUPE_CUBLAS_CHECK(cublasSetMathMode(h, CUBLAS_DEFAULT_MATH));  // no TF32: float32 GEMMs stay float32
+  // Keep freed memory in the stream-ordered pool (the default returns it to the driver at every
+  // synchronisation, and each step would allocate it again).
+  cudaMemPool_t pool;
+  TROUPE_CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, index_));
+  std::uint64_t keep = UINT64_MAX;
+  TROUPE_CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep));
+  ring_bytes_ = std::size_t(64) << 20;
+  void* ring = nullptr;
+  TROUPE_CUDA_CHECK(cudaMallocHost(&ring, ring_bytes_));
+  ring_ = static_cast<std::byte*>(ring);
 }
 
 cuda_backend::~cuda_backend() {
   cudaStreamSynchronize(as_stream(stream_));
+  for (auto& p : pending_) cudaEventDestroy(p.done);
+  for (auto* e : spare_events_) cudaEventDestroy(e);
+  cudaFreeHost(ring_);
   cublasDestroy(blas_);
   cudaStreamDestroy(as_stream(stream_));
+}
+
+std::byte* cuda_backend::staging(std::size_t bytes) {
+  // Called with staging_mutex_ held. Ranges are taken in ring order; the oldest pending
+  // ranges are retired (waiting for their copies if they overlap the range wanted).
+  bytes = (bytes + 255) & ~std::size_t(255);
+  if (ring_head_ + bytes > ring_bytes_) ring_head_ = 0;
+  const std::size_t begin = ring_head_, end = begin + bytes;
+  while (!pending_.empty()) {
+    auto& p = pending_.front();
+    const bool overlaps = p.begin < end && begin < p.end;
+    if (!overlaps && cudaEventQuery(p.done) != cudaSuccess) break;
+    if (overlaps) TROUPE_CUDA_CHECK(cudaEventSynchronize(p.done));
+    spare_events_.push_back(p.done);
+    pending_.pop_front();
+  }
+  for (const auto& p : pending_)  // a younger range can still overlap after a wrap
+    if (p.begin < end && begin < p.end) TROUPE_CUDA_CHECK(cudaEventSynchronize(p.done));
+  ring_head_ = end;
+  return ring_ + begin;
+}
+
+void cuda_backend::upload_async(void* dst, const void* src, std::size_t bytes) {
+  if (bytes == 0) return;
+  if (bytes > ring_bytes_ / 4) {  // large (weights at load): a plain copy
+    TROUPE_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, as_stream(stream_)));
+    return;
+  }
+  std::lock_guard lock(staging_mutex_);
+  std::byte* stage = staging(bytes);
+  std::memcpy(stage, src, bytes);
+  TROUPE_CUDA_CHECK(cudaMemcpyAsync(dst, stage, bytes, cudaMemcpyHostToDevice, as_stream(stream_)));
+  cudaEvent_t done;
+  if (spare_events_.empty()) {
+    TROUPE_CUDA_CHECK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
+  } else {
+    done = spare_events_.back();
+    spare_events_.pop_back();
+  }
+  TROUPE_CUDA_CHECK(cudaEventRecord(done, as_stream(stream_)));
+  pending_.push_back({static_cast<std::size_t>(stage - ring_), static_cast<std::size_t>(stage - ring_) + bytes, done});
 }
 
 std::string cuda_backend::name() const {
@@ -100,8 +155,7 @@ tensor cuda_backend::upload(const tensor& host, dtype type) {
     }
   }
   tensor out = empty(src.shape(), type);
-  // From pageable memory the copy is staged before the call returns, so `src` may go.
-  TROUPE_CUDA_CHECK(cudaMemcpyAsync(out.raw(), src.raw(), src.nbytes(), cudaMemcpyHostToDevice, as_stream(stream_)));
+  upload_async(out.raw(), src.raw(), src.nbytes());  // `src` may go once this returns
   return out;
 }
 
@@ -120,8 +174,11 @@ void cuda_backend::copy_rows(const tensor& src, tensor& dst, std::int64_t dst_ro
                 shapes(src, dst));
   TROUPE_EXPECT(dst_row >= 0 && dst_row + src.dim(0) <= dst.dim(0), "copy_rows", "rows out of range");
   const std::size_t row_bytes = static_cast<std::size_t>(dst.dim(1)) * dtype_size(dst.type());
-  TROUPE_CUDA_CHECK(cudaMemcpyAsync(static_cast<std::byte*>(dst.raw()) + dst_row * row_bytes, src.raw(), src.nbytes(),
-                                    on_gpu(src) ? cudaMemcpyDeviceToDevice : cudaMemcpyHostToDevice, as_stream(stream_)));
+  void* to = static_cast<std::byte*>(dst.raw()) + dst_row * row_bytes;
+  if (on_gpu(src))
+    TROUPE_CUDA_CHECK(cudaMemcpyAsync(to, src.raw(), src.nbytes(), cudaMemcpyDeviceToDevice, as_stream(stream_)));
+  else
+    upload_async(to, src.raw(), src.nbytes());
 }
 
 void cuda_backend::synchronize() { TROUPE_CUDA_CHECK(cudaStreamSynchronize(as_stream(stream_))); }
@@ -200,7 +257,7 @@ void cuda_backend::gather_rows(const tensor& table, const tensor& ids, tensor& o
     for (std::int64_t r = 0; r < n; ++r)
       convert_to_f32(table.type(), static_cast<const std::byte*>(table.raw()) + ids.data<std::int64_t>()[r] * row_bytes,
                      rows.data<float>() + r * cols, static_cast<std::size_t>(cols));
-    TROUPE_CUDA_CHECK(cudaMemcpyAsync(out.raw(), rows.raw(), rows.nbytes(), cudaMemcpyHostToDevice, as_stream(stream_)));
+    upload_async(out.raw(), rows.raw(), rows.nbytes());
     return;
   }
   const tensor d_ids = on_device(ids);

@@ -9,11 +9,14 @@
 // Invariant: every CUDA and cuBLAS call is checked; a failure throws naming the call.
 #pragma once
 
+#include <deque>
 #include <memory>
+#include <mutex>
 
 #include "gpu/backend.hpp"
 
 struct CUstream_st;
+struct CUevent_st;
 struct cublasContext;
 
 namespace troupe {
@@ -61,10 +64,26 @@ class cuda_backend final : public backend {
  private:
   /// `t` on this device: itself, or an upload of a host tensor (index arguments).
   tensor on_device(const tensor& t);
+  /// Copies `bytes` host bytes to `dst` on the stream without waiting for it: through pinned
+  /// staging (a copy from pageable memory would first wait for the whole stream).
+  void upload_async(void* dst, const void* src, std::size_t bytes);
+  /// `bytes` of pinned staging that no pending copy still reads; `fill` writes into it.
+  std::byte* staging(std::size_t bytes);
 
   int index_;
   CUstream_st* stream_ = nullptr;
   cublasContext* blas_ = nullptr;
+  // Pinned staging ring for small host-to-device copies: each copy takes the next free range
+  // and records an event; a range is reused only after its event has passed.
+  std::mutex staging_mutex_;
+  std::byte* ring_ = nullptr;
+  std::size_t ring_bytes_ = 0, ring_head_ = 0;
+  struct pending_range {
+    std::size_t begin, end;
+    CUevent_st* done;
+  };
+  std::deque<pending_range> pending_;
+  std::deque<CUevent_st*> spare_events_;
 };
 
 }  // namespace troupe
