@@ -78,6 +78,12 @@ gpu-bundle/unpack.sh
 gpu-bundle/run troupe_bench_cuda_decode models/demo 256
 [ -d /tmp/lite-1b ] || gpu-bundle/run troupe init-model --config gpu-bundle/lite-1b.json --out /tmp/lite-1b --seed 1 --tokenizer ""
 gpu-bundle/run troupe_bench_cuda_decode /tmp/lite-1b 128
+echo "== speculative decoding on the GPU (models/demo with models/demo-draft, greedy, 200 tokens, batch 1)"
+for k in 0 1 3; do
+  args=(generate --device cuda --model models/demo --prompt "And the LORD said unto Moses" --max-tokens 200 --temperature 0)
+  [ "$k" -gt 0 ] && args+=(--draft models/demo-draft --draft-tokens "$k" --draft-retry-after 0)
+  echo "k=$k: $(gpu-bundle/run troupe "${args[@]}" 2>&1 >/dev/null | grep -E 'tok/s|speculation:' | tr '\n' ' ')"
+done
 BENCH
 chmod +x gpu-bundle/bench.sh
 du -sh gpu-bundle

@@ -200,6 +200,11 @@ void cuda_backend::linear(const tensor& x, const tensor& w, tensor& y, write_mod
     return;
   }
   TROUPE_EXPECT(w.type() == dtype::bf16, "linear", "weights must be bf16 or f32");
+  if (m <= cuda::gemv_max_rows) {  // decode: one launch, float32 activations
+    cuda::gemv_bf16(x.data<float>(), m, k, static_cast<const std::uint16_t*>(w.raw()), n, y.data<float>(),
+                    mode == write_mode::accumulate, as_stream(stream_));
+    return;
+  }
   tensor xb = empty({m, k}, dtype::bf16);  // activations rounded to bf16: bf16 x bf16 products, float32 sums
   cuda::f32_to_bf16(x.data<float>(), static_cast<std::uint16_t*>(xb.raw()), m * k, as_stream(stream_));
   TROUPE_CUBLAS_CHECK(cublasGemmEx(blas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(n), static_cast<int>(m),

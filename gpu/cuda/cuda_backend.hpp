@@ -1,6 +1,7 @@
 // The CUDA backend (Hopper first): the model's ops on one GPU, enqueued on one stream.
-// Matrices are bf16 (cuBLAS GEMMs with bf16 operands and float32 accumulation; activations are
-// rounded to bf16 on their way in); the router's float32 matrix goes through a float32 GEMM.
+// Matrices are bf16: up to 8 rows (decode) a GEMV kernel of ours streams them against float32
+// activations; more rows go to cuBLAS with bf16 operands (activations rounded on their way in)
+// and float32 accumulation. The router's float32 matrix goes through a float32 GEMM.
 // Norms, RoPE, SwiGLU, gathers, the router and MLA attention over the paged latent cache are
 // kernels of ours (cuda_kernels.cu). Index arguments the model builds on the host (token ids,
 // positions, gathered rows) are uploaded by the op; tables that stay in host memory (the

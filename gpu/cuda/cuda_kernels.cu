@@ -4,6 +4,7 @@
 #include <cuda_fp16.h>
 
 #include <cfloat>
+#include <stdexcept>
 
 #include "gpu/cuda/cuda_check.hpp"
 
@@ -125,6 +126,45 @@ __global__ void rope_kernel(float* x, std::int64_t rows, std::int64_t num_heads,
   p[1] = b * c + a * s;
 }
 
+// One warp per output column: lanes stride over K eight bf16 at a time (16-byte loads when K is
+// a multiple of 8), each keeping M partial sums; a warp reduction finishes them.
+__global__ void gemv_bf16_kernel(const float* x, std::int64_t m, std::int64_t k, const __nv_bfloat16* w, std::int64_t n,
+                                 float* y, bool accumulate) {
+  const std::int64_t col = blockIdx.x * static_cast<std::int64_t>(blockDim.x / 32) + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (col >= n) return;
+  const __nv_bfloat16* row = w + col * k;
+  float acc[gemv_max_rows] = {};
+  if (k % 8 == 0) {
+    for (std::int64_t c = lane * 8; c < k; c += 32 * 8) {
+      const uint4 packed = *reinterpret_cast<const uint4*>(row + c);
+      const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&packed);
+      float wf[8];
+      for (int i = 0; i < 4; ++i) {
+        const float2 f = __bfloat1622float2(pairs[i]);
+        wf[2 * i] = f.x;
+        wf[2 * i + 1] = f.y;
+      }
+      for (std::int64_t r = 0; r < m; ++r) {
+        const float* xr = x + r * k + c;
+        float sum = 0.0f;
+        for (int i = 0; i < 8; ++i) sum += wf[i] * xr[i];
+        acc[r] += sum;
+      }
+    }
+  } else {
+    for (std::int64_t c = lane; c < k; c += 32) {
+      const float wf = __bfloat162float(row[c]);
+      for (std::int64_t r = 0; r < m; ++r) acc[r] += wf * x[r * k + c];
+    }
+  }
+  for (std::int64_t r = 0; r < m; ++r) {
+    float v = acc[r];
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if (lane == 0) y[r * n + col] = accumulate ? y[r * n + col] + v : v;
+  }
+}
+
 // One (row, head) per block: q_lat = q_nope . W_k, scores over the visible latent rows,
 // softmax, attended latent, expansion through W_v. Shared memory: q_lat and the attended
 // latent (kv_lora each), q_rope.
@@ -215,6 +255,16 @@ void f32_to_bf16(const float* src, std::uint16_t* dst, std::int64_t n, cudaStrea
 void to_f32(dtype from, const void* src, float* dst, std::int64_t n, cudaStream_t s) {
   if (n == 0) return;
   to_f32_kernel<<<blocks_for(n), threads, 0, s>>>(from, src, dst, n);
+  TROUPE_CUDA_CHECK_LAUNCH();
+}
+
+void gemv_bf16(const float* x, std::int64_t m, std::int64_t k, const std::uint16_t* w, std::int64_t n, float* y,
+               bool accumulate, cudaStream_t s) {
+  if (m == 0 || n == 0) return;
+  if (m > gemv_max_rows) throw std::logic_error("gemv_bf16: more rows than gemv_max_rows");
+  const unsigned warps = threads / 32;
+  gemv_bf16_kernel<<<static_cast<unsigned>((n + warps - 1) / warps), threads, 0, s>>>(
+      x, m, k, reinterpret_cast<const __nv_bfloat16*>(w), n, y, accumulate);
   TROUPE_CUDA_CHECK_LAUNCH();
 }
 

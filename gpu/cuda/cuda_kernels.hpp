@@ -16,6 +16,14 @@ void f32_to_bf16(const float* src, std::uint16_t* dst, std::int64_t n, cudaStrea
 /// dst[i] = float(src[i]) for a bf16/f16/f32 source.
 void to_f32(dtype from, const void* src, float* dst, std::int64_t n, cudaStream_t s);
 
+/// Most rows gemv_bf16 takes (decode batches); more go to cuBLAS.
+constexpr std::int64_t gemv_max_rows = 8;
+/// y[M,N] (=|+=) x[M,K] . w[N,K]^T with float32 x and bf16 w, M <= gemv_max_rows: one warp per
+/// output column streams its weight row once for all M rows (decode is bandwidth-bound; this
+/// reads the weights once, in one launch, and keeps x in float32).
+void gemv_bf16(const float* x, std::int64_t m, std::int64_t k, const std::uint16_t* w, std::int64_t n, float* y,
+               bool accumulate, cudaStream_t s);
+
 /// y[r, :cols] = x[r, :cols] / rms(x[r, :cols]) * w * post_scale; rows `x_stride` / `y_stride` apart.
 void rms_norm(const float* x, std::int64_t x_stride, const float* w, float* y, std::int64_t y_stride, std::int64_t rows,
               std::int64_t cols, float eps, float post_scale, cudaStream_t s);

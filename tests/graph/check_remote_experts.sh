@@ -9,14 +9,25 @@ work=$2
 root=$(cd "$(dirname "$0")/../.." && pwd)
 rm -rf "$work"; mkdir -p "$work"
 "$troupe" init-model --config "$root/configs/models/demo-tiny.json" --out "$work/m" --seed 4 >/dev/null 2>&1
-port=$((20000 + RANDOM % 20000))
-sed "s/127.0.0.1:4300/127.0.0.1:$port/" "$root/configs/topologies/remote-experts.json" |
-  sed 's/"expert_shards": 2,/"expert_shards": 2, "scheduler": {"heartbeat_ms": 300},/' > "$work/remote.json"
-"$troupe" expert-host --model "$work/m" --topology "$work/remote.json" --shards 1 --port "$port" --threads 1 \
-  2> "$work/host.log" &
-host=$!
+# The host must publish on a port the topology names; a random one can be taken by another
+# test running in parallel, so a failed start retries on another port.
+host=""
 trap 'kill $host 2>/dev/null || true' EXIT
-for _ in $(seq 100); do grep -q "serving" "$work/host.log" 2>/dev/null && break; sleep 0.1; done
+for attempt in 1 2 3 4 5; do
+  port=$((20000 + RANDOM % 20000))
+  sed "s/127.0.0.1:4300/127.0.0.1:$port/" "$root/configs/topologies/remote-experts.json" |
+    sed 's/"expert_shards": 2,/"expert_shards": 2, "scheduler": {"heartbeat_ms": 300},/' > "$work/remote.json"
+  "$troupe" expert-host --model "$work/m" --topology "$work/remote.json" --shards 1 --port "$port" --threads 1 \
+    2> "$work/host.log" &
+  host=$!
+  for _ in $(seq 100); do
+    grep -q "serving" "$work/host.log" 2>/dev/null && break
+    kill -0 $host 2>/dev/null || break
+    sleep 0.1
+  done
+  grep -q "serving" "$work/host.log" && break
+  echo "port $port: $(tail -1 "$work/host.log"); retrying"
+done
 grep -q "serving" "$work/host.log" || { cat "$work/host.log"; echo "expert host did not start"; exit 1; }
 status=0
 for prompt in "In the beginning" "And God said, Let there be light" "The quick brown fox"; do
