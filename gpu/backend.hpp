@@ -102,6 +102,15 @@ class backend {
   /// idx i32 [T,k], w f32 [T,k], ordered by descending biased score.
   virtual void router_topk(const tensor& logits, const tensor& bias, int k, float scaling, tensor& idx,
                            tensor& weights) = 0;
+
+  /// Up to how many rows the model should call routed_moe() instead of routing on the host
+  /// (0: never). Decode on a GPU: no host round trip for the routing, no launch per expert.
+  virtual std::int64_t routed_moe_rows() const = 0;
+  /// The MoE of rows u[T,H] from router_topk's idx and gates [T,k] (on this device):
+  /// out[t] = sum_j gates[t,j] * (idx[t,j] < n_routed ? SwiGLU_idx(u[t]) : u[t]), j in order,
+  /// with n_routed = gate_up.size(); expert e's gate_up [2F,H] and down [H,F] in weight_type().
+  virtual void routed_moe(const tensor& u, const tensor& idx, const tensor& gates, std::span<const tensor> gate_up,
+                          std::span<const tensor> down, tensor& out) = 0;
 };
 
 }  // namespace troupe

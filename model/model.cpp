@@ -242,6 +242,20 @@ void model::combine(const moe_routing& routing, std::int64_t expert, const tenso
 }
 
 tensor model::moe(std::int64_t block, const tensor& u) {
+  if (u.dim(0) <= be_.routed_moe_rows()) {  // a few rows on a GPU: route and run the experts there
+    const auto& c = config_;
+    const auto& w = weights_.blocks.at(static_cast<std::size_t>(block));
+    const auto t = u.dim(0), k = c.moe_topk;
+    tensor logits = be_.empty({t, c.num_router_experts()}, dtype::f32);
+    be_.linear(u, w.router, logits, write_mode::overwrite);
+    tensor idx = be_.empty({t, k}, dtype::i32), gate = be_.empty({t, k}, dtype::f32);
+    be_.router_topk(logits, w.router_bias, static_cast<int>(k), static_cast<float>(c.routed_scaling_factor), idx, gate);
+    std::vector<tensor> gate_up, down;
+    for (const auto& e : w.experts) gate_up.push_back(e.gate_up), down.push_back(e.down);
+    tensor out = be_.empty({t, c.hidden_size}, dtype::f32);
+    be_.routed_moe(u, idx, gate, gate_up, down, out);
+    return out;
+  }
   const moe_routing routing = route(block, u);
   tensor out = be_.empty({u.dim(0), config_.hidden_size}, dtype::f32);
   be_.zero(out);

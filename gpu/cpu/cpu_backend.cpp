@@ -325,4 +325,32 @@ void cpu_backend::router_topk(const tensor& logits, const tensor& bias, int k, f
   }
 }
 
+void cpu_backend::routed_moe(const tensor& u, const tensor& idx, const tensor& gates, std::span<const tensor> gate_up,
+                             std::span<const tensor> down, tensor& out) {
+  const auto t = u.dim(0), h = u.dim(1), k = idx.dim(1);
+  const auto n_routed = static_cast<std::int32_t>(gate_up.size());
+  TROUPE_EXPECT(idx.dim(0) == t && gates.shape() == idx.shape() && out.shape() == u.shape() && gate_up.size() == down.size(),
+                "routed_moe", "u " + shape_to_string(u.shape()) + ", idx " + shape_to_string(idx.shape()));
+  zero(out);
+  for (std::int64_t r = 0; r < t; ++r) {
+    const tensor x = u.rows(r, r + 1);
+    tensor o = out.rows(r, r + 1);
+    for (std::int64_t j = 0; j < k; ++j) {
+      const std::int32_t e = idx.data<std::int32_t>()[r * k + j];
+      const float g = gates.data<float>()[r * k + j];
+      tensor y = tensor::empty({1, h}, dtype::f32);
+      if (e < n_routed) {
+        const auto f = down[static_cast<std::size_t>(e)].dim(1);
+        tensor gu = tensor::empty({1, 2 * f}, dtype::f32), act = tensor::empty({1, f}, dtype::f32);
+        linear(x, gate_up[static_cast<std::size_t>(e)], gu, write_mode::overwrite);
+        swiglu(gu, act);
+        linear(act, down[static_cast<std::size_t>(e)], y, write_mode::overwrite);
+      } else {
+        std::copy_n(x.data<float>(), h, y.data<float>());  // a zero expert: the input itself
+      }
+      for (std::int64_t c = 0; c < h; ++c) o.data<float>()[c] += g * y.data<float>()[c];
+    }
+  }
+}
+
 }  // namespace troupe

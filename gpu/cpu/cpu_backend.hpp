@@ -48,6 +48,9 @@ class cpu_backend final : public backend {
                      const mla_dims& dims, float softmax_scale, tensor& out) override;
   void router_topk(const tensor& logits, const tensor& bias, int k, float scaling, tensor& idx,
                    tensor& weights) override;
+  std::int64_t routed_moe_rows() const override { return 0; }  // batched host routing is as fast here
+  void routed_moe(const tensor& u, const tensor& idx, const tensor& gates, std::span<const tensor> gate_up,
+                  std::span<const tensor> down, tensor& out) override;
 
  private:
   std::shared_ptr<host_allocator> alloc_;

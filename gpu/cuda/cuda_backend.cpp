@@ -348,4 +348,36 @@ void cuda_backend::router_topk(const tensor& logits, const tensor& bias, int k, 
                     weights.data<float>(), as_stream(stream_));
 }
 
+std::int64_t cuda_backend::routed_moe_rows() const { return cuda::gemv_max_rows; }
+
+void cuda_backend::routed_moe(const tensor& u, const tensor& idx, const tensor& gates, std::span<const tensor> gate_up,
+                              std::span<const tensor> down, tensor& out) {
+  const auto t = u.dim(0), h = u.dim(1), k = idx.dim(1);
+  TROUPE_EXPECT(idx.dim(0) == t && gates.shape() == idx.shape() && out.shape() == u.shape() && gate_up.size() == down.size() &&
+                    !gate_up.empty(),
+                "routed_moe", "u " + shape_to_string(u.shape()) + ", idx " + shape_to_string(idx.shape()));
+  const auto n_routed = static_cast<std::int32_t>(gate_up.size());
+  const auto f = down[0].dim(1);
+  tensor gu_ptr = tensor::empty({n_routed}, dtype::i64), down_ptr = tensor::empty({n_routed}, dtype::i64);
+  for (std::int32_t e = 0; e < n_routed; ++e) {
+    TROUPE_EXPECT(gate_up[e].type() == dtype::bf16 && down[e].type() == dtype::bf16 && gate_up[e].dim(0) == 2 * f &&
+                      gate_up[e].dim(1) == h && down[e].dim(0) == h && down[e].dim(1) == f,
+                  "routed_moe", "expert " + std::to_string(e) + " matrices do not match");
+    gu_ptr.data<std::int64_t>()[e] = reinterpret_cast<std::int64_t>(gate_up[e].raw());
+    down_ptr.data<std::int64_t>()[e] = reinterpret_cast<std::int64_t>(down[e].raw());
+  }
+  const tensor d_gu = upload(gu_ptr, dtype::i64), d_down = upload(down_ptr, dtype::i64);
+  const std::int64_t slots = t * k;
+  tensor gu = empty({slots, 2 * f}, dtype::f32), act = empty({slots, f}, dtype::f32), y = empty({slots, h}, dtype::f32);
+  cuda::expert_gemv_bf16(u.data<float>(), k, idx.data<std::int32_t>(), slots,
+                         static_cast<const std::uint16_t* const*>(d_gu.raw()), n_routed, 2 * f, h, gu.data<float>(),
+                         as_stream(stream_));
+  cuda::swiglu(gu.data<float>(), act.data<float>(), slots, f, as_stream(stream_));
+  cuda::expert_gemv_bf16(act.data<float>(), 1, idx.data<std::int32_t>(), slots,
+                         static_cast<const std::uint16_t* const*>(d_down.raw()), n_routed, h, f, y.data<float>(),
+                         as_stream(stream_));
+  cuda::moe_combine(u.data<float>(), y.data<float>(), idx.data<std::int32_t>(), gates.data<float>(), t,
+                    static_cast<int>(k), n_routed, h, out.data<float>(), as_stream(stream_));
+}
+
 }  // namespace troupe

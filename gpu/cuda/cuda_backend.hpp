@@ -61,6 +61,9 @@ class cuda_backend final : public backend {
                      const mla_dims& dims, float softmax_scale, tensor& out) override;
   void router_topk(const tensor& logits, const tensor& bias, int k, float scaling, tensor& idx,
                    tensor& weights) override;
+  std::int64_t routed_moe_rows() const override;
+  void routed_moe(const tensor& u, const tensor& idx, const tensor& gates, std::span<const tensor> gate_up,
+                  std::span<const tensor> down, tensor& out) override;
 
  private:
   /// `t` on this device: itself, or an upload of a host tensor (index arguments).

@@ -126,15 +126,11 @@ __global__ void rope_kernel(float* x, std::int64_t rows, std::int64_t num_heads,
   p[1] = b * c + a * s;
 }
 
-// One warp per output column: lanes stride over K eight bf16 at a time (16-byte loads when K is
-// a multiple of 8), each keeping M partial sums; a warp reduction finishes them.
-__global__ void gemv_bf16_kernel(const float* x, std::int64_t m, std::int64_t k, const __nv_bfloat16* w, std::int64_t n,
-                                 float* y, bool accumulate) {
-  const std::int64_t col = blockIdx.x * static_cast<std::int64_t>(blockDim.x / 32) + (threadIdx.x >> 5);
+// dot(w_row[0:k] (bf16), x[0:k]) for each of m rows of x (k apart), by one warp: lanes stride
+// over K eight bf16 at a time (16-byte loads when K is a multiple of 8); lane 0 gets the sums.
+__device__ void warp_dot_bf16(const __nv_bfloat16* row, const float* x, std::int64_t m, std::int64_t k,
+                              float (&acc)[gemv_max_rows]) {
   const int lane = threadIdx.x & 31;
-  if (col >= n) return;
-  const __nv_bfloat16* row = w + col * k;
-  float acc[gemv_max_rows] = {};
   if (k % 8 == 0) {
     for (std::int64_t c = lane * 8; c < k; c += 32 * 8) {
       const uint4 packed = *reinterpret_cast<const uint4*>(row + c);
@@ -158,11 +154,45 @@ __global__ void gemv_bf16_kernel(const float* x, std::int64_t m, std::int64_t k,
       for (std::int64_t r = 0; r < m; ++r) acc[r] += wf * x[r * k + c];
     }
   }
-  for (std::int64_t r = 0; r < m; ++r) {
-    float v = acc[r];
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    if (lane == 0) y[r * n + col] = accumulate ? y[r * n + col] + v : v;
+  for (std::int64_t r = 0; r < m; ++r)
+    for (int o = 16; o > 0; o >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
+}
+
+// One warp per output column, for every row of x at once.
+__global__ void gemv_bf16_kernel(const float* x, std::int64_t m, std::int64_t k, const __nv_bfloat16* w, std::int64_t n,
+                                 float* y, bool accumulate) {
+  const std::int64_t col = blockIdx.x * static_cast<std::int64_t>(blockDim.x / 32) + (threadIdx.x >> 5);
+  if (col >= n) return;
+  float acc[gemv_max_rows] = {};
+  warp_dot_bf16(w + col * k, x, m, k, acc);
+  if ((threadIdx.x & 31) != 0) return;
+  for (std::int64_t r = 0; r < m; ++r) y[r * n + col] = accumulate ? y[r * n + col] + acc[r] : acc[r];
+}
+
+// One warp per (output column, slot): the slot's expert matrix row against its input row.
+__global__ void expert_gemv_kernel(const float* x, std::int64_t x_row_div, const std::int32_t* idx,
+                                   const __nv_bfloat16* const* weights, std::int32_t n_routed, std::int64_t n, std::int64_t k,
+                                   float* y) {
+  const std::int64_t col = blockIdx.x * static_cast<std::int64_t>(blockDim.x / 32) + (threadIdx.x >> 5);
+  const std::int64_t slot = blockIdx.y;
+  const std::int32_t e = idx[slot];
+  if (col >= n || e >= n_routed) return;
+  float acc[gemv_max_rows] = {};
+  warp_dot_bf16(weights[e] + col * k, x + (slot / x_row_div) * k, 1, k, acc);
+  if ((threadIdx.x & 31) == 0) y[slot * n + col] = acc[0];
+}
+
+__global__ void moe_combine_kernel(const float* u, const float* y, const std::int32_t* idx, const float* gates,
+                                   std::int64_t rows, int k, std::int32_t n_routed, std::int64_t h, float* out) {
+  const std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= rows * h) return;
+  const std::int64_t t = i / h, c = i % h;
+  float sum = 0.0f;
+  for (int j = 0; j < k; ++j) {
+    const std::int64_t slot = t * k + j;
+    sum += gates[slot] * (idx[slot] < n_routed ? y[slot * h + c] : u[i]);
   }
+  out[i] = sum;
 }
 
 // One (row, head) per block: q_lat = q_nope . W_k, scores over the visible latent rows,
@@ -265,6 +295,24 @@ void gemv_bf16(const float* x, std::int64_t m, std::int64_t k, const std::uint16
   const unsigned warps = threads / 32;
   gemv_bf16_kernel<<<static_cast<unsigned>((n + warps - 1) / warps), threads, 0, s>>>(
       x, m, k, reinterpret_cast<const __nv_bfloat16*>(w), n, y, accumulate);
+  TROUPE_CUDA_CHECK_LAUNCH();
+}
+
+void expert_gemv_bf16(const float* x, std::int64_t x_row_div, const std::int32_t* idx, std::int64_t slots,
+                      const std::uint16_t* const* weights, std::int32_t n_routed, std::int64_t n, std::int64_t k, float* y,
+                      cudaStream_t s) {
+  if (slots == 0 || n == 0) return;
+  const unsigned warps = threads / 32;
+  const dim3 grid(static_cast<unsigned>((n + warps - 1) / warps), static_cast<unsigned>(slots));
+  expert_gemv_kernel<<<grid, threads, 0, s>>>(x, x_row_div, idx, reinterpret_cast<const __nv_bfloat16* const*>(weights),
+                                              n_routed, n, k, y);
+  TROUPE_CUDA_CHECK_LAUNCH();
+}
+
+void moe_combine(const float* u, const float* y, const std::int32_t* idx, const float* gates, std::int64_t rows, int k,
+                 std::int32_t n_routed, std::int64_t h, float* out, cudaStream_t s) {
+  if (rows * h == 0) return;
+  moe_combine_kernel<<<blocks_for(rows * h), threads, 0, s>>>(u, y, idx, gates, rows, k, n_routed, h, out);
   TROUPE_CUDA_CHECK_LAUNCH();
 }
 

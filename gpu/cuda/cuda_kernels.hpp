@@ -24,6 +24,16 @@ constexpr std::int64_t gemv_max_rows = 8;
 void gemv_bf16(const float* x, std::int64_t m, std::int64_t k, const std::uint16_t* w, std::int64_t n, float* y,
                bool accumulate, cudaStream_t s);
 
+/// The expert GEMVs of routed_moe: for each slot s (row s / x_row_div of x), with e = idx[s]
+/// < n_routed: y[s, :n] = W_e[n, k] . x[s / x_row_div, :k]; slots of zero experts are skipped.
+/// `weights` holds n_routed device pointers to bf16 matrices.
+void expert_gemv_bf16(const float* x, std::int64_t x_row_div, const std::int32_t* idx, std::int64_t slots,
+                      const std::uint16_t* const* weights, std::int32_t n_routed, std::int64_t n, std::int64_t k, float* y,
+                      cudaStream_t s);
+/// out[t, c] = sum_j gates[t, j] * (idx[t, j] < n_routed ? y[t * k + j, c] : u[t, c]).
+void moe_combine(const float* u, const float* y, const std::int32_t* idx, const float* gates, std::int64_t rows, int k,
+                 std::int32_t n_routed, std::int64_t h, float* out, cudaStream_t s);
+
 /// y[r, :cols] = x[r, :cols] / rms(x[r, :cols]) * w * post_scale; rows `x_stride` / `y_stride` apart.
 void rms_norm(const float* x, std::int64_t x_stride, const float* w, float* y, std::int64_t y_stride, std::int64_t rows,
               std::int64_t cols, float eps, float post_scale, cudaStream_t s);
