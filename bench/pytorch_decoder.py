@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""The PyTorch baseline for bench/cpu_decode.sh: a careful eager decoder of the same model
-(float32 weights, latent KV cache with kv_b absorbed, only the selected experts computed,
-incremental n-gram hashing), timed like troupe_bench_model and printing the same JSON.
+"""The PyTorch baseline for bench/cpu_decode.sh and the GPU decode benchmark: a careful eager
+decoder of the same model (latent KV cache with kv_b absorbed, only the selected experts
+computed, incremental n-gram hashing), timed like troupe_bench_model and printing the same JSON.
+On the CPU the weights are float32; with --device cuda they are bfloat16 on the GPU (the router
+stays float32), and --compile runs the forward through torch.compile.
 
-    pytorch_decoder.py MODEL_DIR PROMPT_TOKENS DECODE_TOKENS THREADS
+    pytorch_decoder.py MODEL_DIR PROMPT_TOKENS DECODE_TOKENS THREADS [--device cuda] [--compile]
 """
 import json
 import math
@@ -20,15 +22,18 @@ torch.set_grad_enabled(False)
 
 
 class Decoder:
-    def __init__(self, model_dir):
+    def __init__(self, model_dir, device="cpu"):
         self.cfg = c = json.load(open(os.path.join(model_dir, "config.json")))
-        self.w = {k: v.to(torch.float32).contiguous() for k, v in load_weights(model_dir).items()}
+        self.dev = device
+        low = torch.bfloat16 if device != "cpu" else torch.float32
+        self.w = {k: v.to(device=device, dtype=torch.float32 if "router" in k else low).contiguous()
+                  for k, v in load_weights(model_dir).items()}
         self.ngram = "Ngram" in c["architectures"][0]
         self.eps = c["rms_norm_eps"]
         self.nh, self.nope, self.rope_dim, self.vd = c["num_attention_heads"], c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"]
         self.lora = c["kv_lora_rank"]
         inv, self.af = rope_inv_freq(c)
-        self.inv_freq = inv.to(torch.float32)
+        self.inv_freq = inv.to(device=device, dtype=torch.float32)
         self.scale = softmax_scale(c)
         V = c["vocab_size"]
         if self.ngram:
@@ -57,11 +62,11 @@ class Decoder:
             else:
                 ctx.append(x)
                 del ctx[: max(0, len(ctx) - self.keep)]
-        return torch.tensor(out)
+        return torch.tensor(out, device=self.dev)
 
     def embed(self, tokens, state):
         w = self.w
-        x = w["model.embed_tokens.weight"][torch.tensor(tokens)]
+        x = w["model.embed_tokens.weight"][torch.tensor(tokens, device=self.dev)]
         if self.ngram:
             ids = self.hash_ids(tokens, state["ctx"])
             for i in range(ids.shape[1]):
@@ -71,7 +76,7 @@ class Decoder:
 
     def apply_rope(self, x, pos):  # interleaved pairs, in place of the de-interleaved layout (same dot products)
         ang = pos[:, None].to(torch.float32) * self.inv_freq[None, :]
-        cos, sin = (ang.cos() * self.af), (ang.sin() * self.af)
+        cos, sin = (ang.cos() * self.af).to(x.dtype), (ang.sin() * self.af).to(x.dtype)
         while cos.dim() < x.dim():
             cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
         a, b = x[..., 0::2], x[..., 1::2]
@@ -99,7 +104,7 @@ class Decoder:
         q_lat = torch.einsum("thn,hnl->htl", q_nope, wk)
         scores = (q_lat @ cache[0].T + torch.einsum("thr,sr->hts", q_rope, cache[1])) * self.scale
         S = cache[0].shape[0]
-        mask = torch.arange(S)[None, :] > (pos[:, None])
+        mask = torch.arange(S, device=self.dev)[None, :] > (pos[:, None])
         probs = scores.masked_fill(mask, float("-inf")).softmax(-1)
         out = torch.einsum("hts,sl->htl", probs, cache[0])
         out = torch.einsum("htl,hvl->thv", out, wv).reshape(T, self.nh * self.vd)
@@ -111,9 +116,9 @@ class Decoder:
 
     def moe(self, p, x):
         c, w = self.cfg, self.w
-        probs = (x @ w[p + "router.classifier.weight"].T).softmax(-1)
+        probs = (x.float() @ w[p + "router.classifier.weight"].T).softmax(-1)  # the router in float32
         idx = torch.topk(probs + w[p + "router.e_score_correction_bias"], c["moe_topk"], dim=-1).indices
-        gate = probs.gather(1, idx) * c["routed_scaling_factor"]
+        gate = (probs.gather(1, idx) * c["routed_scaling_factor"]).to(x.dtype)
         out = torch.zeros_like(x)
         for e in idx.unique().tolist():
             rows, slot = (idx == e).nonzero(as_tuple=True)
@@ -123,7 +128,7 @@ class Decoder:
 
     def forward(self, tokens, state):
         w, c = self.w, self.cfg
-        pos = torch.arange(state["n"], state["n"] + len(tokens))
+        pos = torch.arange(state["n"], state["n"] + len(tokens), device=self.dev)
         h = self.embed(tokens, state)
         for l in range(c["num_layers"]):
             p = f"model.layers.{l}."
@@ -139,8 +144,11 @@ class Decoder:
 
 def main():
     model_dir, prompt_len, decode_len, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    device = sys.argv[sys.argv.index("--device") + 1] if "--device" in sys.argv else "cpu"
     torch.set_num_threads(threads)
-    dec = Decoder(model_dir)
+    dec = Decoder(model_dir, device)
+    if "--compile" in sys.argv:
+        dec.forward = torch.compile(dec.forward, dynamic=True)
     V = dec.cfg["vocab_size"]
     prompt = [3 + (i * 7919) % (V - 3) for i in range(prompt_len)]
 
@@ -153,7 +161,9 @@ def main():
             out.append(int(dec.forward([out[-1]], state).argmax()))
         return out, t1 - t0, time.perf_counter() - t1
 
-    run()  # warm-up
+    run()  # warm-up (and compilation)
+    if device != "cpu":
+        torch.cuda.synchronize()
     tokens, prefill_s, decode_s = run()
     print(json.dumps({"prefill_tok_s": round(prompt_len / prefill_s, 2), "decode_tok_s": round((decode_len - 1) / decode_s, 2), "tokens": tokens}))
 
