@@ -6,7 +6,9 @@
 //               zero experts cost nothing), the n-gram rows gathered, and the latent KV cache
 //               read at the mean position of the run;
 //   roofline    bandwidth / bytes per token.
-// Also the same decode on the CPU backend of this machine when --cpu is given.
+// Then the n-gram embedding's share of a decode step (one token's embed(), synchronised),
+// with the tables in host memory (read in place from the mapping; the default) and copied to
+// the device, each against its own decode step.
 //   troupe_bench_cuda_decode MODEL_DIR [TOKENS] [PROMPT_TOKENS]
 #include <cuda_runtime_api.h>
 
@@ -81,33 +83,57 @@ int main(int argc, char** argv) {
   const int tokens = argc > 2 ? std::atoi(argv[2]) : 128;
   const int prompt_tokens = argc > 3 ? std::atoi(argv[3]) : 16;
   cuda_backend be;
-  const auto t_load = std::chrono::steady_clock::now();
-  auto m = model::load(argv[1], be);
-  be.synchronize();
-  const auto& c = m->config();
-  std::printf("# %s on %s, loaded in %.1f s\n", argv[1], be.name().c_str(),
-              std::chrono::duration<double>(std::chrono::steady_clock::now() - t_load).count());
   const double bandwidth = copy_bandwidth();
-  sequence_state s;
-  std::vector<std::int32_t> step;
-  for (int i = 0; i < prompt_tokens; ++i) step.push_back(3 + (i * 37) % 1000);
-  auto run = [&](int n) {
-    for (int i = 0; i < n; ++i) {
-      const step_input in{&s, step};
-      const tensor logits = m->forward({&in, 1}, logits_mode::last_token);
-      step.assign(1, argmax({logits.data<float>(), static_cast<std::size_t>(c.vocab_size)}));
+  for (const auto placement : {table_placement::host, table_placement::device}) {
+    const char* where = placement == table_placement::host ? "host" : "device";
+    const auto t_load = std::chrono::steady_clock::now();
+    auto m = model::load(argv[1], be, placement);
+    be.synchronize();
+    const auto& c = m->config();
+    std::printf("# %s on %s, tables in %s memory, loaded in %.1f s\n", argv[1], be.name().c_str(), where,
+                std::chrono::duration<double>(std::chrono::steady_clock::now() - t_load).count());
+    sequence_state s;
+    std::vector<std::int32_t> step;
+    for (int i = 0; i < prompt_tokens; ++i) step.push_back(3 + (i * 37) % 1000);
+    auto run = [&](int n) {
+      for (int i = 0; i < n; ++i) {
+        const step_input in{&s, step};
+        const tensor logits = m->forward({&in, 1}, logits_mode::last_token);
+        step.assign(1, argmax({logits.data<float>(), static_cast<std::size_t>(c.vocab_size)}));
+      }
+    };
+    run(4);  // prefill and warm-up
+    const auto t0 = std::chrono::steady_clock::now();
+    run(tokens);
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const double tok_s = tokens / seconds;
+    // One token's embedding (hash, gathers, projections), synchronised, many times.
+    const int reps = 200;
+    ngram_context ctx = s.ngram;
+    tensor one = tensor::empty({1}, dtype::i32);
+    one.data<std::int32_t>()[0] = step[0];
+    const std::vector<std::int64_t> rows{1}, first{s.num_tokens};
+    const step_layout layout = step_layout::make(rows, first);
+    const auto e0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < reps; ++i) {
+      ngram_context local = ctx;
+      ngram_context* contexts[] = {&local};
+      m->embed(one, layout, contexts);
+      be.synchronize();
     }
-  };
-  run(4);  // prefill and warm-up
-  const auto t0 = std::chrono::steady_clock::now();
-  run(tokens);
-  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  const double tok_s = tokens / seconds;
-  const double bytes = bytes_per_token(c, prompt_tokens + 4 + tokens / 2.0);
-  const double roofline = bandwidth / bytes;
-  std::printf("copy bandwidth %.0f GB/s; %.1f MB read per token; roofline %.0f tok/s\n", bandwidth / 1e9, bytes / 1e6,
-              roofline);
-  std::printf("batch-1 decode: %.1f tok/s (%.3f ms/token) = %.1f%% of the roofline\n", tok_s, 1e3 / tok_s,
-              100 * tok_s / roofline);
+    const double embed_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - e0).count() / reps;
+    if (placement == table_placement::host) {
+      const double bytes = bytes_per_token(c, prompt_tokens + 4 + tokens / 2.0);
+      const double roofline = bandwidth / bytes;
+      std::printf("copy bandwidth %.0f GB/s; %.1f MB read per token; roofline %.0f tok/s\n", bandwidth / 1e9, bytes / 1e6,
+                  roofline);
+      std::printf("batch-1 decode: %.1f tok/s (%.3f ms/token) = %.1f%% of the roofline\n", tok_s, 1e3 / tok_s,
+                  100 * tok_s / roofline);
+    } else {
+      std::printf("batch-1 decode: %.1f tok/s (%.3f ms/token)\n", tok_s, 1e3 / tok_s);
+    }
+    std::printf("n-gram embedding (tables in %s memory): %.3f ms per token = %.1f%% of a decode step\n", where,
+                embed_s * 1e3, 100 * embed_s * tok_s);
+  }
   return 0;
 }

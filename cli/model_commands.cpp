@@ -76,7 +76,7 @@ void add_model_commands(CLI::App& app, std::function<int()>& run) {
 
   // generate
   struct gen_opts {
-    std::string model = "models/demo", prompt, tokenizer, topology, draft, device = "cpu";
+    std::string model = "models/demo", prompt, tokenizer, topology, draft, device = "cpu", tables = "host";
     generation_params params;
     int threads = 0;
     speculation_config speculation;
@@ -98,6 +98,10 @@ void add_model_commands(CLI::App& app, std::function<int()>& run) {
   gen->add_option("--stop", go->params.stop, "stop string (repeatable); not included in the output");
   gen->add_option("--threads", go->threads, "CPU threads for matrix products; 0 = all cores")->capture_default_str();
   gen->add_option("--device", go->device, "cpu, or cuda[:N] where the CUDA backend is built")->capture_default_str();
+  gen->add_option("--tables", go->tables,
+                  "where the embedding and n-gram tables live: host (read in place from the checkpoint; on a GPU only "
+                  "the gathered rows cross the bus) or device (copied to the device's memory)")
+      ->capture_default_str();
   gen->add_flag("--quiet", go->quiet, "do not print timing statistics to stderr");
   gen->add_option("--topology", go->topology,
                   "run through the actor graph of this topology file ('local' for the embedded default)");
@@ -121,7 +125,7 @@ void add_model_commands(CLI::App& app, std::function<int()>& run) {
       }
       auto be_owner = make_backend(go->device, go->threads);
       backend& be = *be_owner;
-      auto m = model::load(go->model, be);
+      auto m = model::load(go->model, be, parse_table_placement(go->tables));
       const auto print = [](std::string_view text, std::int32_t) { std::cout << text << std::flush; };
       generation_result result;
       speculation_stats stats;

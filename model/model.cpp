@@ -41,10 +41,10 @@ model::model(model_config config, model_weights weights, backend& be)
       softmax_scale_(mla_softmax_scale(config_)),
       plain_blocks_(be, default_kv_block_tokens, config_.kv_lora_rank + config_.qk_rope_head_dim) {}
 
-std::unique_ptr<model> model::load(const std::filesystem::path& dir, backend& be) {
+std::unique_ptr<model> model::load(const std::filesystem::path& dir, backend& be, table_placement tables) {
   model_config config = load_model_config(dir);
   checkpoint ckpt = checkpoint::open(dir);
-  model_weights weights = load_model_weights(ckpt, config, be);
+  model_weights weights = load_model_weights(ckpt, config, be, tables);
   return std::make_unique<model>(std::move(config), std::move(weights), be);
 }
 

@@ -68,8 +68,10 @@ class model {
  public:
   model(model_config config, model_weights weights, backend& be);
 
-  /// Loads `dir` (config.json + safetensors) onto `be`.
-  static std::unique_ptr<model> load(const std::filesystem::path& dir, backend& be);
+  /// Loads `dir` (config.json + safetensors) onto `be`; `tables`: where the embedding and
+  /// n-gram tables live (model/weights.hpp).
+  static std::unique_ptr<model> load(const std::filesystem::path& dir, backend& be,
+                                     table_placement tables = table_placement::host);
 
   const model_config& config() const { return config_; }
   backend& compute() const { return be_; }

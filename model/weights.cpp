@@ -6,6 +6,7 @@
 #include "gpu/backend.hpp"
 #include "model/config.hpp"
 #include "model/safetensors.hpp"
+#include "protocol/errors.hpp"
 
 namespace troupe {
 
@@ -122,14 +123,24 @@ struct loader {
 
 }  // namespace
 
-model_weights load_model_weights(const checkpoint& ckpt, const model_config& c, backend& be) {
+table_placement parse_table_placement(const std::string& name) {
+  if (name == "host") return table_placement::host;
+  if (name == "device") return table_placement::device;
+  throw input_error("table placement '" + name + "': expected host or device");
+}
+
+model_weights load_model_weights(const checkpoint& ckpt, const model_config& c, backend& be, table_placement tables) {
   loader ld{ckpt, be, {}};
   for (const auto& s : weight_specs(c)) ld.shapes.emplace(s.name, s.shape);
   model_weights w;
-  // Tables are read row by row; a host backend reads them straight from the mapping.
-  w.embed = ld.host("model.embed_tokens.weight");
+  // Tables are read row by row: in place from the mapping, or from a copy in the backend's memory.
+  auto table = [&](const std::string& name) {
+    tensor t = ld.host(name);
+    return tables == table_placement::device ? be.upload(t, t.type()) : t;
+  };
+  w.embed = table("model.embed_tokens.weight");
   for (std::int64_t i = 0; i < c.num_ngram_tables(); ++i) {
-    w.ngram_tables.push_back(ld.host("model.ngram_embeddings.embedders." + std::to_string(i) + ".weight"));
+    w.ngram_tables.push_back(table("model.ngram_embeddings.embedders." + std::to_string(i) + ".weight"));
     w.ngram_projections.push_back(ld.matrix("model.ngram_embeddings.post_projs." + std::to_string(i) + ".weight"));
   }
   for (std::int64_t l = 0; l < c.num_layers; ++l) {
@@ -149,7 +160,7 @@ model_weights load_model_weights(const checkpoint& ckpt, const model_config& c, 
     w.blocks.push_back(std::move(b));
   }
   w.final_norm = ld.f32("model.norm.weight");
-  w.lm_head = c.tie_word_embeddings ? be.upload(w.embed, be.weight_type(w.embed.type())) : ld.matrix("lm_head.weight");
+  w.lm_head = c.tie_word_embeddings ? ld.matrix("model.embed_tokens.weight") : ld.matrix("lm_head.weight");
   if (c.num_nextn_predict_layers) {
     mtp_weights m;
     m.enorm = ld.f32("model.mtp.enorm.weight");

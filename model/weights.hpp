@@ -78,9 +78,17 @@ struct model_weights {
   std::vector<mtp_weights> mtp;  // num_nextn_predict_layers of them (0 or 1)
 };
 
+/// Where the embedding and n-gram tables live: `host` reads them in place from the memory-mapped
+/// checkpoint (on a GPU only the gathered rows cross the bus); `device` copies them to the
+/// backend's memory in their checkpoint dtype.
+enum class table_placement : std::uint8_t { host, device };
+/// "host" or "device"; throws input_error otherwise.
+table_placement parse_table_placement(const std::string& name);
+
 /// Loads and checks every tensor; matrices go to the backend in its weight type (bf16 stays
-/// bf16 on the CPU), norms, router and kv_b as float32; embedding and
-/// n-gram tables stay where they are (zero-copy views on a memory-mapped checkpoint).
-model_weights load_model_weights(const checkpoint& ckpt, const model_config& config, backend& be);
+/// bf16 on the CPU), norms, router and kv_b as float32; embedding and n-gram tables where
+/// `tables` says.
+model_weights load_model_weights(const checkpoint& ckpt, const model_config& config, backend& be,
+                                 table_placement tables = table_placement::host);
 
 }  // namespace troupe

@@ -101,6 +101,22 @@ TEST(model, batch_of_sequences_matches_each_alone) {
   }
 }
 
+TEST(model, tables_in_backend_memory_give_the_same_logits) {
+  // Placement moves the embedding and n-gram tables, never what they hold: logits bitwise equal,
+  // tied embeddings included.
+  for (const bool tied : {false, true}) {
+    const auto cfg = test::tiny_config(tied ? R"("tie_word_embeddings": true)" : "");
+    const auto dir = test::make_model(tied ? "placement_tied" : "placement", cfg, 8);
+    cpu_backend be(1);
+    auto host = model::load(dir, be, table_placement::host);
+    auto device = model::load(dir, be, parse_table_placement("device"));
+    const auto tokens = document_tokens(20, static_cast<int>(cfg.vocab_size), cfg.eos_token_id, 2);
+    const tensor a = run(*host, tokens, 7), b = run(*device, tokens, 7);
+    EXPECT_EQ(test::relative_l2(a.data<float>(), b.data<float>(), static_cast<std::size_t>(a.numel())), 0.0) << tied;
+  }
+  EXPECT_THROW(parse_table_placement("gpu"), input_error);
+}
+
 TEST(model, n_gram_embedding_changes_the_output) {
   // Same weights for everything but the context: a token's logits must depend on the previous
   // token even with one layer's attention removed from the picture, through the n-gram tables.
