@@ -8,7 +8,8 @@
 //   roofline    bandwidth / bytes per token.
 // Then the n-gram embedding's share of a decode step (one token's embed(), synchronised),
 // with the tables in host memory (read in place from the mapping; the default) and copied to
-// the device, each against its own decode step.
+// the device, each against its own decode step; and total decode tokens/s with 16 and 64
+// sequences decoding together, against batch 1.
 //   troupe_bench_cuda_decode MODEL_DIR [TOKENS] [PROMPT_TOKENS]
 #include <cuda_runtime_api.h>
 
@@ -73,6 +74,32 @@ double bytes_per_token(const model_config& c, double position) {
   return matrices + f32 + tables + kv;
 }
 
+// Greedy decode of `batch` sequences together (distinct prompts): generated tokens per second
+// over `tokens` steps after the prefill and one warm-up step. Leaves sequence 0's state in `first`.
+double decode_rate(model& m, int batch, int tokens, int prompt_tokens, sequence_state* first = nullptr,
+                   std::int32_t* last_token = nullptr) {
+  const auto vocab = static_cast<std::size_t>(m.config().vocab_size);
+  std::vector<sequence_state> states(static_cast<std::size_t>(batch));
+  std::vector<std::vector<std::int32_t>> feed(static_cast<std::size_t>(batch));
+  for (int b = 0; b < batch; ++b)
+    for (int i = 0; i < prompt_tokens; ++i) feed[static_cast<std::size_t>(b)].push_back(3 + (i * 37 + b * 101) % 1000);
+  auto step = [&] {
+    std::vector<step_input> in;
+    for (int b = 0; b < batch; ++b) in.push_back({&states[static_cast<std::size_t>(b)], feed[static_cast<std::size_t>(b)]});
+    const tensor logits = m.forward(in, logits_mode::last_token);
+    for (int b = 0; b < batch; ++b)
+      feed[static_cast<std::size_t>(b)].assign(1, argmax({logits.data<float>() + b * vocab, vocab}));
+  };
+  step();  // prefill
+  step();  // warm-up
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int i = 0; i < tokens; ++i) step();
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  if (first) *first = std::move(states[0]);
+  if (last_token) *last_token = feed[0][0];
+  return batch * tokens / seconds;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -93,25 +120,13 @@ int main(int argc, char** argv) {
     std::printf("# %s on %s, tables in %s memory, loaded in %.1f s\n", argv[1], be.name().c_str(), where,
                 std::chrono::duration<double>(std::chrono::steady_clock::now() - t_load).count());
     sequence_state s;
-    std::vector<std::int32_t> step;
-    for (int i = 0; i < prompt_tokens; ++i) step.push_back(3 + (i * 37) % 1000);
-    auto run = [&](int n) {
-      for (int i = 0; i < n; ++i) {
-        const step_input in{&s, step};
-        const tensor logits = m->forward({&in, 1}, logits_mode::last_token);
-        step.assign(1, argmax({logits.data<float>(), static_cast<std::size_t>(c.vocab_size)}));
-      }
-    };
-    run(4);  // prefill and warm-up
-    const auto t0 = std::chrono::steady_clock::now();
-    run(tokens);
-    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    const double tok_s = tokens / seconds;
+    std::int32_t last = 0;
+    const double tok_s = decode_rate(*m, 1, tokens, prompt_tokens, &s, &last);
     // One token's embedding (hash, gathers, projections), synchronised, many times.
     const int reps = 200;
     ngram_context ctx = s.ngram;
     tensor one = tensor::empty({1}, dtype::i32);
-    one.data<std::int32_t>()[0] = step[0];
+    one.data<std::int32_t>()[0] = last;
     const std::vector<std::int64_t> rows{1}, first{s.num_tokens};
     const step_layout layout = step_layout::make(rows, first);
     const auto e0 = std::chrono::steady_clock::now();
@@ -123,7 +138,7 @@ int main(int argc, char** argv) {
     }
     const double embed_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - e0).count() / reps;
     if (placement == table_placement::host) {
-      const double bytes = bytes_per_token(c, prompt_tokens + 4 + tokens / 2.0);
+      const double bytes = bytes_per_token(c, prompt_tokens + 2 + tokens / 2.0);
       const double roofline = bandwidth / bytes;
       std::printf("copy bandwidth %.0f GB/s; %.1f MB read per token; roofline %.0f tok/s\n", bandwidth / 1e9, bytes / 1e6,
                   roofline);
@@ -134,6 +149,11 @@ int main(int argc, char** argv) {
     }
     std::printf("n-gram embedding (tables in %s memory): %.3f ms per token = %.1f%% of a decode step\n", where,
                 embed_s * 1e3, 100 * embed_s * tok_s);
+    if (placement == table_placement::host)
+      for (int batch : {16, 64}) {
+        const double rate = decode_rate(*m, batch, std::max(8, tokens / 4), prompt_tokens);
+        std::printf("batch-%d decode: %.1f tok/s in total (x%.2f batch 1)\n", batch, rate, rate / tok_s);
+      }
   }
   return 0;
 }
