@@ -84,9 +84,10 @@ class backend {
 
   /// The n-gram embedding combination (spec section 2):
   /// out[T,H] = (base[tokens] + sum_i proj_i(tables_i[ngram_ids[:, i]])) / (1 + E).
+  /// Token and n-gram ids are on the host. The default composes gather_rows, linear and
+  /// scale (gpu/backend.cpp); a backend with a fused kernel overrides it.
   virtual void ngram_embed(const tensor& base, const tensor& tokens, const tensor& ngram_ids,
-                           std::span<const tensor> tables, std::span<const tensor> projections,
-                           tensor& out) = 0;
+                           std::span<const tensor> tables, std::span<const tensor> projections, tensor& out);
 
   /// Rotates, in place, the interleaved pairs of columns [offset, offset + rope_dim) of every
   /// head block (width `head_stride`) of x[T, heads * head_stride]; positions are i64 [T].

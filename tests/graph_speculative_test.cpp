@@ -130,14 +130,7 @@ TEST(graph_speculative, sampling_keeps_the_targets_distribution) {
     rounds += o.done.draft_rounds;
   }
   EXPECT_GT(rounds, n / 2) << "the sampled requests hardly drafted";
-  double x = 0;
-  int df = -1;
-  for (const auto& [key, a] : plain) {
-    const int b = spec.count(key) ? spec.at(key) : 0;
-    if (a + b < 10) continue;
-    x += static_cast<double>((a - b) * (a - b)) / (a + b);
-    ++df;
-  }
+  const auto [x, df] = test::two_sample_chi_square(plain, spec, 10);
   ASSERT_GT(df, 3);
   // chi-square(df) stays under df + 5 sqrt(2 df) except with negligible probability.
   EXPECT_LT(x, df + 5 * std::sqrt(2.0 * df)) << "df " << df;
@@ -226,14 +219,7 @@ TEST(graph_speculative, a_draft_of_another_vocabulary_is_refused_at_start) {
     EXPECT_NE(std::string(e.what()).find("vocabulary"), std::string::npos) << e.what();
   }
   const auto cfg = graph_model_config();
-  auto error_of = [&](const std::string& json) {
-    try {
-      parse_topology(json, "topo.json", cfg);
-    } catch (const input_error& e) {
-      return std::string(e.what());
-    }
-    return std::string();
-  };
+  auto error_of = [&](const std::string& json) { return topology_error(json, cfg); };
   EXPECT_NE(error_of(R"({"speculation": {"draft_tokens": 3}})").find("speculation.draft"), std::string::npos);
   EXPECT_NE(error_of(R"({"speculation": {"draft": "d", "draft_tokens": 99}})").find("draft_tokens"), std::string::npos);
   EXPECT_NE(error_of(R"({"speculation": {"draft": "d", "k": 3}})").find("'speculation.k'"), std::string::npos);

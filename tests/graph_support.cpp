@@ -5,6 +5,7 @@
 #include <caf/io/middleman.hpp>
 #include <caf/scoped_actor.hpp>
 
+#include "protocol/errors.hpp"
 #include "protocol/type_registry.hpp"
 #include "tests/test_support.hpp"
 
@@ -85,6 +86,15 @@ std::vector<std::int32_t> prompt_of(int length, int seed) {
   std::vector<std::int32_t> p;
   for (int i = 0; i < length; ++i) p.push_back(3 + (i * 37 + seed * 11) % 90);
   return p;
+}
+
+std::string topology_error(const std::string& json, const model_config& config) {
+  try {
+    parse_topology(json, "topo.json", config);
+  } catch (const input_error& e) {
+    return e.what();
+  }
+  return {};
 }
 
 }  // namespace troupe::test

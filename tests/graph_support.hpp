@@ -46,6 +46,9 @@ std::vector<std::int32_t> plain_greedy(model& m, const std::vector<std::int32_t>
 
 generate_request greedy_request(const std::string& id, std::vector<std::int32_t> prompt, int max_tokens);
 
+/// The input_error parse_topology(json) throws for `config`, or "" when it parses.
+std::string topology_error(const std::string& json, const model_config& config);
+
 /// A deterministic prompt of `length` ids in [3, 93).
 std::vector<std::int32_t> prompt_of(int length, int seed);
 

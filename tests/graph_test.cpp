@@ -231,14 +231,7 @@ TEST(graph, tokenizer_actor_encodes_and_streams_whole_characters) {
 
 TEST(graph, topology_errors_name_the_field) {
   const auto cfg = test::tiny_config(R"("num_layers": 3)");
-  auto error_of = [&](const std::string& json) {
-    try {
-      parse_topology(json, "topo.json", cfg);
-    } catch (const input_error& e) {
-      return std::string(e.what());
-    }
-    return std::string();
-  };
+  auto error_of = [&](const std::string& json) { return topology_error(json, cfg); };
   EXPECT_NE(error_of(R"({"stages": 4})").find("'stages'"), std::string::npos);
   EXPECT_NE(error_of(R"({"stage_blocks": [[0, 1], [2, 3]]})").find("'stage_blocks'"), std::string::npos);
   EXPECT_NE(error_of(R"({"expert_shards": 7})").find("'expert_shards'"), std::string::npos);

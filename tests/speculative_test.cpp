@@ -42,27 +42,29 @@ std::vector<std::int32_t> random_prompt(std::uint64_t seed, std::int32_t vocab, 
   return p;
 }
 
+// Greedy parameters that ignore EOS.
+generation_params greedy_ignoring_eos(std::int32_t max_tokens) {
+  generation_params params;
+  params.sampling.temperature = 0;
+  params.max_tokens = max_tokens;
+  params.stop_on_eos = false;
+  return params;
+}
+
 // n random prompts (seeds seed0..) with greedy parameters that ignore EOS.
 std::pair<std::vector<std::vector<std::int32_t>>, std::vector<generation_params>> greedy_batch(models& m, std::uint64_t seed0,
                                                                                              std::size_t n, std::int32_t max_tokens) {
   std::vector<std::vector<std::int32_t>> prompts;
-  std::vector<generation_params> params(n);
-  for (std::size_t i = 0; i < n; ++i) {
+  std::vector<generation_params> params(n, greedy_ignoring_eos(max_tokens));
+  for (std::size_t i = 0; i < n; ++i)
     prompts.push_back(random_prompt(seed0 + i, static_cast<std::int32_t>(m.target->config().vocab_size),
                                     m.target->config().eos_token_id));
-    params[i].sampling.temperature = 0;
-    params[i].max_tokens = max_tokens;
-    params[i].stop_on_eos = false;
-  }
   return {prompts, params};
 }
 
 TEST(speculative, greedy_output_is_the_targets_own) {
   auto& m = shared();
-  generation_params params;
-  params.sampling.temperature = 0;
-  params.max_tokens = 24;
-  params.stop_on_eos = false;
+  const generation_params params = greedy_ignoring_eos(24);
   const auto eos = m.target->config().eos_token_id;
   for (std::uint64_t seed = 0; seed < 8; ++seed) {
     const auto prompt = random_prompt(seed, static_cast<std::int32_t>(m.target->config().vocab_size), eos);
@@ -83,11 +85,8 @@ TEST(speculative, greedy_output_is_the_targets_own) {
 TEST(speculative, greedy_with_a_repetition_penalty_is_the_targets_own) {
   // Greedy decoding applies the penalty before the argmax; verification must do the same.
   auto& m = shared();
-  generation_params params;
-  params.sampling.temperature = 0;
+  generation_params params = greedy_ignoring_eos(40);
   params.sampling.repetition_penalty = 1.8f;
-  params.max_tokens = 40;
-  params.stop_on_eos = false;
   for (std::uint64_t seed = 0; seed < 4; ++seed) {
     const auto prompt = random_prompt(300 + seed, static_cast<std::int32_t>(m.target->config().vocab_size),
                                       m.target->config().eos_token_id);
@@ -104,10 +103,7 @@ TEST(speculative, generated_eos_resets_the_ngram_cache_like_a_plain_run) {
   // Force EOS into the generated text with stop_on_eos off: a prompt that ends in EOS makes the
   // verified tokens cross a segment boundary at once.
   auto& m = shared();
-  generation_params params;
-  params.sampling.temperature = 0;
-  params.max_tokens = 16;
-  params.stop_on_eos = false;
+  const generation_params params = greedy_ignoring_eos(16);
   const std::vector<std::int32_t> prompt{5, 9, 13, m.target->config().eos_token_id};
   const auto plain = generate(*m.target, m.tok, prompt, params);
   speculation_stats stats;
@@ -123,10 +119,7 @@ TEST(speculative, a_draft_with_another_vocabulary_is_refused) {
 
 TEST(speculative, a_draft_that_does_not_pay_is_switched_off_and_retried) {
   auto& m = shared();
-  generation_params params;
-  params.sampling.temperature = 0;
-  params.max_tokens = 80;
-  params.stop_on_eos = false;
+  const generation_params params = greedy_ignoring_eos(80);
   const std::vector<std::int32_t> prompt{4, 8, 15, 16, 23, 42};
   const auto plain = generate(*m.target, m.tok, prompt, params);
   // An unreachable bar: every window fails it, so speculation goes off, comes back, goes off.
@@ -298,14 +291,7 @@ TEST(speculative, sampled_generation_with_and_without_speculation_agree_in_distr
     ++spec[b.ids.at(1) + 1000 * b.ids.at(0)];
   }
   // Two-sample chi-square over (first, second) pairs seen at least 10 times in total.
-  double x = 0;
-  int df = -1;
-  for (const auto& [key, a] : plain) {
-    const int b = spec.count(key) ? spec.at(key) : 0;
-    if (a + b < 10) continue;
-    x += static_cast<double>((a - b) * (a - b)) / (a + b);
-    ++df;
-  }
+  const auto [x, df] = test::two_sample_chi_square(plain, spec, 10);
   ASSERT_GT(df, 3);
   // chi-square(df) stays under df + 5 sqrt(2 df) except with negligible probability.
   EXPECT_LT(x, df + 5 * std::sqrt(2.0 * df)) << "df " << df;

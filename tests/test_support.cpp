@@ -67,6 +67,20 @@ std::filesystem::path make_model(const std::string& name, const model_config& co
   return dir;
 }
 
+std::pair<double, int> two_sample_chi_square(const std::map<std::int32_t, int>& a, const std::map<std::int32_t, int>& b,
+                                             int min_count) {
+  double x = 0;
+  int df = -1;
+  for (const auto& [key, na] : a) {
+    const auto it = b.find(key);
+    const int nb = it == b.end() ? 0 : it->second;
+    if (na + nb < min_count) continue;
+    x += static_cast<double>((na - nb) * (na - nb)) / (na + nb);
+    ++df;
+  }
+  return {x, df};
+}
+
 double relative_l2(const float* a, const float* b, std::size_t n) {
   double num = 0, den = 0;
   for (std::size_t i = 0; i < n; ++i) {

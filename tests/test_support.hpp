@@ -5,6 +5,8 @@
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
+#include <map>
+#include <utility>
 #include <string>
 
 #include "gpu/tensor.hpp"
@@ -23,6 +25,11 @@ model_config tiny_config(const std::string& overrides = "", bool ngram = true);
 /// Writes a random-weight model directory for `config` and returns its path.
 std::filesystem::path make_model(const std::string& name, const model_config& config, std::uint64_t seed = 1,
                                  dtype weights = dtype::bf16);
+
+/// Two-sample chi-square statistic between two histograms over the keys of `a` seen at least
+/// `min_count` times in both together, and its degrees of freedom (those keys - 1).
+std::pair<double, int> two_sample_chi_square(const std::map<std::int32_t, int>& a, const std::map<std::int32_t, int>& b,
+                                             int min_count);
 
 /// ||a - b|| / ||b|| over float32 tensors of equal size.
 double relative_l2(const float* a, const float* b, std::size_t n);

@@ -188,30 +188,6 @@ void cpu_backend::scatter_add_rows(const tensor& x, const tensor& rows, const te
   }
 }
 
-void cpu_backend::ngram_embed(const tensor& base, const tensor& tokens, const tensor& ngram_ids,
-                              std::span<const tensor> tables, std::span<const tensor> projections, tensor& out) {
-  const auto t = tokens.numel();
-  const auto num_tables = static_cast<std::int64_t>(tables.size());
-  TROUPE_EXPECT(ngram_ids.rank() == 2 && ngram_ids.dim(0) == t && ngram_ids.dim(1) == num_tables, "ngram_embed",
-         "ngram ids " + shape_to_string(ngram_ids.shape()) + " for " + std::to_string(t) + " tokens and " +
-             std::to_string(num_tables) + " tables");
-  const auto* tok = tokens.data<std::int32_t>();
-  for (std::int64_t r = 0; r < t; ++r) {
-    TROUPE_EXPECT(tok[r] >= 0 && tok[r] < base.dim(0), "ngram_embed", "token id " + std::to_string(tok[r]) + " outside the vocabulary");
-    read_row(base, tok[r], out.data<float>() + r * out.dim(1));
-  }
-  if (num_tables == 0) return;
-  tensor ids = tensor::empty({t}, dtype::i64);
-  const auto* all = ngram_ids.data<std::int64_t>();
-  for (std::int64_t i = 0; i < num_tables; ++i) {
-    for (std::int64_t r = 0; r < t; ++r) ids.data<std::int64_t>()[r] = all[r * num_tables + i];
-    tensor rows = tensor::empty({t, tables[i].dim(1)}, dtype::f32);
-    gather_rows(tables[i], ids, rows);
-    linear(rows, projections[i], out, write_mode::accumulate);
-  }
-  scale(out, 1.0f / static_cast<float>(1 + num_tables));
-}
-
 void cpu_backend::rope_interleaved(tensor& x, std::int64_t num_heads, std::int64_t head_stride, std::int64_t offset,
                                    const tensor& positions, const rope_params& rope) {
   const auto t = x.dim(0);

@@ -277,28 +277,6 @@ void cuda_backend::scatter_add_rows(const tensor& x, const tensor& rows, const t
                          as_stream(stream_));
 }
 
-void cuda_backend::ngram_embed(const tensor& base, const tensor& tokens, const tensor& ngram_ids,
-                               std::span<const tensor> tables, std::span<const tensor> projections, tensor& out) {
-  const auto t = tokens.numel();
-  const auto num_tables = static_cast<std::int64_t>(tables.size());
-  TROUPE_EXPECT(ngram_ids.rank() == 2 && ngram_ids.dim(0) == t && ngram_ids.dim(1) == num_tables && !on_gpu(tokens) &&
-                    !on_gpu(ngram_ids),
-                "ngram_embed", "host token and n-gram ids " + shape_to_string(ngram_ids.shape()) + " for " + std::to_string(t) +
-                                   " tokens and " + std::to_string(num_tables) + " tables");
-  tensor ids = tensor::empty({t}, dtype::i64);
-  for (std::int64_t r = 0; r < t; ++r) ids.data<std::int64_t>()[r] = tokens.data<std::int32_t>()[r];
-  gather_rows(base, ids, out);
-  if (num_tables == 0) return;
-  const auto* all = ngram_ids.data<std::int64_t>();
-  for (std::int64_t i = 0; i < num_tables; ++i) {
-    for (std::int64_t r = 0; r < t; ++r) ids.data<std::int64_t>()[r] = all[r * num_tables + i];
-    tensor rows = empty({t, tables[i].dim(1)}, dtype::f32);
-    gather_rows(tables[i], ids, rows);
-    linear(rows, projections[i], out, write_mode::accumulate);
-  }
-  scale(out, 1.0f / static_cast<float>(1 + num_tables));
-}
-
 void cuda_backend::rope_interleaved(tensor& x, std::int64_t num_heads, std::int64_t head_stride, std::int64_t offset,
                                     const tensor& positions, const rope_params& rope) {
   const auto t = x.dim(0);

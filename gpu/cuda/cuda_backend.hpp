@@ -53,8 +53,6 @@ class cuda_backend final : public backend {
   void swiglu(const tensor& gate_up, tensor& out) override;
   void gather_rows(const tensor& table, const tensor& ids, tensor& out) override;
   void scatter_add_rows(const tensor& x, const tensor& rows, const tensor& weights, tensor& out) override;
-  void ngram_embed(const tensor& base, const tensor& tokens, const tensor& ngram_ids,
-                   std::span<const tensor> tables, std::span<const tensor> projections, tensor& out) override;
   void rope_interleaved(tensor& x, std::int64_t num_heads, std::int64_t head_stride, std::int64_t offset,
                         const tensor& positions, const rope_params& rope) override;
   void mla_attention(const tensor& q, const tensor& kv_b, std::span<const attention_segment> segments,
