@@ -6,7 +6,8 @@
 //               zero experts cost nothing), the n-gram rows gathered, and the latent KV cache
 //               read at the mean position of the run;
 //   roofline    bandwidth / bytes per token.
-// Then the n-gram embedding's share of a decode step (one token's embed(), synchronised),
+// Batch-1 and batch-8 decode run twice: op by op (the host dispatches every op: the baseline)
+// and replayed from CUDA graphs (model::set_recorded_steps). Then the n-gram embedding's share of a decode step (one token's embed(), synchronised),
 // with the tables in host memory (read in place from the mapping; the default) and copied to
 // the device, each against its own decode step; and total decode tokens/s with 16 and 64
 // sequences decoding together, against batch 1.
@@ -121,7 +122,13 @@ int main(int argc, char** argv) {
                 std::chrono::duration<double>(std::chrono::steady_clock::now() - t_load).count());
     sequence_state s;
     std::int32_t last = 0;
+    // Baseline: the same steps dispatched op by op from the host.
+    m->set_recorded_steps(false);
+    const double op_by_op = decode_rate(*m, 1, tokens, prompt_tokens);
+    m->set_recorded_steps(true);
     const double tok_s = decode_rate(*m, 1, tokens, prompt_tokens, &s, &last);
+    std::printf("batch-1 decode op by op: %.1f tok/s; replayed as a CUDA graph: %.1f tok/s (x%.2f)\n", op_by_op, tok_s,
+                tok_s / op_by_op);
     // One token's embedding (hash, gathers, projections), synchronised, many times.
     const int reps = 200;
     ngram_context ctx = s.ngram;
@@ -149,6 +156,14 @@ int main(int argc, char** argv) {
     }
     std::printf("n-gram embedding (tables in %s memory): %.3f ms per token = %.1f%% of a decode step\n", where,
                 embed_s * 1e3, 100 * embed_s * tok_s);
+    if (placement == table_placement::host) {
+      m->set_recorded_steps(false);
+      const double op8 = decode_rate(*m, 8, std::max(8, tokens / 2), prompt_tokens);
+      m->set_recorded_steps(true);
+      const double rec8 = decode_rate(*m, 8, std::max(8, tokens / 2), prompt_tokens);
+      std::printf("batch-8 decode: op by op %.1f tok/s, CUDA graph %.1f tok/s in total (x%.2f; x%.2f batch 1)\n", op8, rec8,
+                  rec8 / op8, rec8 / tok_s);
+    }
     if (placement == table_placement::host)
       for (int batch : {16, 64}) {
         const double rate = decode_rate(*m, batch, std::max(8, tokens / 4), prompt_tokens);

@@ -31,4 +31,8 @@ void backend::ngram_embed(const tensor& base, const tensor& tokens, const tensor
   scale(out, 1.0f / static_cast<float>(1 + num_tables));
 }
 
+backend::recording backend::record(const std::function<tensor()>&) {
+  throw std::logic_error("backend " + name() + " cannot record ops (records() is false)");
+}
+
 }  // namespace troupe

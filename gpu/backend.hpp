@@ -9,6 +9,8 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
+#include <memory>
 #include <span>
 #include <string>
 #include <vector>
@@ -25,13 +27,25 @@ struct rope_params {
   float attention_factor = 1.0f; // multiplies cos and sin (YaRN)
 };
 
-/// One sequence's rows in an attention call and the paged latent cache they attend over.
-struct attention_segment {
-  std::int64_t row_begin = 0;       // first row of this sequence in q / out
-  std::int64_t num_rows = 0;        // new tokens of this sequence in the step
-  std::int64_t first_position = 0;  // position of row_begin = tokens cached before the step
-  std::vector<tensor> blocks;       // each [block_tokens, kv_lora + rope]: keys 0.. in order, already
-                                    // holding the new rows; all blocks have the same number of rows
+/// Where a step's rows sit in one attention layer's paged latent cache. Every tensor lives on
+/// the backend's device. Row r belongs to sequence row_seq[r], sits at position positions[r],
+/// and attends over that sequence's latents 0..positions[r] (causal). block_table[s, b] is the
+/// address of sequence s's b-th block ([block_tokens, kv_lora + rope] float32 rows), so a
+/// decode step's indexing is data on the device and one recorded step serves every step.
+struct paged_latents {
+  tensor block_table;  // i64 [S, max_blocks]
+  tensor row_seq;      // i32 [T]
+  tensor positions;    // i64 [T]
+  std::int64_t block_tokens = 0;
+  std::int64_t max_keys = 0;  // >= positions[r] + 1 for every row (sizes scratch)
+};
+
+/// A recorded sequence of a backend's ops that can run again (a CUDA graph): the same ops on
+/// the same buffers, so each replay sees whatever those buffers hold then.
+class recorded_ops {
+ public:
+  virtual ~recorded_ops() = default;
+  virtual void replay() = 0;
 };
 
 /// Shape of an MLA attention call.
@@ -89,15 +103,18 @@ class backend {
   virtual void ngram_embed(const tensor& base, const tensor& tokens, const tensor& ngram_ids,
                            std::span<const tensor> tables, std::span<const tensor> projections, tensor& out);
 
-  /// Rotates, in place, the interleaved pairs of columns [offset, offset + rope_dim) of every
-  /// head block (width `head_stride`) of x[T, heads * head_stride]; positions are i64 [T].
-  virtual void rope_interleaved(tensor& x, std::int64_t num_heads, std::int64_t head_stride,
-                                std::int64_t offset, const tensor& positions, const rope_params& rope) = 0;
+  /// Rotates, in place, the interleaved pairs of columns [offset, offset + 2 * half) of every
+  /// head block (width `head_stride`) of x[T, heads * head_stride]; positions are i64 [T] and
+  /// inv_freq f32 [half], both on this device; cos and sin are scaled by attention_factor.
+  virtual void rope_interleaved(tensor& x, std::int64_t num_heads, std::int64_t head_stride, std::int64_t offset,
+                                const tensor& positions, const tensor& inv_freq, float attention_factor) = 0;
 
+  /// Writes each row of kv[T, kv_lora + rope] into its place in the paged cache (`where`).
+  virtual void write_latents(const tensor& kv, const paged_latents& where) = 0;
   /// Causal MLA attention over the compressed latent cache with kv_b absorbed:
   /// q[T, heads*(nope+rope)] (roped), kv_b[heads*(nope+v), kv_lora] -> out[T, heads*v].
-  virtual void mla_attention(const tensor& q, const tensor& kv_b, std::span<const attention_segment> segments,
-                             const mla_dims& dims, float softmax_scale, tensor& out) = 0;
+  virtual void mla_attention(const tensor& q, const tensor& kv_b, const paged_latents& cache, const mla_dims& dims,
+                             float softmax_scale, tensor& out) = 0;
 
   /// Router: p = softmax(logits[T,E]); idx = topk(p + bias, k); w = p[idx] * scaling.
   /// idx i32 [T,k], w f32 [T,k], ordered by descending biased score.
@@ -112,6 +129,21 @@ class backend {
   /// with n_routed = gate_up.size(); expert e's gate_up [2F,H] and down [H,F] in weight_type().
   virtual void routed_moe(const tensor& u, const tensor& idx, const tensor& gates, std::span<const tensor> gate_up,
                           std::span<const tensor> down, tensor& out) = 0;
+
+  /// Whether record() works here (a GPU: replaying a recording saves the host's dispatch of
+  /// every op; the CPU runs its ops as they are called anyway).
+  virtual bool records() const { return false; }
+  /// A recording and the tensor its body returned, where each replay leaves its result.
+  struct recording {
+    std::unique_ptr<recorded_ops> ops;
+    tensor out;
+  };
+  /// Runs `body` once (a warm-up; its result is dropped), then records the ops it enqueues.
+  /// `body` must use only this backend's ops on device buffers that stay put (its inputs are
+  /// buffers the caller refills before each replay; an upload or a download in it throws), and
+  /// running it again must be harmless. The tensors it allocates while recording stay reserved
+  /// for the recording. Nothing else may use the backend meanwhile.
+  virtual recording record(const std::function<tensor()>& body);
 };
 
 }  // namespace troupe

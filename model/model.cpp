@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "model/recorded_step.hpp"
 #include "model/rope.hpp"
 #include "model/safetensors.hpp"
 #include "protocol/errors.hpp"
@@ -21,9 +22,25 @@ step_layout step_layout::make(std::span<const std::int64_t> num_rows, std::span<
     l.total_rows += num_rows[i];
   }
   l.positions = tensor::empty({l.total_rows}, dtype::i64);
+  l.row_seq = tensor::empty({l.total_rows}, dtype::i32);
   for (std::size_t i = 0; i < num_rows.size(); ++i)
-    for (std::int64_t j = 0; j < num_rows[i]; ++j) l.positions.data<std::int64_t>()[l.row_begin[i] + j] = first_position[i] + j;
+    for (std::int64_t j = 0; j < num_rows[i]; ++j) {
+      l.positions.data<std::int64_t>()[l.row_begin[i] + j] = first_position[i] + j;
+      l.row_seq.data<std::int32_t>()[l.row_begin[i] + j] = static_cast<std::int32_t>(i);
+    }
   return l;
+}
+
+const tensor& step_layout::positions_on(backend& be) const {
+  if (be.where() == positions.where()) return positions;
+  if (!positions_device_.defined()) positions_device_ = be.upload(positions, dtype::i64);
+  return positions_device_;
+}
+
+const tensor& step_layout::row_seq_on(backend& be) const {
+  if (be.where() == row_seq.where()) return row_seq;
+  if (!row_seq_device_.defined()) row_seq_device_ = be.upload(row_seq, dtype::i32);
+  return row_seq_device_;
 }
 
 std::vector<std::int64_t> step_layout::last_rows() const {
@@ -39,7 +56,13 @@ model::model(model_config config, model_weights weights, backend& be)
       hasher_(config_),
       rope_(make_rope_params(config_)),
       softmax_scale_(mla_softmax_scale(config_)),
-      plain_blocks_(be, default_kv_block_tokens, config_.kv_lora_rank + config_.qk_rope_head_dim) {}
+      plain_blocks_(be, default_kv_block_tokens, config_.kv_lora_rank + config_.qk_rope_head_dim) {
+  tensor freq = tensor::empty({static_cast<std::int64_t>(rope_.inv_freq.size())}, dtype::f32);
+  std::copy(rope_.inv_freq.begin(), rope_.inv_freq.end(), freq.data<float>());
+  inv_freq_ = be_.upload(freq, dtype::f32);
+}
+
+model::~model() = default;
 
 std::unique_ptr<model> model::load(const std::filesystem::path& dir, backend& be, table_placement tables) {
   model_config config = load_model_config(dir);
@@ -105,12 +128,38 @@ tensor model::embed_unamplified(const tensor& tokens, const step_layout& layout,
   return out;
 }
 
-tensor model::attention(const mla_weights& w, const tensor& x, const step_layout& layout,
-                        std::span<latent_cache* const> caches, latent_block_allocator& blocks) {
+std::int64_t model::claim_blocks(latent_cache& cache, std::int64_t first_position, std::int64_t rows,
+                                 latent_block_allocator& blocks) {
+  const std::int64_t block = blocks.block_tokens(), need = (first_position + rows + block - 1) / block;
+  if (static_cast<std::int64_t>(cache.blocks.size()) * block < first_position)
+    throw std::logic_error("latent cache holds fewer tokens than the sequence's position");
+  while (static_cast<std::int64_t>(cache.blocks.size()) < need) cache.blocks.push_back(blocks.allocate());
+  return need;
+}
+
+paged_latents model::page(const step_layout& layout, std::span<latent_cache* const> caches, latent_block_allocator& blocks) {
+  std::vector<std::int64_t> need(layout.num_sequences());
+  std::int64_t max_blocks = 1, max_keys = 1;
+  for (std::size_t i = 0; i < layout.num_sequences(); ++i) {
+    need[i] = claim_blocks(*caches[i], layout.first_position[i], layout.num_rows[i], blocks);
+    max_blocks = std::max(max_blocks, need[i]);
+    max_keys = std::max(max_keys, layout.first_position[i] + layout.num_rows[i]);
+  }
+  tensor table = tensor::zeros({static_cast<std::int64_t>(layout.num_sequences()), max_blocks}, dtype::i64);
+  for (std::size_t i = 0; i < layout.num_sequences(); ++i)
+    for (std::int64_t b = 0; b < need[i]; ++b)
+      table.data<std::int64_t>()[static_cast<std::int64_t>(i) * max_blocks + b] =
+          reinterpret_cast<std::int64_t>(caches[i]->blocks[static_cast<std::size_t>(b)].raw());
+  return {be_.where() == table.where() ? table : be_.upload(table, dtype::i64), layout.row_seq_on(be_),
+          layout.positions_on(be_), blocks.block_tokens(), max_keys};
+}
+
+tensor model::attention(const mla_weights& w, const tensor& x, const paged_latents& cache) {
   const auto& c = config_;
-  const auto t = layout.total_rows, heads = c.num_attention_heads;
+  const auto t = x.dim(0), heads = c.num_attention_heads;
   const std::int64_t latent_width = c.kv_lora_rank + c.qk_rope_head_dim;
   const float eps = static_cast<float>(c.rms_norm_eps);
+  const float factor = rope_.attention_factor;
 
   tensor q = be_.empty({t, heads * c.qk_head_dim()}, dtype::f32);  // [T, heads * (nope + rope)]
   if (c.q_lora_rank) {
@@ -123,37 +172,19 @@ tensor model::attention(const mla_weights& w, const tensor& x, const step_layout
   } else {
     be_.linear(x, w.q_b, q, write_mode::overwrite);
   }
-  be_.rope_interleaved(q, heads, c.qk_head_dim(), c.qk_nope_head_dim, layout.positions, rope_);
+  be_.rope_interleaved(q, heads, c.qk_head_dim(), c.qk_nope_head_dim, cache.positions, inv_freq_, factor);
 
   tensor kv = be_.empty({t, latent_width}, dtype::f32);  // [T, kv_lora | rope]: the cache row layout
   be_.linear(x, w.kv_a, kv, write_mode::overwrite);
   const float kv_scale =
       c.mla_scale_kv_lora ? static_cast<float>(std::sqrt(static_cast<double>(c.hidden_size) / static_cast<double>(c.kv_lora_rank))) : 1.0f;
   be_.rms_norm_prefix_inplace(kv, c.kv_lora_rank, w.kv_a_norm, eps, kv_scale);
-  be_.rope_interleaved(kv, 1, latent_width, c.kv_lora_rank, layout.positions, rope_);
+  be_.rope_interleaved(kv, 1, latent_width, c.kv_lora_rank, cache.positions, inv_freq_, factor);
+  be_.write_latents(kv, cache);
 
-  // Append the new latents to each sequence's blocks, claiming blocks as they fill.
-  std::vector<attention_segment> segments;
-  const std::int64_t block = blocks.block_tokens();
-  for (std::size_t i = 0; i < layout.num_sequences(); ++i) {
-    latent_cache& cache = *caches[i];
-    const std::int64_t used = layout.first_position[i], rows = layout.num_rows[i], need = used + rows;
-    if (static_cast<std::int64_t>(cache.blocks.size()) * block < used)
-      throw std::logic_error("latent cache holds fewer tokens than the sequence's position");
-    while (static_cast<std::int64_t>(cache.blocks.size()) * block < need) cache.blocks.push_back(blocks.allocate());
-    for (std::int64_t r = 0; r < rows;) {
-      const std::int64_t pos = used + r, b = pos / block, offset = pos % block;
-      const std::int64_t n = std::min(rows - r, block - offset);
-      const std::int64_t src = layout.row_begin[i] + r;
-      be_.copy_rows(kv.rows(src, src + n), cache.blocks[static_cast<std::size_t>(b)], offset);
-      r += n;
-    }
-    segments.push_back({layout.row_begin[i], rows, used, cache.blocks});
-  }
   tensor attn = be_.empty({t, heads * c.v_head_dim}, dtype::f32);
-  be_.mla_attention(q, w.kv_b, segments,
-                    {heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank}, softmax_scale_,
-                    attn);
+  be_.mla_attention(q, w.kv_b, cache, {heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank},
+                    softmax_scale_, attn);
   tensor out = be_.empty({t, c.hidden_size}, dtype::f32);
   be_.linear(attn, w.o, out, write_mode::overwrite);
   return out;
@@ -172,24 +203,42 @@ tensor model::swiglu(const swiglu_weights& w, const tensor& x) {
 
 block_front model::block_front_half(std::int64_t block, const tensor& h, const step_layout& layout,
                                     std::span<latent_cache* const> caches, latent_block_allocator& blocks) {
+  return front_half(block, h, page(layout, caches, blocks));
+}
+
+tensor model::block_back_half(std::int64_t block, const block_front& front, const step_layout& layout,
+                              std::span<latent_cache* const> caches, latent_block_allocator& blocks) {
+  return back_half(block, front, page(layout, caches, blocks));
+}
+
+block_front model::front_half(std::int64_t block, const tensor& h, const paged_latents& cache) {
   const auto& b = weights_.blocks.at(static_cast<std::size_t>(block));
   block_front f;
-  f.a = attention(b.attention[0], norm(h, b.input_norm[0]), layout, caches, blocks);
+  f.a = attention(b.attention[0], norm(h, b.input_norm[0]), cache);
   be_.add(f.a, h);  // a = h + MLA_0(RMS(h))
   f.u = norm(f.a, b.post_attention_norm[0]);
   return f;
 }
 
-tensor model::block_back_half(std::int64_t block, const block_front& front, const step_layout& layout,
-                              std::span<latent_cache* const> caches, latent_block_allocator& blocks) {
+tensor model::back_half(std::int64_t block, const block_front& front, const paged_latents& cache) {
   const auto& b = weights_.blocks.at(static_cast<std::size_t>(block));
   tensor m0 = swiglu(b.mlp[0], front.u);
   be_.add(m0, front.a);  // b = a + MLP_0(u)
-  tensor c1 = attention(b.attention[1], norm(m0, b.input_norm[1]), layout, caches, blocks);
+  tensor c1 = attention(b.attention[1], norm(m0, b.input_norm[1]), cache);
   be_.add(c1, m0);  // c = b + MLA_1(RMS(b))
   tensor out = swiglu(b.mlp[1], norm(c1, b.post_attention_norm[1]));
   be_.add(out, c1);  // c + MLP_1(v); the caller adds the MoE term
   return out;
+}
+
+tensor model::blocks(tensor h, const std::function<paged_latents(std::int64_t)>& pages) {
+  for (std::int64_t l = 0; l < config_.num_layers; ++l) {
+    const block_front front = front_half(l, h, pages(2 * l));
+    const tensor shortcut = moe(l, front.u);  // added at the end of the block
+    h = back_half(l, front, pages(2 * l + 1));
+    be_.add(h, shortcut);  // out = (c + MLP_1(v)) + moe
+  }
+  return h;
 }
 
 moe_routing model::route(std::int64_t block, const tensor& u) {
@@ -295,7 +344,7 @@ tensor model::mtp_forward(const tensor& tokens, const tensor& hidden, const step
   tensor x = be_.empty({t, config_.hidden_size}, dtype::f32);
   be_.linear(norm(e, m.enorm), m.eh_embed, x, write_mode::overwrite);  // eh_proj([enorm(e); hnorm(h)])
   be_.linear(norm(hidden, m.hnorm), m.eh_hidden, x, write_mode::accumulate);
-  tensor a = attention(m.attention, norm(x, m.input_norm), layout, caches, blocks);
+  tensor a = attention(m.attention, norm(x, m.input_norm), page(layout, caches, blocks));
   be_.add(a, x);  // a = x + MLA(RMS(x))
   tensor out = swiglu(m.mlp, norm(a, m.post_attention_norm));
   be_.add(out, a);  // a + MLP(RMS(a))
@@ -328,16 +377,23 @@ tensor model::forward(std::span<const step_input> batch, logits_mode mode) {
     contexts.push_back(&batch[i].state->ngram);
     if (batch[i].state->latents.empty()) batch[i].state->latents.resize(static_cast<std::size_t>(c.num_attention_layers()));
   }
-  tensor h = embed(tokens, layout, contexts);
-  std::vector<latent_cache*> caches(batch.size());
-  for (std::int64_t l = 0; l < c.num_layers; ++l) {
-    for (std::size_t i = 0; i < batch.size(); ++i) caches[i] = &batch[i].state->latents[static_cast<std::size_t>(2 * l)];
-    const block_front front = block_front_half(l, h, layout, caches, plain_blocks_);
-    const tensor shortcut = moe(l, front.u);  // added at the end of the block
-    for (std::size_t i = 0; i < batch.size(); ++i) caches[i] = &batch[i].state->latents[static_cast<std::size_t>(2 * l + 1)];
-    h = block_back_half(l, front, layout, caches, plain_blocks_);
-    be_.add(h, shortcut);  // out = (c + MLP_1(v)) + moe
+  if (recorded_steps_ && be_.records() && layout.total_rows <= be_.routed_moe_rows()) {
+    tensor all = forward_recorded(tokens, layout, batch, contexts);
+    if (all.defined()) {
+      for (const auto& in : batch) in.state->num_tokens += static_cast<std::int64_t>(in.tokens.size());
+      if (mode == logits_mode::all_tokens) return all;
+      tensor last = tensor::empty({static_cast<std::int64_t>(batch.size()), c.vocab_size}, dtype::f32);
+      const auto rows = layout.last_rows();
+      for (std::size_t i = 0; i < rows.size(); ++i)
+        std::copy_n(all.data<float>() + rows[i] * c.vocab_size, c.vocab_size, last.data<float>() + i * c.vocab_size);
+      return last;
+    }
   }
+  std::vector<latent_cache*> caches(batch.size());
+  tensor h = blocks(embed(tokens, layout, contexts), [&](std::int64_t layer) {
+    for (std::size_t i = 0; i < batch.size(); ++i) caches[i] = &batch[i].state->latents[static_cast<std::size_t>(layer)];
+    return page(layout, caches, plain_blocks_);
+  });
   for (const auto& in : batch) in.state->num_tokens += static_cast<std::int64_t>(in.tokens.size());
   if (mode == logits_mode::last_token) {
     const auto last = layout.last_rows();

@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <map>
 #include <memory>
 #include <span>
 #include <vector>
@@ -43,13 +44,21 @@ enum class logits_mode : std::uint8_t { last_token, all_tokens };
 struct step_layout {
   std::vector<std::int64_t> row_begin, num_rows, first_position;  // per sequence
   std::int64_t total_rows = 0;
-  tensor positions;  // i64 [T]
+  tensor positions;  // i64 [T], host
+  tensor row_seq;    // i32 [T], host: the sequence each row belongs to
 
   /// Sequence i contributes num_rows[i] rows starting at position first_position[i].
   static step_layout make(std::span<const std::int64_t> num_rows, std::span<const std::int64_t> first_position);
   std::size_t num_sequences() const { return row_begin.size(); }
   /// The row of each sequence's last token.
   std::vector<std::int64_t> last_rows() const;
+  /// positions and row_seq on `be`'s device, uploaded on first use: once per step, however many
+  /// layers ask. (A layout belongs to the one actor or call that made it.)
+  const tensor& positions_on(backend& be) const;
+  const tensor& row_seq_on(backend& be) const;
+
+ private:
+  mutable tensor positions_device_, row_seq_device_;
 };
 
 /// A block's routing for one step: per router expert (routed then zero experts), the rows it
@@ -67,6 +76,7 @@ struct block_front {
 class model {
  public:
   model(model_config config, model_weights weights, backend& be);
+  ~model();
 
   /// Loads `dir` (config.json + safetensors) onto `be`; `tables`: where the embedding and
   /// n-gram tables live (model/weights.hpp).
@@ -123,9 +133,32 @@ class model {
   /// Rows `rows` of x (i64 host list) as a new tensor.
   tensor gather(const tensor& x, std::span<const std::int32_t> rows);
 
+  /// Whether forward() replays recorded decode steps (CUDA graphs) where the backend records
+  /// and a step has at most routed_moe_rows() rows; on by default. Off: every op is dispatched
+  /// from the host each step (the baseline the bench compares against).
+  void set_recorded_steps(bool on) { recorded_steps_ = on; }
+
  private:
-  tensor attention(const mla_weights& w, const tensor& x, const step_layout& layout, std::span<latent_cache* const> caches,
-                   latent_block_allocator& blocks);
+  struct recorded_step;
+
+  /// Claims the blocks `cache` needs to hold rows more tokens after first_position; returns how
+  /// many blocks those tokens span.
+  static std::int64_t claim_blocks(latent_cache& cache, std::int64_t first_position, std::int64_t rows,
+                                   latent_block_allocator& blocks);
+  /// The step's place in one attention layer's caches: claims the blocks its new rows need and
+  /// uploads the block table.
+  paged_latents page(const step_layout& layout, std::span<latent_cache* const> caches, latent_block_allocator& blocks);
+  tensor attention(const mla_weights& w, const tensor& x, const paged_latents& cache);
+  block_front front_half(std::int64_t block, const tensor& h, const paged_latents& cache);
+  tensor back_half(std::int64_t block, const block_front& front, const paged_latents& cache);
+  /// Every block over embedded rows h: the final hidden states [T, H] (before the final norm).
+  /// `pages(a)` gives attention layer a's place in the caches.
+  tensor blocks(tensor h, const std::function<paged_latents(std::int64_t)>& pages);
+  /// forward()'s decode path: the step's inputs go into a recorded step's buffers and it replays
+  /// (recorded on first use for this number of rows). Host logits [T, V]; an undefined tensor
+  /// when the step does not fit a recording (the caller runs it op by op).
+  tensor forward_recorded(const tensor& tokens, const step_layout& layout, std::span<const step_input> batch,
+                          std::span<ngram_context* const> contexts);
   tensor swiglu(const swiglu_weights& w, const tensor& x);
   tensor norm(const tensor& x, const tensor& w);
   tensor embed_unamplified(const tensor& tokens, const step_layout& layout, std::span<ngram_context* const> contexts);
@@ -136,7 +169,10 @@ class model {
   ngram_hasher hasher_;
   rope_params rope_;
   float softmax_scale_;
+  tensor inv_freq_;                       // rope_.inv_freq on the backend's device
   latent_block_allocator plain_blocks_;  // forward()'s blocks (unbounded; freed with each sequence_state)
+  bool recorded_steps_ = true;
+  std::map<std::int64_t, std::unique_ptr<recorded_step>> recorded_;  // by rows per step
 };
 
 }  // namespace troupe

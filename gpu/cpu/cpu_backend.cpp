@@ -189,18 +189,19 @@ void cpu_backend::scatter_add_rows(const tensor& x, const tensor& rows, const te
 }
 
 void cpu_backend::rope_interleaved(tensor& x, std::int64_t num_heads, std::int64_t head_stride, std::int64_t offset,
-                                   const tensor& positions, const rope_params& rope) {
+                                   const tensor& positions, const tensor& inv_freq, float attention_factor) {
   const auto t = x.dim(0);
-  const auto half = static_cast<std::int64_t>(rope.inv_freq.size());
+  const auto half = inv_freq.numel();
   TROUPE_EXPECT(x.dim(1) == num_heads * head_stride && offset + 2 * half <= head_stride && positions.numel() == t,
          "rope_interleaved", "x " + shape_to_string(x.shape()));
+  const float* freq = inv_freq.data<float>();
   std::vector<float> cos_v(half), sin_v(half);
   for (std::int64_t r = 0; r < t; ++r) {
     const auto pos = static_cast<float>(positions.data<std::int64_t>()[r]);
     for (std::int64_t i = 0; i < half; ++i) {
-      const float angle = pos * rope.inv_freq[i];
-      cos_v[i] = std::cos(angle) * rope.attention_factor;
-      sin_v[i] = std::sin(angle) * rope.attention_factor;
+      const float angle = pos * freq[i];
+      cos_v[i] = std::cos(angle) * attention_factor;
+      sin_v[i] = std::sin(angle) * attention_factor;
     }
     for (std::int64_t h = 0; h < num_heads; ++h) {
       float* p = x.data<float>() + r * x.dim(1) + h * head_stride + offset;
@@ -213,29 +214,63 @@ void cpu_backend::rope_interleaved(tensor& x, std::int64_t num_heads, std::int64
   }
 }
 
-void cpu_backend::mla_attention(const tensor& q, const tensor& kv_b, std::span<const attention_segment> segments,
-                                const mla_dims& d, float softmax_scale, tensor& out) {
+namespace {
+
+// Block b of sequence s in a paged cache.
+float* cache_block(const paged_latents& c, std::int64_t s, std::int64_t b) {
+  return reinterpret_cast<float*>(c.block_table.data<std::int64_t>()[s * c.block_table.dim(1) + b]);
+}
+
+void check_paged(const paged_latents& c, std::int64_t rows) {
+  TROUPE_EXPECT(c.block_table.rank() == 2 && c.row_seq.numel() == rows && c.positions.numel() == rows && c.block_tokens > 0,
+                "paged_latents", "a block table " + shape_to_string(c.block_table.shape()) + " for " + std::to_string(rows) +
+                                     " rows");
+  for (std::int64_t r = 0; r < rows; ++r) {
+    const auto s = c.row_seq.data<std::int32_t>()[r];
+    const auto pos = c.positions.data<std::int64_t>()[r];
+    TROUPE_EXPECT(s >= 0 && s < c.block_table.dim(0) && pos >= 0 && pos < c.max_keys &&
+                      pos / c.block_tokens < c.block_table.dim(1) && cache_block(c, s, pos / c.block_tokens),
+                  "paged_latents", "row " + std::to_string(r) + " (sequence " + std::to_string(s) + ", position " +
+                                       std::to_string(pos) + ") has no cache block");
+  }
+}
+
+}  // namespace
+
+void cpu_backend::write_latents(const tensor& kv, const paged_latents& where) {
+  const auto rows = kv.dim(0), width = kv.dim(1);
+  check_paged(where, rows);
+  for (std::int64_t r = 0; r < rows; ++r) {
+    const auto pos = where.positions.data<std::int64_t>()[r];
+    float* block = cache_block(where, where.row_seq.data<std::int32_t>()[r], pos / where.block_tokens);
+    std::memcpy(block + (pos % where.block_tokens) * width, kv.data<float>() + r * width, static_cast<std::size_t>(width) * sizeof(float));
+  }
+}
+
+void cpu_backend::mla_attention(const tensor& q, const tensor& kv_b, const paged_latents& cache, const mla_dims& d,
+                                float softmax_scale, tensor& out) {
   const std::int64_t qk = d.nope_dim + d.rope_dim;
   const std::int64_t lat_w = d.kv_lora_rank + d.rope_dim;
   TROUPE_EXPECT(q.dim(1) == d.num_heads * qk && out.dim(1) == d.num_heads * d.v_dim && out.dim(0) == q.dim(0),
          "mla_attention", "q " + shape_to_string(q.shape()) + ", out " + shape_to_string(out.shape()));
   TROUPE_EXPECT(kv_b.dim(0) == d.num_heads * (d.nope_dim + d.v_dim) && kv_b.dim(1) == d.kv_lora_rank, "mla_attention",
          "kv_b " + shape_to_string(kv_b.shape()));
+  check_paged(cache, q.dim(0));
   const float* wkv = kv_b.data<float>();
+  const auto* seq_of = cache.row_seq.data<std::int32_t>();
+  const auto* pos_of = cache.positions.data<std::int64_t>();
+  const std::int64_t block = cache.block_tokens;
   std::vector<float> q_lat, scores, out_lat;
-  for (const auto& s : segments) {
-    const std::int64_t rows = s.num_rows, keys = s.first_position + s.num_rows;
-    if (rows == 0) continue;
-    TROUPE_EXPECT(!s.blocks.empty(), "mla_attention", "a segment without cache blocks");
-    const std::int64_t block = s.blocks[0].dim(0);
-    TROUPE_EXPECT(static_cast<std::int64_t>(s.blocks.size()) * block >= keys && s.blocks[0].dim(1) == lat_w, "mla_attention",
-           std::to_string(s.blocks.size()) + " cache blocks of " + std::to_string(block) + " rows for " +
-               std::to_string(keys) + " keys");
+  // Runs of rows of one sequence at consecutive positions share their keys: one GEMM per run.
+  for (std::int64_t begin = 0, end; begin < q.dim(0); begin = end) {
+    end = begin + 1;
+    while (end < q.dim(0) && seq_of[end] == seq_of[begin] && pos_of[end] == pos_of[end - 1] + 1) ++end;
+    const std::int64_t rows = end - begin, first = pos_of[begin], keys = first + rows, s = seq_of[begin];
     q_lat.resize(rows * d.kv_lora_rank);
     scores.resize(rows * keys);
     out_lat.resize(rows * d.kv_lora_rank);
     for (std::int64_t h = 0; h < d.num_heads; ++h) {
-      const float* qh = q.data<float>() + s.row_begin * q.dim(1) + h * qk;
+      const float* qh = q.data<float>() + begin * q.dim(1) + h * qk;
       const float* w_k = wkv + h * (d.nope_dim + d.v_dim) * d.kv_lora_rank;  // [nope, kv_lora]
       const float* w_v = w_k + d.nope_dim * d.kv_lora_rank;                   // [v, kv_lora]
       // Absorb kv_b into the query: q_lat = q_nope . W_k, so q_nope . k_nope = q_lat . latent.
@@ -243,7 +278,7 @@ void cpu_backend::mla_attention(const tensor& q, const tensor& kv_b, std::span<c
                   w_k, d.kv_lora_rank, 0.0f, q_lat.data(), d.kv_lora_rank);
       for (std::int64_t k0 = 0, b = 0; k0 < keys; k0 += block, ++b) {  // scores, block by block
         const std::int64_t n = std::min(block, keys - k0);
-        const float* lat = s.blocks[static_cast<std::size_t>(b)].data<float>();
+        const float* lat = cache_block(cache, s, b);
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, n, d.kv_lora_rank, 1.0f, q_lat.data(),
                     d.kv_lora_rank, lat, lat_w, 0.0f, scores.data() + k0, keys);
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, n, d.rope_dim, 1.0f, qh + d.nope_dim, q.dim(1),
@@ -251,7 +286,7 @@ void cpu_backend::mla_attention(const tensor& q, const tensor& kv_b, std::span<c
       }
       for (std::int64_t r = 0; r < rows; ++r) {
         float* sr = scores.data() + r * keys;
-        const std::int64_t visible = s.first_position + r + 1;  // causal
+        const std::int64_t visible = first + r + 1;  // causal
         float mx = -INFINITY;
         for (std::int64_t c = 0; c < visible; ++c) mx = std::max(mx, sr[c] * softmax_scale);
         float sum = 0.0f;
@@ -263,13 +298,12 @@ void cpu_backend::mla_attention(const tensor& q, const tensor& kv_b, std::span<c
       for (std::int64_t k0 = 0, b = 0; k0 < keys; k0 += block, ++b) {  // attended latent, block by block
         const std::int64_t n = std::min(block, keys - k0);
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, d.kv_lora_rank, n, 1.0f, scores.data() + k0, keys,
-                    s.blocks[static_cast<std::size_t>(b)].data<float>(), lat_w, b ? 1.0f : 0.0f, out_lat.data(),
-                    d.kv_lora_rank);
+                    cache_block(cache, s, b), lat_w, b ? 1.0f : 0.0f, out_lat.data(), d.kv_lora_rank);
       }
       // Expand the attended latent through W_v: out_h = out_lat . W_v^T.
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, d.v_dim, d.kv_lora_rank, 1.0f, out_lat.data(),
-                  d.kv_lora_rank, w_v, d.kv_lora_rank, 0.0f,
-                  out.data<float>() + s.row_begin * out.dim(1) + h * d.v_dim, out.dim(1));
+                  d.kv_lora_rank, w_v, d.kv_lora_rank, 0.0f, out.data<float>() + begin * out.dim(1) + h * d.v_dim,
+                  out.dim(1));
     }
   }
 }

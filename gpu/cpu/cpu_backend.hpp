@@ -41,9 +41,10 @@ class cpu_backend final : public backend {
   void gather_rows(const tensor& table, const tensor& ids, tensor& out) override;
   void scatter_add_rows(const tensor& x, const tensor& rows, const tensor& weights, tensor& out) override;
   void rope_interleaved(tensor& x, std::int64_t num_heads, std::int64_t head_stride, std::int64_t offset,
-                        const tensor& positions, const rope_params& rope) override;
-  void mla_attention(const tensor& q, const tensor& kv_b, std::span<const attention_segment> segments,
-                     const mla_dims& dims, float softmax_scale, tensor& out) override;
+                        const tensor& positions, const tensor& inv_freq, float attention_factor) override;
+  void write_latents(const tensor& kv, const paged_latents& where) override;
+  void mla_attention(const tensor& q, const tensor& kv_b, const paged_latents& cache, const mla_dims& dims,
+                     float softmax_scale, tensor& out) override;
   void router_topk(const tensor& logits, const tensor& bias, int k, float scaling, tensor& idx,
                    tensor& weights) override;
   std::int64_t routed_moe_rows() const override { return 0; }  // batched host routing is as fast here

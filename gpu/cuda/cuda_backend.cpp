@@ -46,6 +46,48 @@ std::mutex& blas_mutex() {
 
 }  // namespace
 
+// Device memory of one recording: chunks claimed while capturing, handed out in order and freed
+// with the last tensor or graph that holds them.
+struct cuda_backend::arena {
+  static constexpr std::size_t chunk_bytes = std::size_t(32) << 20;
+  std::vector<void*> chunks;
+  std::size_t used = 0, capacity = 0;  // of the last chunk
+
+  void* allocate(std::size_t bytes) {
+    bytes = (bytes + 255) & ~std::size_t(255);
+    if (chunks.empty() || used + bytes > capacity) {
+      capacity = std::max(bytes, chunk_bytes);
+      void* p = nullptr;
+      TROUPE_CUDA_CHECK(cudaMalloc(&p, capacity));  // allowed in a relaxed capture; not recorded
+      chunks.push_back(p);
+      used = 0;
+    }
+    void* p = static_cast<std::byte*>(chunks.back()) + used;
+    used += bytes;
+    return p;
+  }
+  ~arena() {
+    for (void* p : chunks) cudaFree(p);
+  }
+};
+
+namespace {
+
+class cuda_graph final : public recorded_ops {
+ public:
+  cuda_graph(cudaGraphExec_t exec, cudaStream_t stream, std::shared_ptr<void> memory)
+      : exec_(exec), stream_(stream), memory_(std::move(memory)) {}
+  ~cuda_graph() override { cudaGraphExecDestroy(exec_); }
+  void replay() override { TROUPE_CUDA_CHECK(cudaGraphLaunch(exec_, stream_)); }
+
+ private:
+  cudaGraphExec_t exec_;
+  cudaStream_t stream_;
+  std::shared_ptr<void> memory_;
+};
+
+}  // namespace
+
 bool cuda_backend::available() {
   int n = 0;
   return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
@@ -62,6 +104,9 @@ cuda_backend::cuda_backend(int index) : index_(index) {
   blas_ = h;
   TROUPE_CUBLAS_CHECK(cublasSetStream(h, s));
   TROUPE_CUBLAS_CHECK(cublasSetMathMode(h, CUBLAS_DEFAULT_MATH));  // no TF32: float32 GEMMs stay float32
+  const std::size_t workspace = std::size_t(32) << 20;  // Hopper's recommended size
+  TROUPE_CUDA_CHECK(cudaMalloc(&blas_workspace_, workspace));
+  TROUPE_CUBLAS_CHECK(cublasSetWorkspace(h, blas_workspace_, workspace));
   // Keep freed memory in the stream-ordered pool (the default returns it to the driver at every
   // synchronisation, and each step would allocate it again).
   cudaMemPool_t pool;
@@ -80,7 +125,39 @@ cuda_backend::~cuda_backend() {
   for (auto* e : spare_events_) cudaEventDestroy(e);
   cudaFreeHost(ring_);
   cublasDestroy(blas_);
+  cudaFree(blas_workspace_);
   cudaStreamDestroy(as_stream(stream_));
+}
+
+void cuda_backend::expect_not_recording(const char* what) const {
+  if (recording_)
+    throw std::logic_error(std::string("cuda_backend: ") + what +
+                           " while recording a graph (a replay would repeat this step's data)");
+}
+
+backend::recording cuda_backend::record(const std::function<tensor()>& body) {
+  body();  // warm-up: kernels loaded, cuBLAS ready, expert tables uploaded; its result is dropped here
+  synchronize();
+  auto memory = std::make_shared<arena>();
+  recording_ = memory;
+  TROUPE_CUDA_CHECK(cudaStreamBeginCapture(as_stream(stream_), cudaStreamCaptureModeRelaxed));
+  tensor out;
+  cudaGraph_t graph = nullptr;
+  try {
+    out = body();
+  } catch (...) {
+    cudaStreamEndCapture(as_stream(stream_), &graph);
+    if (graph) cudaGraphDestroy(graph);
+    recording_.reset();
+    throw;
+  }
+  recording_.reset();
+  TROUPE_CUDA_CHECK(cudaStreamEndCapture(as_stream(stream_), &graph));
+  cudaGraphExec_t exec = nullptr;
+  const cudaError_t made = cudaGraphInstantiate(&exec, graph, 0);
+  cudaGraphDestroy(graph);
+  TROUPE_CUDA_CHECK(made);
+  return {std::make_unique<cuda_graph>(exec, as_stream(stream_), memory), out};
 }
 
 std::byte* cuda_backend::staging(std::size_t bytes) {
@@ -105,6 +182,7 @@ std::byte* cuda_backend::staging(std::size_t bytes) {
 
 void cuda_backend::upload_async(void* dst, const void* src, std::size_t bytes) {
   if (bytes == 0) return;
+  expect_not_recording("a host-to-device copy");
   if (bytes > ring_bytes_ / 4) {  // large (weights at load): a plain copy
     TROUPE_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, as_stream(stream_)));
     return;
@@ -134,6 +212,10 @@ tensor cuda_backend::empty(shape_t shape, dtype type) {
   std::int64_t n = 1;
   for (auto d : shape) n *= d;
   const std::size_t bytes = std::max<std::size_t>(1, static_cast<std::size_t>(n) * dtype_size(type));
+  if (recording_) {  // the graph keeps this address: the arena holds it as long as graph or tensor lives
+    void* p = recording_->allocate(bytes);
+    return tensor::view(std::shared_ptr<void>(recording_, p), p, std::move(shape), type, where());
+  }
   void* p = nullptr;
   TROUPE_CUDA_CHECK(cudaMallocAsync(&p, bytes, as_stream(stream_)));
   // Freed on the legacy default stream: ordered after this backend's (blocking) stream, and
@@ -161,6 +243,7 @@ tensor cuda_backend::upload(const tensor& host, dtype type) {
 
 tensor cuda_backend::download(const tensor& t) {
   if (!on_gpu(t)) return t;
+  expect_not_recording("a device-to-host copy");
   tensor out = tensor::empty(t.shape(), t.type());
   TROUPE_CUDA_CHECK(cudaMemcpyAsync(out.raw(), t.raw(), t.nbytes(), cudaMemcpyDeviceToHost, as_stream(stream_)));
   synchronize();
@@ -181,7 +264,10 @@ void cuda_backend::copy_rows(const tensor& src, tensor& dst, std::int64_t dst_ro
     upload_async(to, src.raw(), src.nbytes());
 }
 
-void cuda_backend::synchronize() { TROUPE_CUDA_CHECK(cudaStreamSynchronize(as_stream(stream_))); }
+void cuda_backend::synchronize() {
+  expect_not_recording("a synchronisation");
+  TROUPE_CUDA_CHECK(cudaStreamSynchronize(as_stream(stream_)));
+}
 
 void cuda_backend::linear(const tensor& x, const tensor& w, tensor& y, write_mode mode) {
   TROUPE_EXPECT(x.rank() == 2 && w.rank() == 2 && y.rank() == 2, "linear", "rank-2 tensors expected");
@@ -278,43 +364,49 @@ void cuda_backend::scatter_add_rows(const tensor& x, const tensor& rows, const t
 }
 
 void cuda_backend::rope_interleaved(tensor& x, std::int64_t num_heads, std::int64_t head_stride, std::int64_t offset,
-                                    const tensor& positions, const rope_params& rope) {
-  const auto t = x.dim(0);
-  const auto half = static_cast<std::int64_t>(rope.inv_freq.size());
+                                    const tensor& positions, const tensor& inv_freq, float attention_factor) {
+  const auto t = x.dim(0), half = inv_freq.numel();
   TROUPE_EXPECT(x.dim(1) == num_heads * head_stride && offset + 2 * half <= head_stride && positions.numel() == t,
                 "rope_interleaved", "x " + shape_to_string(x.shape()));
-  tensor freq = tensor::empty({half}, dtype::f32);
-  std::copy(rope.inv_freq.begin(), rope.inv_freq.end(), freq.data<float>());
-  const tensor d_freq = upload(freq, dtype::f32), d_pos = on_device(positions);
-  cuda::rope_interleaved(x.data<float>(), t, num_heads, head_stride, offset, d_pos.data<std::int64_t>(), d_freq.data<float>(),
-                         half, rope.attention_factor, as_stream(stream_));
+  TROUPE_EXPECT(on_gpu(positions) && on_gpu(inv_freq), "rope_interleaved", "positions and inv_freq must be on the GPU");
+  cuda::rope_interleaved(x.data<float>(), t, num_heads, head_stride, offset, positions.data<std::int64_t>(),
+                         inv_freq.data<float>(), half, attention_factor, as_stream(stream_));
 }
 
-void cuda_backend::mla_attention(const tensor& q, const tensor& kv_b, std::span<const attention_segment> segments,
-                                 const mla_dims& d, float softmax_scale, tensor& out) {
-  const std::int64_t qk = d.nope_dim + d.rope_dim, lat_w = d.kv_lora_rank + d.rope_dim;
-  TROUPE_EXPECT(q.dim(1) == d.num_heads * qk && out.dim(1) == d.num_heads * d.v_dim && out.dim(0) == q.dim(0),
+namespace {
+
+cuda::paged_args paged(const paged_latents& c, std::int64_t rows, std::int64_t width) {
+  TROUPE_EXPECT(c.block_table.rank() == 2 && c.block_table.type() == dtype::i64 && c.row_seq.numel() == rows &&
+                    c.positions.numel() == rows && c.block_tokens > 0 && on_gpu(c.block_table) && on_gpu(c.row_seq) &&
+                    on_gpu(c.positions),
+                "paged_latents", "a block table " + shape_to_string(c.block_table.shape()) + " for " + std::to_string(rows) +
+                                     " rows (all on the GPU)");
+  return {c.block_table.data<std::int64_t>(), c.block_table.dim(1), c.row_seq.data<std::int32_t>(),
+          c.positions.data<std::int64_t>(), c.block_tokens, width};
+}
+
+}  // namespace
+
+void cuda_backend::write_latents(const tensor& kv, const paged_latents& where) {
+  cuda::write_latents(kv.data<float>(), kv.dim(0), paged(where, kv.dim(0), kv.dim(1)), as_stream(stream_));
+}
+
+void cuda_backend::mla_attention(const tensor& q, const tensor& kv_b, const paged_latents& cache, const mla_dims& d,
+                                 float softmax_scale, tensor& out) {
+  const std::int64_t qk = d.nope_dim + d.rope_dim, rows = q.dim(0);
+  TROUPE_EXPECT(q.dim(1) == d.num_heads * qk && out.dim(1) == d.num_heads * d.v_dim && out.dim(0) == rows,
                 "mla_attention", "q " + shape_to_string(q.shape()) + ", out " + shape_to_string(out.shape()));
   TROUPE_EXPECT(kv_b.dim(0) == d.num_heads * (d.nope_dim + d.v_dim) && kv_b.dim(1) == d.kv_lora_rank, "mla_attention",
                 "kv_b " + shape_to_string(kv_b.shape()));
-  for (const auto& s : segments) {
-    if (s.num_rows == 0) continue;
-    const std::int64_t keys = s.first_position + s.num_rows;
-    TROUPE_EXPECT(!s.blocks.empty(), "mla_attention", "a segment without cache blocks");
-    const std::int64_t block = s.blocks[0].dim(0);
-    TROUPE_EXPECT(static_cast<std::int64_t>(s.blocks.size()) * block >= keys && s.blocks[0].dim(1) == lat_w,
-                  "mla_attention", std::to_string(s.blocks.size()) + " cache blocks of " + std::to_string(block) +
-                                       " rows for " + std::to_string(keys) + " keys");
-    tensor pointers = tensor::empty({static_cast<std::int64_t>(s.blocks.size())}, dtype::i64);
-    for (std::size_t b = 0; b < s.blocks.size(); ++b)
-      pointers.data<std::int64_t>()[b] = reinterpret_cast<std::int64_t>(s.blocks[b].raw());
-    const tensor d_pointers = upload(pointers, dtype::i64);
-    tensor scores = empty({s.num_rows * d.num_heads * keys}, dtype::f32);
-    cuda::mla_segment_args a{q.data<float>(), q.dim(1), kv_b.data<float>(), static_cast<const float* const*>(d_pointers.raw()),
-                             block, s.row_begin, s.num_rows, s.first_position, d.num_heads, d.nope_dim, d.rope_dim,
-                             d.v_dim, d.kv_lora_rank, softmax_scale, scores.data<float>(), out.data<float>(), out.dim(1)};
-    cuda::mla_attention_segment(a, as_stream(stream_));
-  }
+  TROUPE_EXPECT(cache.max_keys > 0 && cache.max_keys <= cache.block_table.dim(1) * cache.block_tokens, "mla_attention",
+                std::to_string(cache.max_keys) + " keys in " + std::to_string(cache.block_table.dim(1)) + " blocks");
+  if (rows == 0) return;
+  tensor q_full = empty({rows, d.num_heads, d.kv_lora_rank + d.rope_dim}, dtype::f32);
+  tensor out_lat = empty({rows, d.num_heads, d.kv_lora_rank}, dtype::f32);
+  cuda::mla_args a{q.data<float>(), kv_b.data<float>(), paged(cache, rows, d.kv_lora_rank + d.rope_dim), rows,
+                   d.num_heads, d.nope_dim, d.rope_dim, d.v_dim, d.kv_lora_rank, softmax_scale, q_full.data<float>(),
+                   out_lat.data<float>(), out.data<float>()};
+  cuda::mla_attention(a, as_stream(stream_));
 }
 
 void cuda_backend::router_topk(const tensor& logits, const tensor& bias, int k, float scaling, tensor& idx,
@@ -336,15 +428,25 @@ void cuda_backend::routed_moe(const tensor& u, const tensor& idx, const tensor& 
                 "routed_moe", "u " + shape_to_string(u.shape()) + ", idx " + shape_to_string(idx.shape()));
   const auto n_routed = static_cast<std::int32_t>(gate_up.size());
   const auto f = down[0].dim(1);
-  tensor gu_ptr = tensor::empty({n_routed}, dtype::i64), down_ptr = tensor::empty({n_routed}, dtype::i64);
+  std::vector<std::int64_t> addresses;
   for (std::int32_t e = 0; e < n_routed; ++e) {
     TROUPE_EXPECT(gate_up[e].type() == dtype::bf16 && down[e].type() == dtype::bf16 && gate_up[e].dim(0) == 2 * f &&
                       gate_up[e].dim(1) == h && down[e].dim(0) == h && down[e].dim(1) == f,
                   "routed_moe", "expert " + std::to_string(e) + " matrices do not match");
-    gu_ptr.data<std::int64_t>()[e] = reinterpret_cast<std::int64_t>(gate_up[e].raw());
-    down_ptr.data<std::int64_t>()[e] = reinterpret_cast<std::int64_t>(down[e].raw());
+    addresses.push_back(reinterpret_cast<std::int64_t>(gate_up[e].raw()));
   }
-  const tensor d_gu = upload(gu_ptr, dtype::i64), d_down = upload(down_ptr, dtype::i64);
+  for (std::int32_t e = 0; e < n_routed; ++e) addresses.push_back(reinterpret_cast<std::int64_t>(down[e].raw()));
+  std::unique_lock lock(expert_tables_mutex_);
+  expert_table& table = expert_tables_[gate_up[0].raw()];
+  if (table.addresses != addresses) {
+    const auto half = addresses.begin() + n_routed;
+    tensor gu_ptr = tensor::empty({n_routed}, dtype::i64), down_ptr = tensor::empty({n_routed}, dtype::i64);
+    std::copy(addresses.begin(), half, gu_ptr.data<std::int64_t>());
+    std::copy(half, addresses.end(), down_ptr.data<std::int64_t>());
+    table = {addresses, upload(gu_ptr, dtype::i64), upload(down_ptr, dtype::i64)};
+  }
+  const tensor d_gu = table.gate_up, d_down = table.down;
+  lock.unlock();
   const std::int64_t slots = t * k;
   tensor gu = empty({slots, 2 * f}, dtype::f32), act = empty({slots, f}, dtype::f32), y = empty({slots, h}, dtype::f32);
   cuda::expert_gemv_bf16(u.data<float>(), k, idx.data<std::int32_t>(), slots,

@@ -11,7 +11,9 @@
 #pragma once
 
 #include <deque>
+#include <map>
 #include <memory>
+#include <vector>
 #include <mutex>
 
 #include "gpu/backend.hpp"
@@ -54,16 +56,25 @@ class cuda_backend final : public backend {
   void gather_rows(const tensor& table, const tensor& ids, tensor& out) override;
   void scatter_add_rows(const tensor& x, const tensor& rows, const tensor& weights, tensor& out) override;
   void rope_interleaved(tensor& x, std::int64_t num_heads, std::int64_t head_stride, std::int64_t offset,
-                        const tensor& positions, const rope_params& rope) override;
-  void mla_attention(const tensor& q, const tensor& kv_b, std::span<const attention_segment> segments,
-                     const mla_dims& dims, float softmax_scale, tensor& out) override;
+                        const tensor& positions, const tensor& inv_freq, float attention_factor) override;
+  void write_latents(const tensor& kv, const paged_latents& where) override;
+  void mla_attention(const tensor& q, const tensor& kv_b, const paged_latents& cache, const mla_dims& dims,
+                     float softmax_scale, tensor& out) override;
   void router_topk(const tensor& logits, const tensor& bias, int k, float scaling, tensor& idx,
                    tensor& weights) override;
   std::int64_t routed_moe_rows() const override;
   void routed_moe(const tensor& u, const tensor& idx, const tensor& gates, std::span<const tensor> gate_up,
                   std::span<const tensor> down, tensor& out) override;
 
+  /// Records as a CUDA graph (stream capture); tensors allocated while capturing come from an
+  /// arena the graph owns.
+  bool records() const override { return true; }
+  recording record(const std::function<tensor()>& body) override;
+
  private:
+  struct arena;
+  /// Throws when a host transfer is asked for while recording (a replay would repeat stale data).
+  void expect_not_recording(const char* what) const;
   /// `t` on this device: itself, or an upload of a host tensor (index arguments).
   tensor on_device(const tensor& t);
   /// Copies `bytes` host bytes to `dst` on the stream without waiting for it: through pinned
@@ -86,6 +97,16 @@ class cuda_backend final : public backend {
   };
   std::deque<pending_range> pending_;
   std::deque<CUevent_st*> spare_events_;
+  void* blas_workspace_ = nullptr;  // cuBLAS must not allocate while a graph is captured
+  std::shared_ptr<arena> recording_;  // set while a graph is captured
+  // routed_moe's expert pointer tables, by the first expert's address, with the addresses they
+  // hold (checked on each use): uploaded once, not every step.
+  struct expert_table {
+    std::vector<std::int64_t> addresses;
+    tensor gate_up, down;
+  };
+  std::mutex expert_tables_mutex_;
+  std::map<const void*, expert_table> expert_tables_;
 };
 
 }  // namespace troupe

@@ -126,47 +126,70 @@ __global__ void rope_kernel(float* x, std::int64_t rows, std::int64_t num_heads,
   p[1] = b * c + a * s;
 }
 
-// dot(w_row[0:k] (bf16), x[0:k]) for each of m rows of x (k apart), by one warp: lanes stride
-// over K eight bf16 at a time (16-byte loads when K is a multiple of 8); lane 0 gets the sums.
-__device__ void warp_dot_bf16(const __nv_bfloat16* row, const float* x, std::int64_t m, std::int64_t k,
-                              float (&acc)[gemv_max_rows]) {
+// Eight bf16 weights as floats.
+__device__ void unpack_bf16x8(const uint4& packed, float (&wf)[8]) {
+  const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&packed);
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __bfloat1622float2(pairs[i]);
+    wf[2 * i] = f.x;
+    wf[2 * i + 1] = f.y;
+  }
+}
+
+// dot(w_row[0:k] (bf16), x[r, 0:k]) for the M rows of x (k apart), by one warp; lane 0 gets the
+// sums. Decode is bound by how many weight bytes are in flight: each lane issues up to eight
+// 16-byte streaming loads before it uses any (a whole 2048-wide row at once), where a
+// load-then-use loop would wait a memory latency per 8 KB of the warp's row.
+template <int M>
+__device__ void warp_dot_bf16(const __nv_bfloat16* row, const float* x, std::int64_t k, float (&acc)[M]) {
+  constexpr int unroll = 8;
   const int lane = threadIdx.x & 31;
   if (k % 8 == 0) {
-    for (std::int64_t c = lane * 8; c < k; c += 32 * 8) {
-      const uint4 packed = *reinterpret_cast<const uint4*>(row + c);
-      const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&packed);
-      float wf[8];
-      for (int i = 0; i < 4; ++i) {
-        const float2 f = __bfloat1622float2(pairs[i]);
-        wf[2 * i] = f.x;
-        wf[2 * i + 1] = f.y;
+    for (std::int64_t c0 = lane * 8; c0 < k; c0 += unroll * 256) {
+      uint4 packed[unroll];
+#pragma unroll
+      for (int u = 0; u < unroll; ++u) {
+        const std::int64_t c = c0 + u * 256;
+        packed[u] = c < k ? __ldcs(reinterpret_cast<const uint4*>(row + c)) : make_uint4(0, 0, 0, 0);
       }
-      for (std::int64_t r = 0; r < m; ++r) {
-        const float* xr = x + r * k + c;
-        float sum = 0.0f;
-        for (int i = 0; i < 8; ++i) sum += wf[i] * xr[i];
-        acc[r] += sum;
+#pragma unroll
+      for (int u = 0; u < unroll; ++u) {
+        const std::int64_t c = c0 + u * 256;
+        if (c >= k) break;
+        float wf[8];
+        unpack_bf16x8(packed[u], wf);
+#pragma unroll
+        for (int r = 0; r < M; ++r) {
+          const float4 a = *reinterpret_cast<const float4*>(x + r * k + c);
+          const float4 b = *reinterpret_cast<const float4*>(x + r * k + c + 4);
+          acc[r] += wf[0] * a.x + wf[1] * a.y + wf[2] * a.z + wf[3] * a.w + wf[4] * b.x + wf[5] * b.y + wf[6] * b.z +
+                    wf[7] * b.w;
+        }
       }
     }
   } else {
     for (std::int64_t c = lane; c < k; c += 32) {
       const float wf = __bfloat162float(row[c]);
-      for (std::int64_t r = 0; r < m; ++r) acc[r] += wf * x[r * k + c];
+#pragma unroll
+      for (int r = 0; r < M; ++r) acc[r] += wf * x[r * k + c];
     }
   }
-  for (std::int64_t r = 0; r < m; ++r)
+#pragma unroll
+  for (int r = 0; r < M; ++r)
     for (int o = 16; o > 0; o >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
 }
 
 // One warp per output column, for every row of x at once.
-__global__ void gemv_bf16_kernel(const float* x, std::int64_t m, std::int64_t k, const __nv_bfloat16* w, std::int64_t n,
-                                 float* y, bool accumulate) {
+template <int M>
+__global__ void gemv_bf16_kernel(const float* x, std::int64_t k, const __nv_bfloat16* w, std::int64_t n, float* y,
+                                 bool accumulate) {
   const std::int64_t col = blockIdx.x * static_cast<std::int64_t>(blockDim.x / 32) + (threadIdx.x >> 5);
   if (col >= n) return;
-  float acc[gemv_max_rows] = {};
-  warp_dot_bf16(w + col * k, x, m, k, acc);
+  float acc[M] = {};
+  warp_dot_bf16<M>(w + col * k, x, k, acc);
   if ((threadIdx.x & 31) != 0) return;
-  for (std::int64_t r = 0; r < m; ++r) y[r * n + col] = accumulate ? y[r * n + col] + acc[r] : acc[r];
+#pragma unroll
+  for (int r = 0; r < M; ++r) y[r * n + col] = accumulate ? y[r * n + col] + acc[r] : acc[r];
 }
 
 // One warp per (output column, slot): the slot's expert matrix row against its input row.
@@ -177,8 +200,8 @@ __global__ void expert_gemv_kernel(const float* x, std::int64_t x_row_div, const
   const std::int64_t slot = blockIdx.y;
   const std::int32_t e = idx[slot];
   if (col >= n || e >= n_routed) return;
-  float acc[gemv_max_rows] = {};
-  warp_dot_bf16(weights[e] + col * k, x + (slot / x_row_div) * k, 1, k, acc);
+  float acc[1] = {};
+  warp_dot_bf16<1>(weights[e] + col * k, x + (slot / x_row_div) * k, k, acc);
   if ((threadIdx.x & 31) == 0) y[slot * n + col] = acc[0];
 }
 
@@ -195,82 +218,186 @@ __global__ void moe_combine_kernel(const float* u, const float* y, const std::in
   out[i] = sum;
 }
 
-// One (row, head) per block: q_lat = q_nope . W_k, scores over the visible latent rows,
-// softmax, attended latent, expansion through W_v. Shared memory: q_lat and the attended
-// latent (kv_lora each), q_rope.
-__global__ void mla_segment_kernel(mla_segment_args a) {
+// The latent row of sequence `seq` at position `pos` in a paged cache.
+__device__ const float* latent_row(const paged_args& c, std::int32_t seq, std::int64_t pos) {
+  const auto* block = reinterpret_cast<const float*>(c.block_table[seq * c.max_blocks + pos / c.block_tokens]);
+  return block + (pos % c.block_tokens) * c.width;
+}
+
+__global__ void write_latents_kernel(const float* kv, std::int64_t rows, paged_args c) {
+  const std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= rows * c.width) return;
+  const std::int64_t r = i / c.width, col = i % c.width;
+  const_cast<float*>(latent_row(c, c.row_seq[r], c.positions[r]))[col] = kv[i];
+}
+
+template <bool Max>
+__device__ float warp_reduce(float v) {
+  for (int o = 16; o > 0; o >>= 1) {
+    const float other = __shfl_xor_sync(0xffffffffu, v, o);
+    v = Max ? fmaxf(v, other) : v + other;
+  }
+  return v;
+}
+
+// MLA attention in three kernels, each reading its global memory coalesced and spread over
+// many blocks (decode is latency-bound: one block per (row, head) doing everything left most SMs
+// idle and waited a memory latency per key).
+constexpr int mla_rows_per_block = 8;   // rows of q sharing one read of W_k / W_v
+constexpr int mla_max_lane_values = 18;  // latent row values per lane: kv_lora + rope <= 576
+
+// q_full[r, h] = [q_nope[r, h] . W_k[h] | q_rope[r, h]]: the query as a latent row. A thread per
+// column, up to eight rows per block.
+__global__ void mla_absorb_kernel(mla_args a, float* q_full) {
+  const std::int64_t h = blockIdx.x, width = a.kv_lora + a.rope;
+  const std::int64_t c = blockIdx.y * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
+  const std::int64_t r0 = blockIdx.z * static_cast<std::int64_t>(mla_rows_per_block);
+  const int rows = static_cast<int>(min(static_cast<std::int64_t>(mla_rows_per_block), a.rows - r0));
+  if (c >= width) return;
+  const std::int64_t q_stride = a.heads * (a.nope + a.rope);
+  const float* q = a.q + r0 * q_stride + h * (a.nope + a.rope);
+  float* out = q_full + (r0 * a.heads + h) * width + c;
+  if (c >= a.kv_lora) {
+    for (int r = 0; r < rows; ++r) out[r * a.heads * width] = q[r * q_stride + a.nope + (c - a.kv_lora)];
+    return;
+  }
+  const float* w_k = a.kv_b + h * (a.nope + a.v) * a.kv_lora + c;  // column c of [nope, kv_lora]
+  float acc[mla_rows_per_block] = {};
+#pragma unroll 8
+  for (std::int64_t n = 0; n < a.nope; ++n) {
+    const float w = w_k[n * a.kv_lora];
+#pragma unroll
+    for (int r = 0; r < mla_rows_per_block; ++r)
+      if (r < rows) acc[r] += q[r * q_stride + n] * w;
+  }
+  for (int r = 0; r < rows; ++r) out[r * a.heads * width] = acc[r];
+}
+
+// Flash-decoding over the paged latents, one block per (row, head): each warp takes every
+// eighth visible key, reads its latent row once (the next one already in flight), scores it
+// and folds it into a running softmax-weighted sum (online softmax); the warps' partial sums
+// are merged at the end. out_lat[r, h] = sum_j softmax_j * latent_j[:kv_lora].
+__global__ void mla_core_kernel(mla_args a, const float* q_full, float* out_lat) {
   extern __shared__ float smem[];
-  __shared__ float shared[32];
-  float* q_lat = smem;
-  float* out_lat = smem + a.kv_lora;
-  float* q_rope = smem + 2 * a.kv_lora;
-  const std::int64_t r = blockIdx.x, h = blockIdx.y;
-  const std::int64_t width = a.kv_lora + a.rope;
-  const float* q = a.q + (a.row_begin + r) * a.q_stride + h * (a.nope + a.rope);
-  const float* w_k = a.kv_b + h * (a.nope + a.v) * a.kv_lora;  // [nope, kv_lora]
-  const float* w_v = w_k + a.nope * a.kv_lora;                 // [v, kv_lora]
-  for (std::int64_t c = threadIdx.x; c < a.kv_lora; c += blockDim.x) {
-    float acc = 0.0f;
-    for (std::int64_t n = 0; n < a.nope; ++n) acc += q[n] * w_k[n * a.kv_lora + c];
-    q_lat[c] = acc;
-  }
-  for (std::int64_t c = threadIdx.x; c < a.rope; c += blockDim.x) q_rope[c] = q[a.nope + c];
+  const std::int64_t r = blockIdx.x, h = blockIdx.y, width = a.kv_lora + a.rope;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  float* q = smem;                      // [width]
+  float* part_m = q + width;            // [warps]
+  float* part_l = part_m + warps;       // [warps]
+  float* part = part_l + warps;         // [warps, kv_lora]
+  for (std::int64_t c = threadIdx.x; c < width; c += blockDim.x) q[c] = q_full[(r * a.heads + h) * width + c];
   __syncthreads();
-  const std::int64_t visible = a.first_position + r + 1;  // causal
-  const std::int64_t keys = a.first_position + a.rows;
-  float* scores = a.scores + (r * a.heads + h) * keys;
-  float mx = -FLT_MAX;
-  for (std::int64_t j = threadIdx.x; j < visible; j += blockDim.x) {
-    const float* lat = a.blocks[j / a.block_tokens] + (j % a.block_tokens) * width;
+  const std::int32_t seq = a.cache.row_seq[r];
+  const std::int64_t visible = a.cache.positions[r] + 1;  // causal
+  float m = -INFINITY, l = 0.0f, acc[mla_max_lane_values] = {}, v[mla_max_lane_values], next[mla_max_lane_values];
+  auto load = [&](std::int64_t j, float (&dst)[mla_max_lane_values]) {
+    const float* lat = latent_row(a.cache, seq, j);
+#pragma unroll
+    for (int i = 0; i < mla_max_lane_values; ++i) {
+      const std::int64_t c = lane + 32 * i;
+      dst[i] = c < width ? lat[c] : 0.0f;
+    }
+  };
+  if (warp < visible) load(warp, next);
+  for (std::int64_t j = warp; j < visible; j += warps) {
+#pragma unroll
+    for (int i = 0; i < mla_max_lane_values; ++i) v[i] = next[i];
+    if (j + warps < visible) load(j + warps, next);
     float s = 0.0f;
-    for (std::int64_t c = 0; c < a.kv_lora; ++c) s += q_lat[c] * lat[c];
-    for (std::int64_t c = 0; c < a.rope; ++c) s += q_rope[c] * lat[a.kv_lora + c];
-    s *= a.softmax_scale;
-    scores[j] = s;
-    mx = fmaxf(mx, s);
+#pragma unroll
+    for (int i = 0; i < mla_max_lane_values; ++i) {
+      const std::int64_t c = lane + 32 * i;
+      if (c < width) s += q[c] * v[i];
+    }
+    s = warp_reduce<false>(s) * a.softmax_scale;
+    const float m_new = fmaxf(m, s), keep = expf(m - m_new), p = expf(s - m_new);
+    l = l * keep + p;
+#pragma unroll
+    for (int i = 0; i < mla_max_lane_values; ++i) acc[i] = acc[i] * keep + p * v[i];
+    m = m_new;
   }
-  mx = block_reduce<true>(mx, shared);
-  float sum = 0.0f;
-  for (std::int64_t j = threadIdx.x; j < visible; j += blockDim.x) sum += (scores[j] = expf(scores[j] - mx));
-  const float inv = 1.0f / block_reduce<false>(sum, shared);
-  __syncthreads();  // every score written before any thread reads them all
-  for (std::int64_t c = threadIdx.x; c < a.kv_lora; c += blockDim.x) {
-    float acc = 0.0f;
-    for (std::int64_t j = 0; j < visible; ++j) acc += scores[j] * a.blocks[j / a.block_tokens][(j % a.block_tokens) * width + c];
-    out_lat[c] = acc * inv;
+  if (lane == 0) part_m[warp] = m, part_l[warp] = l;
+#pragma unroll
+  for (int i = 0; i < mla_max_lane_values; ++i) {
+    const std::int64_t c = lane + 32 * i;
+    if (c < a.kv_lora) part[warp * a.kv_lora + c] = acc[i];
   }
   __syncthreads();
-  float* out = a.out + (a.row_begin + r) * a.out_stride + h * a.v;
-  for (std::int64_t c = threadIdx.x; c < a.v; c += blockDim.x) {
-    float acc = 0.0f;
-    for (std::int64_t l = 0; l < a.kv_lora; ++l) acc += out_lat[l] * w_v[c * a.kv_lora + l];
-    out[c] = acc;
+  float top = -INFINITY;
+  for (int w = 0; w < warps; ++w) top = fmaxf(top, part_m[w]);
+  float total = 0.0f;
+  for (int w = 0; w < warps; ++w) total += part_l[w] * expf(part_m[w] - top);
+  const float inv = 1.0f / total;
+  for (std::int64_t c = threadIdx.x; c < a.kv_lora; c += blockDim.x) {
+    float sum = 0.0f;
+    for (int w = 0; w < warps; ++w) sum += part[w * a.kv_lora + c] * expf(part_m[w] - top);
+    out_lat[(r * a.heads + h) * a.kv_lora + c] = sum * inv;
   }
 }
 
-// One row per thread: softmax, then k passes picking the best biased score not yet taken.
+// out[r, h*v + c] = out_lat[r, h] . W_v[h][c]: a warp per output column, lanes across kv_lora,
+// up to eight rows per block.
+__global__ void mla_expand_kernel(mla_args a, const float* out_lat) {
+  const int lane = threadIdx.x & 31;
+  const std::int64_t h = blockIdx.x;
+  const std::int64_t c = blockIdx.y * static_cast<std::int64_t>(blockDim.x >> 5) + (threadIdx.x >> 5);
+  const std::int64_t r0 = blockIdx.z * static_cast<std::int64_t>(mla_rows_per_block);
+  const int rows = static_cast<int>(min(static_cast<std::int64_t>(mla_rows_per_block), a.rows - r0));
+  if (c >= a.v) return;
+  const float* w_v = a.kv_b + (h * (a.nope + a.v) + a.nope + c) * a.kv_lora;  // row c of [v, kv_lora]
+  const float* x = out_lat + (r0 * a.heads + h) * a.kv_lora;
+  float acc[mla_rows_per_block] = {};
+  for (std::int64_t k = lane; k < a.kv_lora; k += 32) {
+    const float w = w_v[k];
+#pragma unroll
+    for (int r = 0; r < mla_rows_per_block; ++r)
+      if (r < rows) acc[r] += x[r * a.heads * a.kv_lora + k] * w;
+  }
+#pragma unroll
+  for (int r = 0; r < mla_rows_per_block; ++r) acc[r] = warp_reduce<false>(acc[r]);
+  if (lane == 0)
+    for (int r = 0; r < rows; ++r) a.out[(r0 + r) * a.heads * a.v + h * a.v + c] = acc[r];
+}
+
+// One warp per row: softmax across the lanes, then k rounds of a warp-wide argmax of the biased
+// scores not yet taken (ties: the lower id), from per-warp shared memory.
 __global__ void router_topk_kernel(const float* logits, const float* bias, std::int64_t rows, std::int64_t experts, int k,
                                    float scaling, std::int32_t* idx, float* weights) {
-  const std::int64_t r = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
-  if (r >= rows) return;
+  extern __shared__ float smem[];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const std::int64_t r = blockIdx.x * static_cast<std::int64_t>(blockDim.x >> 5) + warp;
+  if (r >= rows) return;  // whole warps leave together
+  float* p = smem + warp * 2 * experts;
+  float* choice = p + experts;
   const float* l = logits + r * experts;
   float mx = -FLT_MAX;
-  for (std::int64_t e = 0; e < experts; ++e) mx = fmaxf(mx, l[e]);
+  for (std::int64_t e = lane; e < experts; e += 32) mx = fmaxf(mx, l[e]);
+  mx = warp_reduce<true>(mx);
   float sum = 0.0f;
-  for (std::int64_t e = 0; e < experts; ++e) sum += expf(l[e] - mx);
-  std::int32_t* out_idx = idx + r * k;
+  for (std::int64_t e = lane; e < experts; e += 32) sum += (p[e] = expf(l[e] - mx));
+  const float inv = 1.0f / warp_reduce<false>(sum);
+  for (std::int64_t e = lane; e < experts; e += 32) {
+    p[e] *= inv;
+    choice[e] = p[e] + bias[e];
+  }
+  __syncwarp();
   for (int j = 0; j < k; ++j) {
-    std::int32_t best = -1;
-    float best_choice = 0.0f;
-    for (std::int64_t e = 0; e < experts; ++e) {
-      bool taken = false;
-      for (int t = 0; t < j; ++t) taken |= out_idx[t] == e;
-      if (taken) continue;
-      const float choice = expf(l[e] - mx) / sum + bias[e];
-      if (best < 0 || choice > best_choice) best = static_cast<std::int32_t>(e), best_choice = choice;
+    float best = -INFINITY;
+    std::int32_t best_e = -1;
+    for (std::int64_t e = lane; e < experts; e += 32)
+      if (choice[e] > best) best = choice[e], best_e = static_cast<std::int32_t>(e);
+    for (int o = 16; o > 0; o >>= 1) {
+      const float ob = __shfl_xor_sync(0xffffffffu, best, o);
+      const std::int32_t oe = __shfl_xor_sync(0xffffffffu, best_e, o);
+      if (oe >= 0 && (best_e < 0 || ob > best || (ob == best && oe < best_e))) best = ob, best_e = oe;
     }
-    out_idx[j] = best;
-    weights[r * k + j] = expf(l[best] - mx) / sum * scaling;
+    if (best_e < 0) best_e = 0;  // NaN logits: no score compares; keep the index in range
+    if (lane == 0) {
+      idx[r * k + j] = best_e;
+      weights[r * k + j] = p[best_e] * scaling;
+      choice[best_e] = -INFINITY;
+    }
+    __syncwarp();
   }
 }
 
@@ -292,9 +419,16 @@ void gemv_bf16(const float* x, std::int64_t m, std::int64_t k, const std::uint16
                bool accumulate, cudaStream_t s) {
   if (m == 0 || n == 0) return;
   if (m > gemv_max_rows) throw std::logic_error("gemv_bf16: more rows than gemv_max_rows");
-  const unsigned warps = threads / 32;
-  gemv_bf16_kernel<<<static_cast<unsigned>((n + warps - 1) / warps), threads, 0, s>>>(
-      x, m, k, reinterpret_cast<const __nv_bfloat16*>(w), n, y, accumulate);
+  static_assert(gemv_max_rows == 8, "one instantiation per row count below");
+  const unsigned warps = threads / 32, grid = static_cast<unsigned>((n + warps - 1) / warps);
+  const auto* wb = reinterpret_cast<const __nv_bfloat16*>(w);
+  switch (m) {
+#define TROUPE_GEMV_CASE(M) \
+  case M: gemv_bf16_kernel<M><<<grid, threads, 0, s>>>(x, k, wb, n, y, accumulate); break;
+    TROUPE_GEMV_CASE(1) TROUPE_GEMV_CASE(2) TROUPE_GEMV_CASE(3) TROUPE_GEMV_CASE(4)
+    TROUPE_GEMV_CASE(5) TROUPE_GEMV_CASE(6) TROUPE_GEMV_CASE(7) TROUPE_GEMV_CASE(8)
+#undef TROUPE_GEMV_CASE
+  }
   TROUPE_CUDA_CHECK_LAUNCH();
 }
 
@@ -371,18 +505,38 @@ void rope_interleaved(float* x, std::int64_t rows, std::int64_t num_heads, std::
   TROUPE_CUDA_CHECK_LAUNCH();
 }
 
-void mla_attention_segment(const mla_segment_args& a, cudaStream_t s) {
+void write_latents(const float* kv, std::int64_t rows, const paged_args& cache, cudaStream_t s) {
+  if (rows == 0) return;
+  write_latents_kernel<<<blocks_for(rows * cache.width), threads, 0, s>>>(kv, rows, cache);
+  TROUPE_CUDA_CHECK_LAUNCH();
+}
+
+void mla_attention(const mla_args& a, cudaStream_t s) {
   if (a.rows == 0) return;
-  const dim3 grid(static_cast<unsigned>(a.rows), static_cast<unsigned>(a.heads));
-  const std::size_t shared = static_cast<std::size_t>(2 * a.kv_lora + a.rope) * sizeof(float);
-  mla_segment_kernel<<<grid, threads, shared, s>>>(a);
+  const std::int64_t width = a.kv_lora + a.rope;
+  if (width > 32 * mla_max_lane_values)
+    throw std::invalid_argument("mla_attention: latent rows of " + std::to_string(width) + " values (at most " +
+                                std::to_string(32 * mla_max_lane_values) + ")");
+  const auto heads = static_cast<unsigned>(a.heads);
+  const auto row_blocks = static_cast<unsigned>((a.rows + mla_rows_per_block - 1) / mla_rows_per_block);
+  mla_absorb_kernel<<<dim3(heads, blocks_for(width), row_blocks), threads, 0, s>>>(a, a.q_full);
+  TROUPE_CUDA_CHECK_LAUNCH();
+  const int warps = threads / 32;
+  const std::size_t shared = static_cast<std::size_t>(width + 2 * warps + warps * a.kv_lora) * sizeof(float);
+  mla_core_kernel<<<dim3(static_cast<unsigned>(a.rows), heads), threads, shared, s>>>(a, a.q_full, a.out_lat);
+  TROUPE_CUDA_CHECK_LAUNCH();
+  const auto col_blocks = static_cast<unsigned>((a.v + warps - 1) / warps);
+  mla_expand_kernel<<<dim3(heads, col_blocks, row_blocks), threads, 0, s>>>(a, a.out_lat);
   TROUPE_CUDA_CHECK_LAUNCH();
 }
 
 void router_topk(const float* logits, const float* bias, std::int64_t rows, std::int64_t experts, int k, float scaling,
                  std::int32_t* idx, float* weights, cudaStream_t s) {
   if (rows == 0) return;
-  router_topk_kernel<<<blocks_for(rows), threads, 0, s>>>(logits, bias, rows, experts, k, scaling, idx, weights);
+  constexpr int rows_per_block = 4;  // a warp each
+  const std::size_t shared = static_cast<std::size_t>(rows_per_block * 2 * experts) * sizeof(float);
+  router_topk_kernel<<<static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block), rows_per_block * 32, shared, s>>>(
+      logits, bias, rows, experts, k, scaling, idx, weights);
   TROUPE_CUDA_CHECK_LAUNCH();
 }
 

@@ -55,24 +55,33 @@ void rope_interleaved(float* x, std::int64_t rows, std::int64_t num_heads, std::
                       const std::int64_t* positions, const float* inv_freq, std::int64_t half, float attention_factor,
                       cudaStream_t s);
 
-/// One sequence's causal MLA attention with kv_b absorbed (see backend::mla_attention):
-/// rows [row_begin, row_begin + rows) of q attend over the first first_position + r + 1 latent
-/// rows held in `blocks` (device pointers, block_tokens rows of kv_lora + rope each).
-/// `scores` is scratch of rows * heads * (first_position + rows) floats.
-struct mla_segment_args {
-  const float* q;
-  std::int64_t q_stride;
-  const float* kv_b;
-  const float* const* blocks;
-  std::int64_t block_tokens;
-  std::int64_t row_begin, rows, first_position;
-  std::int64_t heads, nope, rope, v, kv_lora;
-  float softmax_scale;
-  float* scores;
-  float* out;
-  std::int64_t out_stride;
+/// A paged latent cache as the kernels read it (backend::paged_latents): row r of a step belongs
+/// to sequence row_seq[r] at position positions[r]; block b of sequence s starts at address
+/// block_table[s * max_blocks + b] and holds block_tokens rows of `width` floats.
+struct paged_args {
+  const std::int64_t* block_table;
+  std::int64_t max_blocks;
+  const std::int32_t* row_seq;
+  const std::int64_t* positions;
+  std::int64_t block_tokens, width;
 };
-void mla_attention_segment(const mla_segment_args& a, cudaStream_t s);
+/// Copies kv[r] (rows of `width` floats) to row r's place in the cache.
+void write_latents(const float* kv, std::int64_t rows, const paged_args& cache, cudaStream_t s);
+
+/// Causal MLA attention with kv_b absorbed (backend::mla_attention): row r of q attends over its
+/// sequence's latents 0..positions[r]. q_full [rows, heads, kv_lora + rope] and out_lat
+/// [rows, heads, kv_lora] are scratch. Latent rows of at most 576 values (kv_lora + rope).
+struct mla_args {
+  const float* q;  // [rows, heads * (nope + rope)]
+  const float* kv_b;
+  paged_args cache;
+  std::int64_t rows, heads, nope, rope, v, kv_lora;
+  float softmax_scale;
+  float* q_full;
+  float* out_lat;
+  float* out;  // [rows, heads * v]
+};
+void mla_attention(const mla_args& a, cudaStream_t s);
 
 /// Router: p = softmax(logits[r]); idx = top-k of p + bias (ties: lower id first);
 /// weights = p[idx] * scaling.

@@ -6,6 +6,7 @@
 // machines without a GPU.
 #include <gtest/gtest.h>
 
+#include <array>
 #include <cmath>
 #include <limits>
 #include <random>
@@ -171,41 +172,56 @@ TEST(cuda_backend, rope_attention_and_router) {
   backends b;
   {
     const std::int64_t t = 5, heads = 3, stride = 24, offset = 8;
-    rope_params rope;
-    for (int i = 0; i < 8; ++i) rope.inv_freq.push_back(std::pow(10000.0f, -static_cast<float>(i) / 8.0f));
-    rope.attention_factor = 1.3f;
+    tensor freq = tensor::empty({8}, dtype::f32);
+    for (int i = 0; i < 8; ++i) freq.data<float>()[i] = std::pow(10000.0f, -static_cast<float>(i) / 8.0f);
     tensor pos = tensor::empty({t}, dtype::i64);
     for (int r = 0; r < t; ++r) pos.data<std::int64_t>()[r] = r * 997;
     const tensor x = random({t, heads * stride}, 31);
     tensor yc = b.cpu.upload(x, dtype::f32), yg = b.gpu.upload(x, dtype::f32);
-    b.cpu.rope_interleaved(yc, heads, stride, offset, pos, rope);
-    b.gpu.rope_interleaved(yg, heads, stride, offset, pos, rope);
+    b.cpu.rope_interleaved(yc, heads, stride, offset, pos, freq, 1.3f);
+    b.gpu.rope_interleaved(yg, heads, stride, offset, b.gpu.upload(pos, dtype::i64), b.gpu.upload(freq, dtype::f32), 1.3f);
     EXPECT_LT(rel(b, yg, yc), 1e-5) << "rope";
   }
   {
-    // Three sequences: decode after 37 cached tokens, a 5-token prefill, 3 rows after 20.
+    // Three sequences: decode after 37 cached tokens, a 5-token prefill, 3 rows after 20; rows
+    // interleaved across sequences. write_latents fills the new rows, then attention reads all.
     const mla_dims d{4, 16, 8, 16, 32};
     const std::int64_t block = 16, width = d.kv_lora_rank + d.rope_dim;
     const std::vector<std::array<std::int64_t, 2>> shape{{1, 37}, {5, 0}, {3, 20}};  // rows, first position
-    std::vector<attention_segment> cpu_segments, gpu_segments;
-    std::int64_t row = 0;
+    const std::int64_t max_blocks = 4, max_keys = 60;
+    tensor table_c = tensor::zeros({3, max_blocks}, dtype::i64), table_g = tensor::zeros({3, max_blocks}, dtype::i64);
+    std::vector<tensor> keep;
+    std::vector<std::int32_t> row_seq;
+    std::vector<std::int64_t> positions;
     for (std::size_t s = 0; s < shape.size(); ++s) {
       const auto [rows, first] = shape[s];
-      attention_segment c{row, rows, first, {}}, g{row, rows, first, {}};
-      for (std::int64_t k = 0; k < first + rows; k += block) {
+      for (std::int64_t k = 0, b_i = 0; k < first + rows; k += block, ++b_i) {
         const tensor lat = random({block, width}, 100 + s * 10 + static_cast<std::uint64_t>(k));
-        c.blocks.push_back(lat);
-        g.blocks.push_back(b.gpu.upload(lat, dtype::f32));
+        const tensor lg = b.gpu.upload(lat, dtype::f32);
+        keep.push_back(lat), keep.push_back(lg);
+        table_c.data<std::int64_t>()[s * max_blocks + b_i] = reinterpret_cast<std::int64_t>(lat.raw());
+        table_g.data<std::int64_t>()[s * max_blocks + b_i] = reinterpret_cast<std::int64_t>(lg.raw());
       }
-      cpu_segments.push_back(c);
-      gpu_segments.push_back(g);
-      row += rows;
     }
+    for (std::int64_t j = 0; j < 5; ++j)  // interleave: s1 r0, s2 r0, s0, s1 r1, ...
+      for (std::size_t s : {1u, 2u, 0u})
+        if (j < shape[s][0]) row_seq.push_back(static_cast<std::int32_t>(s)), positions.push_back(shape[s][1] + j);
+    const auto row = static_cast<std::int64_t>(row_seq.size());
+    tensor seq_t = tensor::empty({row}, dtype::i32), pos_t = tensor::empty({row}, dtype::i64);
+    std::copy(row_seq.begin(), row_seq.end(), seq_t.data<std::int32_t>());
+    std::copy(positions.begin(), positions.end(), pos_t.data<std::int64_t>());
+    const paged_latents pc{table_c, seq_t, pos_t, block, max_keys};
+    const paged_latents pg{b.gpu.upload(table_g, dtype::i64), b.gpu.upload(seq_t, dtype::i32), b.gpu.upload(pos_t, dtype::i64),
+                           block, max_keys};
+    const tensor kv = random({row, width}, 34);
+    b.cpu.write_latents(kv, pc);
+    b.gpu.write_latents(b.gpu.upload(kv, dtype::f32), pg);
+    for (std::size_t i = 0; i < keep.size(); i += 2) EXPECT_LT(rel(b, keep[i + 1], keep[i]), 1e-7) << "write_latents block " << i / 2;
     const tensor q = random({row, d.num_heads * (d.nope_dim + d.rope_dim)}, 32);
     const tensor kv_b = random({d.num_heads * (d.nope_dim + d.v_dim), d.kv_lora_rank}, 33, 0.2f);
     tensor yc = tensor::empty({row, d.num_heads * d.v_dim}, dtype::f32), yg = poisoned(b.gpu, {row, d.num_heads * d.v_dim});
-    b.cpu.mla_attention(q, kv_b, cpu_segments, d, 0.11f, yc);
-    b.gpu.mla_attention(b.gpu.upload(q, dtype::f32), b.gpu.upload(kv_b, dtype::f32), gpu_segments, d, 0.11f, yg);
+    b.cpu.mla_attention(q, kv_b, pc, d, 0.11f, yc);
+    b.gpu.mla_attention(b.gpu.upload(q, dtype::f32), b.gpu.upload(kv_b, dtype::f32), pg, d, 0.11f, yg);
     EXPECT_LT(rel(b, yg, yc), 1e-5) << "mla_attention";
   }
   {
@@ -282,6 +298,45 @@ TEST(cuda_backend, the_whole_model_matches_the_cpu) {
   while (same < a.ids.size() && same < g.ids.size() && a.ids[same] == g.ids[same]) ++same;
   std::cerr << "  greedy: " << same << " of " << a.ids.size() << " tokens identical\n";
   EXPECT_GE(same, 32u);
+}
+
+// Decode steps replayed from CUDA graphs against the same steps dispatched op by op: batches
+// that shrink and grow (a new graph per row count, block tables rewritten), positions crossing
+// KV block boundaries, all-token logits of multi-row (speculative-verification) steps.
+TEST(cuda_backend, recorded_steps_equal_op_by_op_steps) {
+  SKIP_WITHOUT_GPU();
+  cuda_backend gpu;
+  const auto dir = test::make_model("cuda_recorded", test::tiny_config(R"("num_layers": 2)"), 6);
+  auto recorded = model::load(dir, gpu);
+  auto plain = model::load(dir, gpu);
+  plain->set_recorded_steps(false);
+  std::vector<sequence_state> sr(4), sp(4);
+  std::vector<std::vector<std::int32_t>> feed{{5, 9, 14, 2, 33, 7, 61, 8, 19}, {40, 3, 11}, {7, 7, 8, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14},
+                                              {21, 22}};
+  double worst = 0;
+  for (int step = 0; step < 40; ++step) {
+    // Sequences 0-2 from the start; 1 leaves after step 12; 3 joins at step 20.
+    std::vector<std::size_t> live;
+    for (std::size_t i : {0u, 1u, 2u, 3u})
+      if ((i != 1 || step <= 12) && (i != 3 || step >= 20)) live.push_back(i);
+    // Step 30 verifies three tokens of sequence 0 at once (all-token logits).
+    const bool multi = step == 30;
+    if (multi) feed[0] = {feed[0][0], 17, 18};
+    std::vector<step_input> in_r, in_p;
+    for (auto i : live) in_r.push_back({&sr[i], feed[i]}), in_p.push_back({&sp[i], feed[i]});
+    const auto mode = multi ? logits_mode::all_tokens : logits_mode::last_token;
+    const tensor lr = recorded->forward(in_r, mode), lp = plain->forward(in_p, mode);
+    ASSERT_EQ(lr.numel(), lp.numel());
+    const double e = test::relative_l2(lr.data<float>(), lp.data<float>(), static_cast<std::size_t>(lp.numel()));
+    worst = std::max(worst, e);
+    EXPECT_LT(e, 1e-6) << "step " << step;
+    const auto vocab = static_cast<std::size_t>(lp.dim(1));
+    for (std::size_t j = 0; j < live.size(); ++j) {
+      const auto row = multi ? static_cast<std::int64_t>(lp.dim(0)) - static_cast<std::int64_t>(live.size()) + static_cast<std::int64_t>(j) : static_cast<std::int64_t>(j);
+      feed[live[j]].assign(1, argmax({lp.data<float>() + row * lp.dim(1), vocab}));
+    }
+  }
+  std::cerr << "  recorded vs op by op: worst relative L2 " << worst << "\n";
 }
 
 }  // namespace
