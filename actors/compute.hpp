@@ -18,7 +18,9 @@ struct compute_context {
 
 using shared_compute = std::shared_ptr<compute_context>;
 
-/// Loads `model_dir` on a CPU backend with `threads` threads (0 = all cores).
-shared_compute load_compute(const std::string& model_dir, int threads);
+/// Loads `model_dir` on `device` ("cpu", "cuda", "cuda:N"; gpu/make_backend) with `threads` CPU
+/// threads (0 = all cores). Every actor of the process enqueues on that one backend: on a GPU one
+/// stream orders their ops, so a tensor handed to another actor is ready for its next op.
+shared_compute load_compute(const std::string& model_dir, int threads, const std::string& device = "cpu");
 
 }  // namespace troupe

@@ -61,6 +61,9 @@ loaded_draft load_draft(const model& target, const std::string& target_dir, cons
     throw input_error("draft '" + dir + "' has another tokenizer (its tokenizer.json differs from the target's)");
   loaded_draft d;
   d.net = model::load(dir, target.compute());
+  // Other actors enqueue on the same backend while this one drafts: a recording (stream
+  // capture) would take their ops in.
+  d.net->set_recorded_steps(false);
   if (auto why = draft_mismatch(target, *d.net); !why.empty()) throw input_error("draft '" + dir + "' refused: " + why);
   d.dir = dir;
   d.name = fs::path(dir).lexically_normal().filename().string();

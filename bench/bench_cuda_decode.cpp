@@ -9,11 +9,12 @@
 // Batch-1 and batch-8 decode run twice: op by op (the host dispatches every op: the baseline)
 // and replayed from CUDA graphs (model::set_recorded_steps). Then the n-gram embedding's share of a decode step (one token's embed(), synchronised),
 // with the tables in host memory (read in place from the mapping; the default) and copied to
-// the device, each against its own decode step; and total decode tokens/s with 16 and 64
-// sequences decoding together, against batch 1.
+// the device, each against its own decode step; total decode tokens/s with 16 and 64
+// sequences decoding together, against batch 1; and one sequence's prefill of 2k and 8k tokens.
 //   troupe_bench_cuda_decode MODEL_DIR [TOKENS] [PROMPT_TOKENS]
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -101,6 +102,23 @@ double decode_rate(model& m, int batch, int tokens, int prompt_tokens, sequence_
   return batch * tokens / seconds;
 }
 
+// Tokens per second of one sequence's prefill of `tokens` tokens (last-token logits on the host),
+// the best of `reps` runs after a warm-up.
+double prefill_rate(model& m, int tokens, int reps = 3) {
+  std::vector<std::int32_t> prompt;
+  for (int i = 0; i < tokens; ++i) prompt.push_back(3 + (i * 37) % 1000);
+  double best = 0;
+  for (int r = 0; r <= reps; ++r) {
+    sequence_state s;
+    step_input in{&s, prompt};
+    const auto t0 = std::chrono::steady_clock::now();
+    m.forward({&in, 1}, logits_mode::last_token);
+    const double rate = tokens / std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (r > 0) best = std::max(best, rate);  // r = 0 warms up
+  }
+  return best;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -164,6 +182,8 @@ int main(int argc, char** argv) {
       std::printf("batch-8 decode: op by op %.1f tok/s, CUDA graph %.1f tok/s in total (x%.2f; x%.2f batch 1)\n", op8, rec8,
                   rec8 / op8, rec8 / tok_s);
     }
+    if (placement == table_placement::host)
+      for (int n : {2048, 8192}) std::printf("prefill of %d tokens: %.0f tok/s\n", n, prefill_rate(*m, n, n > 4096 ? 1 : 3));
     if (placement == table_placement::host)
       for (int batch : {16, 64}) {
         const double rate = decode_rate(*m, batch, std::max(8, tokens / 4), prompt_tokens);

@@ -27,8 +27,9 @@ void add_draft_command(CLI::App& app, std::function<int()>& run);
 void add_train_commands(CLI::App& app, std::function<int()>& run);
 
 /// Runs one request through the actor graph of `topology_spec` ("local" or a topology file),
-/// streaming its text to stdout; returns the exit status.
+/// streaming its text to stdout; computing on `device` (gpu/make_backend); returns the exit status.
 int generate_with_graph(const std::string& model_dir, const std::string& topology_spec, const tokenizer& tok,
-                        const std::vector<std::int32_t>& prompt, const generation_params& params, int threads);
+                        const std::vector<std::int32_t>& prompt, const generation_params& params, int threads,
+                        const std::string& device);
 
 }  // namespace troupe::cli

@@ -64,11 +64,12 @@ topology topology_for(const std::string& spec, const model_config& config) {
 }  // namespace
 
 int generate_with_graph(const std::string& model_dir, const std::string& topology_spec, const tokenizer& tok,
-                        const std::vector<std::int32_t>& prompt, const generation_params& params, int threads) {
+                        const std::vector<std::int32_t>& prompt, const generation_params& params, int threads,
+                        const std::string& device) {
   if (!params.stop.empty()) throw input_error("--stop is not supported with --topology yet");
   caf::actor_system_config cfg;
   auto sys = make_system(cfg);
-  auto compute = load_compute(model_dir, threads);
+  auto compute = load_compute(model_dir, threads, device);
   auto graph = inference_graph::start(*sys, compute, topology_for(topology_spec, compute->net->config()));
   int status = 0;
   {
@@ -137,6 +138,7 @@ std::vector<std::string> read_keys(const std::string& file, const char* env_name
 void add_graph_commands(CLI::App& app, std::function<int()>& run) {
   struct serve_opts {
     std::string model = "models/demo", topology = "local", host = "127.0.0.1", keys_file, admin_keys_file, name, chat_template;
+    std::string device = "cpu";
     int port = 8080, threads = 0, http_threads = 2;
     int grace_s = 30;
     gateway::gateway_options gateway;
@@ -175,6 +177,10 @@ void add_graph_commands(CLI::App& app, std::function<int()>& run) {
   serve->add_option("--draft-max-batch", so->speculation.max_batch,
                     "no drafting in steps of more sequences than this (0: no cutoff)")->capture_default_str();
   serve->add_option("--threads", so->threads, "compute threads; 0 = all cores")->capture_default_str();
+  serve->add_option("--device", so->device,
+                    "cpu, or cuda[:N] where the CUDA backend is built: every actor of the graph computes there "
+                    "(remote edges need cpu)")
+      ->capture_default_str();
   serve->add_option("--http-threads", so->http_threads, "gateway I/O threads")->capture_default_str();
   serve->add_option("--max-tokens-limit", so->gateway.limits.max_tokens, "largest max_tokens a request may ask")
       ->capture_default_str();
@@ -187,7 +193,7 @@ void add_graph_commands(CLI::App& app, std::function<int()>& run) {
       const stop_signals signals;
       caf::actor_system_config cfg;
       auto sys = make_system(cfg);
-      auto compute = load_compute(so->model, so->threads);
+      auto compute = load_compute(so->model, so->threads, so->device);
       const auto& config = compute->net->config();
       auto tok = std::make_shared<const tokenizer>(tokenizer::load(std::filesystem::path(so->model) / "tokenizer.json"));
       auto topo = topology_for(so->topology, config);

@@ -121,7 +121,7 @@ void add_model_commands(CLI::App& app, std::function<int()>& run) {
       const auto prompt = tok.encode(go->prompt, special_tokens::parse);
       if (!go->topology.empty()) {
         if (!go->draft.empty()) throw input_error("--draft does not combine with --topology yet");
-        return generate_with_graph(go->model, go->topology, tok, prompt, go->params, go->threads);
+        return generate_with_graph(go->model, go->topology, tok, prompt, go->params, go->threads, go->device);
       }
       auto be_owner = make_backend(go->device, go->threads);
       backend& be = *be_owner;

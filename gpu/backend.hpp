@@ -37,7 +37,8 @@ struct paged_latents {
   tensor row_seq;      // i32 [T]
   tensor positions;    // i64 [T]
   std::int64_t block_tokens = 0;
-  std::int64_t max_keys = 0;  // >= positions[r] + 1 for every row (sizes scratch)
+  std::int64_t max_keys = 0;           // >= positions[r] + 1 for every row
+  std::int64_t rows_per_sequence = 1;  // the most rows one sequence has here (prefill: many; decode: one)
 };
 
 /// A recorded sequence of a backend's ops that can run again (a CUDA graph): the same ops on

@@ -150,8 +150,9 @@ paged_latents model::page(const step_layout& layout, std::span<latent_cache* con
     for (std::int64_t b = 0; b < need[i]; ++b)
       table.data<std::int64_t>()[static_cast<std::int64_t>(i) * max_blocks + b] =
           reinterpret_cast<std::int64_t>(caches[i]->blocks[static_cast<std::size_t>(b)].raw());
+  const std::int64_t rows_per_sequence = *std::max_element(layout.num_rows.begin(), layout.num_rows.end());
   return {be_.where() == table.where() ? table : be_.upload(table, dtype::i64), layout.row_seq_on(be_),
-          layout.positions_on(be_), blocks.block_tokens(), max_keys};
+          layout.positions_on(be_), blocks.block_tokens(), max_keys, rows_per_sequence};
 }
 
 tensor model::attention(const mla_weights& w, const tensor& x, const paged_latents& cache) {
@@ -343,7 +344,8 @@ tensor model::mtp_forward(const tensor& tokens, const tensor& hidden, const step
   be_.gather_rows(weights_.embed, ids, e);  // the shared token embedding
   tensor x = be_.empty({t, config_.hidden_size}, dtype::f32);
   be_.linear(norm(e, m.enorm), m.eh_embed, x, write_mode::overwrite);  // eh_proj([enorm(e); hnorm(h)])
-  be_.linear(norm(hidden, m.hnorm), m.eh_hidden, x, write_mode::accumulate);
+  const tensor h = hidden.where() == be_.where() ? hidden : be_.upload(hidden, dtype::f32);  // the scheduler's host copy
+  be_.linear(norm(h, m.hnorm), m.eh_hidden, x, write_mode::accumulate);
   tensor a = attention(m.attention, norm(x, m.input_norm), page(layout, caches, blocks));
   be_.add(a, x);  // a = x + MLA(RMS(x))
   tensor out = swiglu(m.mlp, norm(a, m.post_attention_norm));

@@ -55,7 +55,7 @@ tensor model::forward_recorded(const tensor& tokens, const step_layout& layout, 
     r.recording = be_.record([this, &r, block] {
       return head(blocks(r.h, [&r, block](std::int64_t a) {
         return paged_latents{r.tables.rows(a * r.rows, (a + 1) * r.rows), r.row_seq.reshape({r.rows}),
-                             r.positions.reshape({r.rows}), block, r.max_keys};
+                             r.positions.reshape({r.rows}), block, r.max_keys, r.rows};
       }));
     });
   }

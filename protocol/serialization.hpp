@@ -7,6 +7,7 @@
 
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "protocol/messages.hpp"
@@ -19,6 +20,13 @@ typename Inspector::result_type inspect(Inspector& f, tensor& x) {
   shape_t shape = x.shape();
   std::vector<char> bytes;
   if constexpr (Inspector::reads_state) {
+    if (x.defined() && x.where().kind != device_kind::cpu) {
+      if constexpr (std::is_same_v<typename Inspector::result_type, void>)
+        return f(caf::meta::type_name("tensor"), type, shape, bytes);  // printing: the shape without the bytes
+      else
+        return caf::make_error(caf::sec::invalid_argument,
+                               "a GPU tensor cannot cross a process boundary (remote edges need a CPU graph)");
+    }
     if (x.defined()) bytes.assign(static_cast<const char*>(x.raw()), static_cast<const char*>(x.raw()) + x.nbytes());
     return f(caf::meta::type_name("tensor"), type, shape, bytes);
   } else {

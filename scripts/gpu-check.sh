@@ -5,7 +5,8 @@
 # (git-ignored), and adds the transformers comparison cases (plain LongcatFlashForCausalLM
 # models, default RoPE and YaRN, with Troupe's CPU logits; the GPU logits are computed there).
 # Then, on the GPU machine, with gpu-bundle carried:
-#   gpu-bundle/check.sh          the CUDA tests and the transformers comparisons (CPU and GPU)
+#   gpu-bundle/check.sh          the CUDA tests, the transformers comparisons (CPU and GPU) and
+#                                serving through the actor graph on the GPU
 #   gpu-bundle/bench.sh          batch-1 decode against the bandwidth roofline (demo, lite-1b)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -26,7 +27,7 @@ cat > gpu-bundle/unpack.sh <<'UNPACK'
 UNPACK
 chmod +x gpu-bundle/unpack.sh
 mkdir -p gpu-bundle/cases
-cp tests/reference/check_transformers.py tests/reference/longcat_reference.py gpu-bundle/
+cp tests/reference/check_transformers.py tests/reference/longcat_reference.py scripts/gpu_serve_check.py gpu-bundle/
 /usr/bin/python3 - <<'PY'
 import json, random
 base = json.load(open("tests/reference/configs/plain.json"))
@@ -65,6 +66,8 @@ for c in plain plain_yarn; do
   gpu_cases+=(--case gpu-bundle/cases/\$c gpu-bundle/cases/ids.json /tmp/\$c.cuda.npy)
 done
 python3 gpu-bundle/check_transformers.py "\${gpu_cases[@]}" --tol 1e-2 --min-agreement 0.95 --bf16-baseline || status=1
+echo "== serving: the actor graph on the CPU, on the GPU, and on the GPU with the demo draft"
+python3 gpu-bundle/gpu_serve_check.py gpu-bundle models/demo models/demo-draft || status=1
 exit \$status
 CHECK
 chmod +x gpu-bundle/check.sh

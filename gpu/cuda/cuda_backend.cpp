@@ -404,7 +404,8 @@ void cuda_backend::mla_attention(const tensor& q, const tensor& kv_b, const page
   tensor q_full = empty({rows, d.num_heads, d.kv_lora_rank + d.rope_dim}, dtype::f32);
   tensor out_lat = empty({rows, d.num_heads, d.kv_lora_rank}, dtype::f32);
   cuda::mla_args a{q.data<float>(), kv_b.data<float>(), paged(cache, rows, d.kv_lora_rank + d.rope_dim), rows,
-                   d.num_heads, d.nope_dim, d.rope_dim, d.v_dim, d.kv_lora_rank, softmax_scale, q_full.data<float>(),
+                   d.num_heads, d.nope_dim, d.rope_dim, d.v_dim, d.kv_lora_rank, cache.rows_per_sequence, softmax_scale,
+                   q_full.data<float>(),
                    out_lat.data<float>(), out.data<float>()};
   cuda::mla_attention(a, as_stream(stream_));
 }

@@ -3,7 +3,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cfloat>
+#include <cstdint>
 #include <stdexcept>
 
 #include "gpu/cuda/cuda_check.hpp"
@@ -58,10 +60,28 @@ __global__ void rms_norm_kernel(const float* x, std::int64_t x_stride, const flo
   __shared__ float shared[32];
   const float* xr = x + blockIdx.x * x_stride;
   float* yr = y + blockIdx.x * y_stride;
+  // Four columns per load where the row allows it: a thread then needs one or two loads.
+  const bool by4 = cols % 4 == 0 && ((reinterpret_cast<std::uintptr_t>(xr) | reinterpret_cast<std::uintptr_t>(yr) |
+                                       reinterpret_cast<std::uintptr_t>(w)) & 15) == 0;
   float ss = 0.0f;
-  for (std::int64_t c = threadIdx.x; c < cols; c += blockDim.x) ss += xr[c] * xr[c];
+  if (by4) {
+    for (std::int64_t c = threadIdx.x; c < cols / 4; c += blockDim.x) {
+      const float4 v = reinterpret_cast<const float4*>(xr)[c];
+      ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+    }
+  } else {
+    for (std::int64_t c = threadIdx.x; c < cols; c += blockDim.x) ss += xr[c] * xr[c];
+  }
   const float inv = rsqrtf(block_reduce<false>(ss, shared) / static_cast<float>(cols) + eps);
-  for (std::int64_t c = threadIdx.x; c < cols; c += blockDim.x) yr[c] = w[c] * (xr[c] * inv) * post_scale;
+  if (by4) {
+    for (std::int64_t c = threadIdx.x; c < cols / 4; c += blockDim.x) {
+      const float4 v = reinterpret_cast<const float4*>(xr)[c], g = reinterpret_cast<const float4*>(w)[c];
+      reinterpret_cast<float4*>(yr)[c] = make_float4(g.x * (v.x * inv) * post_scale, g.y * (v.y * inv) * post_scale,
+                                                     g.z * (v.z * inv) * post_scale, g.w * (v.w * inv) * post_scale);
+    }
+  } else {
+    for (std::int64_t c = threadIdx.x; c < cols; c += blockDim.x) yr[c] = w[c] * (xr[c] * inv) * post_scale;
+  }
 }
 
 __global__ void layer_norm_kernel(const float* x, float* y, std::int64_t cols, float eps) {
@@ -246,31 +266,43 @@ __device__ float warp_reduce(float v) {
 constexpr int mla_rows_per_block = 8;   // rows of q sharing one read of W_k / W_v
 constexpr int mla_max_lane_values = 18;  // latent row values per lane: kv_lora + rope <= 576
 
-// q_full[r, h] = [q_nope[r, h] . W_k[h] | q_rope[r, h]]: the query as a latent row. A thread per
-// column, up to eight rows per block.
+// q_full[r, h] = [q_nope[r, h] . W_k[h] | q_rope[r, h]]: the query as a latent row. A block per
+// (head, 32 columns, up to eight rows): lanes take the columns, the eight warps split nope, so
+// each lane has all its loads of W_k in flight at once; the warps' sums meet in shared memory.
 __global__ void mla_absorb_kernel(mla_args a, float* q_full) {
-  const std::int64_t h = blockIdx.x, width = a.kv_lora + a.rope;
-  const std::int64_t c = blockIdx.y * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
+  __shared__ float partial[8][mla_rows_per_block][32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const std::int64_t h = blockIdx.x, width = a.kv_lora + a.rope, c = blockIdx.y * 32 + lane;
   const std::int64_t r0 = blockIdx.z * static_cast<std::int64_t>(mla_rows_per_block);
   const int rows = static_cast<int>(min(static_cast<std::int64_t>(mla_rows_per_block), a.rows - r0));
-  if (c >= width) return;
   const std::int64_t q_stride = a.heads * (a.nope + a.rope);
   const float* q = a.q + r0 * q_stride + h * (a.nope + a.rope);
-  float* out = q_full + (r0 * a.heads + h) * width + c;
+  float acc[mla_rows_per_block] = {};
+  if (c < a.kv_lora) {
+    const float* w_k = a.kv_b + h * (a.nope + a.v) * a.kv_lora + c;  // column c of [nope, kv_lora]
+    const std::int64_t per_warp = (a.nope + 7) / 8, n0 = warp * per_warp, n1 = min(a.nope, n0 + per_warp);
+#pragma unroll 16
+    for (std::int64_t n = n0; n < n1; ++n) {
+      const float w = w_k[n * a.kv_lora];
+#pragma unroll
+      for (int r = 0; r < mla_rows_per_block; ++r)
+        if (r < rows) acc[r] += q[r * q_stride + n] * w;
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < mla_rows_per_block; ++r) partial[warp][r][lane] = acc[r];
+  __syncthreads();
+  // Thread (row, lane) adds the eight warps' sums (or copies the rope part).
+  const int r = threadIdx.x >> 5;
+  if (r >= rows || c >= width) return;
+  float* out = q_full + ((r0 + r) * a.heads + h) * width + c;
   if (c >= a.kv_lora) {
-    for (int r = 0; r < rows; ++r) out[r * a.heads * width] = q[r * q_stride + a.nope + (c - a.kv_lora)];
+    *out = q[r * q_stride + a.nope + (c - a.kv_lora)];
     return;
   }
-  const float* w_k = a.kv_b + h * (a.nope + a.v) * a.kv_lora + c;  // column c of [nope, kv_lora]
-  float acc[mla_rows_per_block] = {};
-#pragma unroll 8
-  for (std::int64_t n = 0; n < a.nope; ++n) {
-    const float w = w_k[n * a.kv_lora];
-#pragma unroll
-    for (int r = 0; r < mla_rows_per_block; ++r)
-      if (r < rows) acc[r] += q[r * q_stride + n] * w;
-  }
-  for (int r = 0; r < rows; ++r) out[r * a.heads * width] = acc[r];
+  float sum = 0.0f;
+  for (int w = 0; w < 8; ++w) sum += partial[w][r][lane];
+  *out = sum;
 }
 
 // Flash-decoding over the paged latents, one block per (row, head): each warp takes every
@@ -335,6 +367,92 @@ __global__ void mla_core_kernel(mla_args a, const float* q_full, float* out_lat)
   }
 }
 
+// Flash attention over the paged latents for prefill, one block per (16 rows, head): the tile's
+// queries stay in shared memory and each tile of 32 latent rows is loaded once for all of
+// them (a decode-style kernel would read every key once per query). Rows of one sequence
+// share the key tiles; a tile holding several sequences takes them one after another. Each
+// warp owns two rows: lane j scores key j of the tile (rows padded by one float so the lanes'
+// reads fall in distinct banks), then the tile's softmax weights are folded into per-lane
+// sums over the latent columns (online softmax).
+constexpr int prefill_rows = 16, prefill_keys = 32, prefill_rows_per_warp = 2;
+
+__global__ void mla_prefill_kernel(mla_args a, const float* q_full, float* out_lat) {
+  extern __shared__ float smem[];
+  const std::int64_t width = a.kv_lora + a.rope, pitch = width + 1;
+  float* qs = smem;                         // [prefill_rows, width]
+  float* ks = smem + prefill_rows * width;  // [prefill_keys, pitch]
+  const std::int64_t h = blockIdx.y, r0 = blockIdx.x * static_cast<std::int64_t>(prefill_rows);
+  const int rows = static_cast<int>(min(static_cast<std::int64_t>(prefill_rows), a.rows - r0));
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (std::int64_t i = threadIdx.x; i < rows * width; i += blockDim.x)
+    qs[i] = q_full[((r0 + i / width) * a.heads + h) * width + i % width];
+  float m[prefill_rows_per_warp], l[prefill_rows_per_warp], acc[prefill_rows_per_warp][mla_max_lane_values] = {};
+  std::int64_t pos[prefill_rows_per_warp];
+#pragma unroll
+  for (int rr = 0; rr < prefill_rows_per_warp; ++rr) {
+    const int row = warp * prefill_rows_per_warp + rr;
+    m[rr] = -INFINITY, l[rr] = 0.0f;
+    pos[rr] = row < rows ? a.cache.positions[r0 + row] : -1;
+  }
+  for (int g = 0; g < rows;) {  // groups of consecutive rows of one sequence
+    const std::int32_t seq = a.cache.row_seq[r0 + g];
+    int end = g;
+    std::int64_t last = -1;
+    while (end < rows && a.cache.row_seq[r0 + end] == seq) last = max(last, a.cache.positions[r0 + end]), ++end;
+    for (std::int64_t k0 = 0; k0 <= last; k0 += prefill_keys) {
+      __syncthreads();  // the previous key tile (and the query tile) fully read / written
+      for (std::int64_t i = threadIdx.x; i < prefill_keys * width; i += blockDim.x) {
+        const std::int64_t key = k0 + i / width, c = i % width;
+        ks[(i / width) * pitch + c] = key <= last ? latent_row(a.cache, seq, key)[c] : 0.0f;
+      }
+      __syncthreads();
+#pragma unroll
+      for (int rr = 0; rr < prefill_rows_per_warp; ++rr) {
+        const int row = warp * prefill_rows_per_warp + rr;
+        if (row < g || row >= end) continue;  // warp-uniform
+        const std::int64_t key = k0 + lane;
+        float s = -INFINITY;
+        if (key <= pos[rr]) {
+          const float* q = qs + row * width;
+          const float* k = ks + lane * pitch;
+          float dot = 0.0f;
+          for (std::int64_t c = 0; c < width; ++c) dot += q[c] * k[c];
+          s = dot * a.softmax_scale;
+        }
+        const float tile_max = warp_reduce<true>(s);
+        if (tile_max == -INFINITY) continue;  // no visible key in this tile
+        const float m_new = fmaxf(m[rr], tile_max), keep = expf(m[rr] - m_new);
+        const float p = s == -INFINITY ? 0.0f : expf(s - m_new);
+        l[rr] = l[rr] * keep + warp_reduce<false>(p);
+#pragma unroll
+        for (int i = 0; i < mla_max_lane_values; ++i) acc[rr][i] *= keep;
+        for (int j = 0; j < prefill_keys; ++j) {
+          const float pj = __shfl_sync(0xffffffffu, p, j);
+          if (pj == 0.0f) continue;  // warp-uniform
+#pragma unroll
+          for (int i = 0; i < mla_max_lane_values; ++i) {
+            const std::int64_t c = lane + 32 * i;
+            if (c < a.kv_lora) acc[rr][i] += pj * ks[j * pitch + c];
+          }
+        }
+        m[rr] = m_new;
+      }
+    }
+    g = end;
+  }
+#pragma unroll
+  for (int rr = 0; rr < prefill_rows_per_warp; ++rr) {
+    const int row = warp * prefill_rows_per_warp + rr;
+    if (row >= rows) continue;
+    const float inv = 1.0f / l[rr];
+#pragma unroll
+    for (int i = 0; i < mla_max_lane_values; ++i) {
+      const std::int64_t c = lane + 32 * i;
+      if (c < a.kv_lora) out_lat[((r0 + row) * a.heads + h) * a.kv_lora + c] = acc[rr][i] * inv;
+    }
+  }
+}
+
 // out[r, h*v + c] = out_lat[r, h] . W_v[h][c]: a warp per output column, lanes across kv_lora,
 // up to eight rows per block.
 __global__ void mla_expand_kernel(mla_args a, const float* out_lat) {
@@ -347,6 +465,7 @@ __global__ void mla_expand_kernel(mla_args a, const float* out_lat) {
   const float* w_v = a.kv_b + (h * (a.nope + a.v) + a.nope + c) * a.kv_lora;  // row c of [v, kv_lora]
   const float* x = out_lat + (r0 * a.heads + h) * a.kv_lora;
   float acc[mla_rows_per_block] = {};
+#pragma unroll 16
   for (std::int64_t k = lane; k < a.kv_lora; k += 32) {
     const float w = w_v[k];
 #pragma unroll
@@ -453,7 +572,9 @@ void moe_combine(const float* u, const float* y, const std::int32_t* idx, const 
 void rms_norm(const float* x, std::int64_t x_stride, const float* w, float* y, std::int64_t y_stride, std::int64_t rows,
               std::int64_t cols, float eps, float post_scale, cudaStream_t s) {
   if (rows == 0) return;
-  rms_norm_kernel<<<static_cast<unsigned>(rows), threads, 0, s>>>(x, x_stride, w, y, y_stride, cols, eps, post_scale);
+  // Enough threads for one float4 each, up to 1024: a row's loads go out at once.
+  const auto block = static_cast<unsigned>(std::min<std::int64_t>(1024, std::max<std::int64_t>(32, (cols / 4 + 31) / 32 * 32)));
+  rms_norm_kernel<<<static_cast<unsigned>(rows), block, 0, s>>>(x, x_stride, w, y, y_stride, cols, eps, post_scale);
   TROUPE_CUDA_CHECK_LAUNCH();
 }
 
@@ -519,11 +640,21 @@ void mla_attention(const mla_args& a, cudaStream_t s) {
                                 std::to_string(32 * mla_max_lane_values) + ")");
   const auto heads = static_cast<unsigned>(a.heads);
   const auto row_blocks = static_cast<unsigned>((a.rows + mla_rows_per_block - 1) / mla_rows_per_block);
-  mla_absorb_kernel<<<dim3(heads, blocks_for(width), row_blocks), threads, 0, s>>>(a, a.q_full);
+  static_assert(threads == 256 && mla_rows_per_block == 8, "mla_absorb_kernel: eight warps, a row each at the end");
+  mla_absorb_kernel<<<dim3(heads, static_cast<unsigned>((width + 31) / 32), row_blocks), threads, 0, s>>>(a, a.q_full);
   TROUPE_CUDA_CHECK_LAUNCH();
   const int warps = threads / 32;
-  const std::size_t shared = static_cast<std::size_t>(width + 2 * warps + warps * a.kv_lora) * sizeof(float);
-  mla_core_kernel<<<dim3(static_cast<unsigned>(a.rows), heads), threads, shared, s>>>(a, a.q_full, a.out_lat);
+  if (a.rows_per_sequence < prefill_rows) {  // decode, verification: a block per (row, head)
+    const std::size_t shared = static_cast<std::size_t>(width + 2 * warps + warps * a.kv_lora) * sizeof(float);
+    mla_core_kernel<<<dim3(static_cast<unsigned>(a.rows), heads), threads, shared, s>>>(a, a.q_full, a.out_lat);
+  } else {  // prefill: a block per (16 rows, head)
+    static_assert(prefill_rows == prefill_rows_per_warp * threads / 32, "every row has a warp");
+    const std::size_t shared = static_cast<std::size_t>(prefill_rows * width + prefill_keys * (width + 1)) * sizeof(float);
+    TROUPE_CUDA_CHECK(cudaFuncSetAttribute(mla_prefill_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(shared)));
+    const auto tiles = static_cast<unsigned>((a.rows + prefill_rows - 1) / prefill_rows);
+    mla_prefill_kernel<<<dim3(tiles, heads), threads, shared, s>>>(a, a.q_full, a.out_lat);
+  }
   TROUPE_CUDA_CHECK_LAUNCH();
   const auto col_blocks = static_cast<unsigned>((a.v + warps - 1) / warps);
   mla_expand_kernel<<<dim3(heads, col_blocks, row_blocks), threads, 0, s>>>(a, a.out_lat);

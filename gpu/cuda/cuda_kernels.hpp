@@ -76,6 +76,7 @@ struct mla_args {
   const float* kv_b;
   paged_args cache;
   std::int64_t rows, heads, nope, rope, v, kv_lora;
+  std::int64_t rows_per_sequence;  // many: the tiled prefill kernel, which shares key tiles between rows
   float softmax_scale;
   float* q_full;
   float* out_lat;

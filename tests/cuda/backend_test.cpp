@@ -210,9 +210,9 @@ TEST(cuda_backend, rope_attention_and_router) {
     tensor seq_t = tensor::empty({row}, dtype::i32), pos_t = tensor::empty({row}, dtype::i64);
     std::copy(row_seq.begin(), row_seq.end(), seq_t.data<std::int32_t>());
     std::copy(positions.begin(), positions.end(), pos_t.data<std::int64_t>());
-    const paged_latents pc{table_c, seq_t, pos_t, block, max_keys};
+    const paged_latents pc{table_c, seq_t, pos_t, block, max_keys, 16};
     const paged_latents pg{b.gpu.upload(table_g, dtype::i64), b.gpu.upload(seq_t, dtype::i32), b.gpu.upload(pos_t, dtype::i64),
-                           block, max_keys};
+                           block, max_keys, 16};  // claims many rows per sequence: the prefill kernel
     const tensor kv = random({row, width}, 34);
     b.cpu.write_latents(kv, pc);
     b.gpu.write_latents(b.gpu.upload(kv, dtype::f32), pg);
@@ -222,7 +222,21 @@ TEST(cuda_backend, rope_attention_and_router) {
     tensor yc = tensor::empty({row, d.num_heads * d.v_dim}, dtype::f32), yg = poisoned(b.gpu, {row, d.num_heads * d.v_dim});
     b.cpu.mla_attention(q, kv_b, pc, d, 0.11f, yc);
     b.gpu.mla_attention(b.gpu.upload(q, dtype::f32), b.gpu.upload(kv_b, dtype::f32), pg, d, 0.11f, yg);
-    EXPECT_LT(rel(b, yg, yc), 1e-5) << "mla_attention";
+    EXPECT_LT(rel(b, yg, yc), 1e-5) << "mla_attention, " << row << " rows (the prefill kernel)";
+    tensor yd = poisoned(b.gpu, {row, d.num_heads * d.v_dim});
+    paged_latents decode = pg;
+    decode.rows_per_sequence = 5;  // the same rows through the decode kernel
+    b.gpu.mla_attention(b.gpu.upload(q, dtype::f32), b.gpu.upload(kv_b, dtype::f32), decode, d, 0.11f, yd);
+    EXPECT_LT(rel(b, yd, yc), 1e-5) << "mla_attention, " << row << " rows (the decode kernel)";
+    // The first six rows alone.
+    const std::int64_t few = 6;
+    const paged_latents pc6{table_c, seq_t.rows(0, few), pos_t.rows(0, few), block, max_keys, 2};
+    const paged_latents pg6{pg.block_table, b.gpu.upload(seq_t.rows(0, few), dtype::i32),
+                            b.gpu.upload(pos_t.rows(0, few), dtype::i64), block, max_keys, 2};
+    tensor yc6 = tensor::empty({few, d.num_heads * d.v_dim}, dtype::f32), yg6 = poisoned(b.gpu, {few, d.num_heads * d.v_dim});
+    b.cpu.mla_attention(q.rows(0, few), kv_b, pc6, d, 0.11f, yc6);
+    b.gpu.mla_attention(b.gpu.upload(q.rows(0, few), dtype::f32), b.gpu.upload(kv_b, dtype::f32), pg6, d, 0.11f, yg6);
+    EXPECT_LT(rel(b, yg6, yc6), 1e-5) << "mla_attention, " << few << " rows (the decode kernel)";
   }
   {
     const std::int64_t t = 50, e = 24;
@@ -285,6 +299,16 @@ TEST(cuda_backend, the_whole_model_matches_the_cpu) {
       const float* row = lc.data<float>() + i * lc.dim(1);
       feed[static_cast<std::size_t>(i)].assign(1, argmax({row, static_cast<std::size_t>(lc.dim(1))}));
     }
+  }
+  // A 300-token prefill: the tiled prefill attention over many key and row tiles.
+  {
+    sequence_state lc_s, lg_s;
+    std::vector<std::int32_t> prompt;
+    for (int i = 0; i < 300; ++i) prompt.push_back(3 + (i * 37) % 90);
+    step_input ic{&lc_s, prompt}, ig{&lg_s, prompt};
+    const tensor lc = cpu->forward({&ic, 1}, logits_mode::all_tokens), lg = gpu->forward({&ig, 1}, logits_mode::all_tokens);
+    EXPECT_LT(test::relative_l2(lg.data<float>(), lc.data<float>(), static_cast<std::size_t>(lc.numel())), 2e-2)
+        << "300-token prefill";
   }
   // Greedy generation: the same tokens while the CPU's top-2 gap is clear of bf16 noise.
   const tokenizer tok = tokenizer::load(std::string(TROUPE_SOURCE_DIR) + "/configs/tokenizers/troupe-bpe-4k.json");
