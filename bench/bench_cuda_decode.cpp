@@ -183,7 +183,9 @@ int main(int argc, char** argv) {
                   rec8 / op8, rec8 / tok_s);
     }
     if (placement == table_placement::host)
-      for (int n : {2048, 8192}) std::printf("prefill of %d tokens: %.0f tok/s\n", n, prefill_rate(*m, n, n > 4096 ? 1 : 3));
+      for (int n : {2048, 8192})
+        if (!c.max_position_embeddings || n <= c.max_position_embeddings)
+          std::printf("prefill of %d tokens: %.0f tok/s\n", n, prefill_rate(*m, n, n > 4096 ? 1 : 3));
     if (placement == table_placement::host)
       for (int batch : {16, 64}) {
         const double rate = decode_rate(*m, batch, std::max(8, tokens / 4), prompt_tokens);

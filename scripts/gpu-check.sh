@@ -81,7 +81,6 @@ gpu-bundle/unpack.sh
 gpu-bundle/run troupe_bench_cuda_decode models/demo 256
 [ -d /tmp/lite-1b ] || gpu-bundle/run troupe init-model --config gpu-bundle/lite-1b.json --out /tmp/lite-1b --seed 1 --tokenizer ""
 gpu-bundle/run troupe_bench_cuda_decode /tmp/lite-1b 128
-gpu-bundle/run troupe_bench_cuda_decode /tmp/lite-1b 64 16
 echo "== PyTorch on the same GPU and model (bf16 weights; eager, then torch.compile), 16 + 64 tokens"
 timeout 240 python3 bench/pytorch_decoder.py /tmp/lite-1b 16 64 16 --device cuda 2>&1 | tail -1 | cut -c1-80 || true
 timeout 300 python3 bench/pytorch_decoder.py /tmp/lite-1b 16 64 16 --device cuda --compile 2>&1 | tail -1 | cut -c1-80 || true
