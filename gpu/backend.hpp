@@ -19,6 +19,8 @@
 
 namespace troupe {
 
+struct model_config;
+
 enum class write_mode : std::uint8_t { overwrite, accumulate };
 
 /// Rotary embedding parameters, precomputed from the config (YaRN included).
@@ -39,6 +41,20 @@ struct paged_latents {
   std::int64_t block_tokens = 0;
   std::int64_t max_keys = 0;           // >= positions[r] + 1 for every row
   std::int64_t rows_per_sequence = 1;  // the most rows one sequence has here (prefill: many; decode: one)
+};
+
+/// The N-gram cache on a backend's device: per slot, the last N-1 tokens of one sequence's
+/// current segment, so a decode step hashes its tokens where its tables are (spec section 2;
+/// ids equal the host ngram_hasher's).
+class device_ngram {
+ public:
+  virtual ~device_ngram() = default;
+  /// Sets slot `slot`'s context to `tail` (oldest first), e.g. when another sequence takes the
+  /// slot. A host transfer: not inside a recording.
+  virtual void set(int slot, std::span<const std::int32_t> tail) = 0;
+  /// For i < tokens.numel(): hashes tokens[i] (i32, device) as the next token of slot i and
+  /// advances slot i; ids (i64 [num_tables, S], device) get each table's ids contiguously.
+  virtual void hash_next(const tensor& tokens, tensor& ids) = 0;
 };
 
 /// A recorded sequence of a backend's ops that can run again (a CUDA graph): the same ops on
@@ -98,9 +114,9 @@ class backend {
   virtual void scatter_add_rows(const tensor& x, const tensor& rows, const tensor& weights, tensor& out) = 0;
 
   /// The n-gram embedding combination (spec section 2):
-  /// out[T,H] = (base[tokens] + sum_i proj_i(tables_i[ngram_ids[:, i]])) / (1 + E).
-  /// Token and n-gram ids are on the host. The default composes gather_rows, linear and
-  /// scale (gpu/backend.cpp); a backend with a fused kernel overrides it.
+  /// out[T,H] = (base[tokens] + sum_i proj_i(tables_i[ngram_ids[i, :]])) / (1 + E).
+  /// tokens i64 [T] and ngram_ids i64 [E, T] (table-major) on the host, or on this device where
+  /// the tables are. The default composes gather_rows, linear and scale (gpu/backend.cpp).
   virtual void ngram_embed(const tensor& base, const tensor& tokens, const tensor& ngram_ids,
                            std::span<const tensor> tables, std::span<const tensor> projections, tensor& out);
 
@@ -130,6 +146,10 @@ class backend {
   /// with n_routed = gate_up.size(); expert e's gate_up [2F,H] and down [H,F] in weight_type().
   virtual void routed_moe(const tensor& u, const tensor& idx, const tensor& gates, std::span<const tensor> gate_up,
                           std::span<const tensor> down, tensor& out) = 0;
+
+  /// An N-gram cache of `slots` slots on this device for `config`'s tables; nullptr where the
+  /// backend has none (the CPU hashes on the host).
+  virtual std::unique_ptr<device_ngram> make_device_ngram(const model_config&, int) { return nullptr; }
 
   /// Whether record() works here (a GPU: replaying a recording saves the host's dispatch of
   /// every op; the CPU runs its ops as they are called anyway).

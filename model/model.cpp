@@ -98,33 +98,49 @@ tensor model::norm(const tensor& x, const tensor& w) {
 
 tensor model::embed(const tensor& tokens, const step_layout& layout, std::span<ngram_context* const> contexts) {
   tensor out = embed_unamplified(tokens, layout, contexts);
-  switch (config_.embedding_amplification) {
-    case amplification::none: break;
-    case amplification::sqrt_hidden: be_.scale(out, static_cast<float>(std::sqrt(static_cast<double>(config_.hidden_size)))); break;
-    case amplification::layer_norm: be_.layer_norm(out, static_cast<float>(config_.rms_norm_eps), out); break;
-  }
+  amplify(out);
   return out;
 }
 
-tensor model::embed_unamplified(const tensor& tokens, const step_layout& layout, std::span<ngram_context* const> contexts) {
-  const auto t = layout.total_rows;
+void model::amplify(tensor& embedded) {
+  switch (config_.embedding_amplification) {
+    case amplification::none: break;
+    case amplification::sqrt_hidden:
+      be_.scale(embedded, static_cast<float>(std::sqrt(static_cast<double>(config_.hidden_size))));
+      break;
+    case amplification::layer_norm: be_.layer_norm(embedded, static_cast<float>(config_.rms_norm_eps), embedded); break;
+  }
+}
+
+tensor model::token_ids(const tensor& tokens) const {
+  const auto t = tokens.numel();
   const auto* tok = tokens.data<std::int32_t>();
-  for (std::int64_t r = 0; r < t; ++r)
+  tensor ids = tensor::empty({t}, dtype::i64);
+  for (std::int64_t r = 0; r < t; ++r) {
     if (tok[r] < 0 || tok[r] >= config_.vocab_size)
       throw input_error("token id " + std::to_string(tok[r]) + " is outside the vocabulary of " +
                         std::to_string(config_.vocab_size));
+    ids.data<std::int64_t>()[r] = tok[r];
+  }
+  return ids;
+}
+
+tensor model::embed_unamplified(const tensor& tokens, const step_layout& layout, std::span<ngram_context* const> contexts) {
+  const auto t = layout.total_rows, e = hasher_.num_tables();
+  const tensor ids = token_ids(tokens);
   tensor out = be_.empty({t, config_.hidden_size}, dtype::f32);
   if (config_.embedding == embedding_kind::plain) {
-    tensor ids = tensor::empty({t}, dtype::i64);
-    for (std::int64_t r = 0; r < t; ++r) ids.data<std::int64_t>()[r] = tok[r];
     be_.gather_rows(weights_.embed, ids, out);
     return out;
   }
-  tensor ngram = tensor::empty({t, hasher_.num_tables()}, dtype::i64);
+  std::vector<std::int64_t> by_row(static_cast<std::size_t>(t * e));
   for (std::size_t i = 0; i < layout.num_sequences(); ++i)
-    hasher_.hash({tok + layout.row_begin[i], static_cast<std::size_t>(layout.num_rows[i])}, *contexts[i],
-                 ngram.data<std::int64_t>() + layout.row_begin[i] * hasher_.num_tables());
-  be_.ngram_embed(weights_.embed, tokens, ngram, weights_.ngram_tables, weights_.ngram_projections, out);
+    hasher_.hash({tokens.data<std::int32_t>() + layout.row_begin[i], static_cast<std::size_t>(layout.num_rows[i])},
+                 *contexts[i], by_row.data() + layout.row_begin[i] * e);
+  tensor ngram = tensor::empty({e, t}, dtype::i64);  // table-major: each table's ids contiguous
+  for (std::int64_t r = 0; r < t; ++r)
+    for (std::int64_t i = 0; i < e; ++i) ngram.data<std::int64_t>()[i * t + r] = by_row[static_cast<std::size_t>(r * e + i)];
+  be_.ngram_embed(weights_.embed, ids, ngram, weights_.ngram_tables, weights_.ngram_projections, out);
   return out;
 }
 
@@ -333,15 +349,8 @@ tensor model::mtp_forward(const tensor& tokens, const tensor& hidden, const step
   const auto t = layout.total_rows;
   if (tokens.numel() != t || hidden.dim(0) != t || hidden.dim(1) != config_.hidden_size)
     throw std::logic_error("mtp_forward: tokens, hidden states and layout disagree");
-  tensor ids = tensor::empty({t}, dtype::i64);
-  for (std::int64_t r = 0; r < t; ++r) {
-    const auto id = tokens.data<std::int32_t>()[r];
-    if (id < 0 || id >= config_.vocab_size)
-      throw input_error("token id " + std::to_string(id) + " is outside the vocabulary of " + std::to_string(config_.vocab_size));
-    ids.data<std::int64_t>()[r] = id;
-  }
   tensor e = be_.empty({t, config_.hidden_size}, dtype::f32);
-  be_.gather_rows(weights_.embed, ids, e);  // the shared token embedding
+  be_.gather_rows(weights_.embed, token_ids(tokens), e);  // the shared token embedding
   tensor x = be_.empty({t, config_.hidden_size}, dtype::f32);
   be_.linear(norm(e, m.enorm), m.eh_embed, x, write_mode::overwrite);  // eh_proj([enorm(e); hnorm(h)])
   const tensor h = hidden.where() == be_.where() ? hidden : be_.upload(hidden, dtype::f32);  // the scheduler's host copy

@@ -162,6 +162,10 @@ class model {
   tensor swiglu(const swiglu_weights& w, const tensor& x);
   tensor norm(const tensor& x, const tensor& w);
   tensor embed_unamplified(const tensor& tokens, const step_layout& layout, std::span<ngram_context* const> contexts);
+  /// The embedding amplification of the config (spec section 2), in place.
+  void amplify(tensor& embedded);
+  /// tokens (i32, host) as i64 row ids; input_error for an id outside the vocabulary.
+  tensor token_ids(const tensor& tokens) const;
 
   model_config config_;
   model_weights weights_;

@@ -3,8 +3,10 @@
 // block addresses change. So the step is recorded once per T over fixed buffers (the embedded
 // rows, positions, row-to-sequence map, one block table per attention layer) and every later
 // step refills those buffers and replays: one launch instead of a host dispatch per op.
-// The embedding stays outside the recording: it hashes n-grams on the host and gathers rows
-// from tables that may stay in host memory.
+// With the tables on the device and one token per sequence the embedding is recorded too: the
+// device N-gram cache hashes the new tokens where the tables are (the host keeps its own copy of
+// each context to re-seed a slot); otherwise the embedding runs before the replay (host hashing,
+// rows gathered from tables that may stay in host memory).
 #include <cstring>
 
 #include "model/recorded_step.hpp"
@@ -20,7 +22,13 @@ tensor model::forward_recorded(const tensor& tokens, const step_layout& layout, 
   for (std::size_t i = 0; i < layout.num_sequences(); ++i)
     if (layout.first_position[i] + layout.num_rows[i] > capacity) return {};  // beyond the recorded scratch
 
-  auto& slot = recorded_[t];
+  // The embedding joins the recording when every sequence adds one token and every table it
+  // reads is on the device (with host tables only the host can gather).
+  bool embeds = layout.total_rows == static_cast<std::int64_t>(layout.num_sequences()) &&
+                weights_.embed.where() == be_.where();
+  for (const auto& table : weights_.ngram_tables) embeds = embeds && table.where() == be_.where();
+
+  auto& slot = recorded_[2 * t + (embeds ? 1 : 0)];
   if (!slot) {
     slot = std::make_unique<recorded_step>();
     slot->rows = t;
@@ -32,6 +40,17 @@ tensor model::forward_recorded(const tensor& tokens, const step_layout& layout, 
     slot->tables = be_.empty({layers * t, slot->max_blocks}, dtype::i64);
     slot->host_tables = tensor::zeros({layers * t, slot->max_blocks}, dtype::i64);
     be_.copy_rows(slot->host_tables, slot->tables, 0);
+    slot->embeds = embeds;
+    if (embeds) {
+      slot->tokens = be_.empty({t, 1}, dtype::i32);
+      slot->token_rows = be_.empty({t, 1}, dtype::i64);
+      if (hasher_.num_tables()) {
+        slot->ngram_ids = be_.empty({hasher_.num_tables(), t}, dtype::i64);
+        slot->ngram = be_.make_device_ngram(c, static_cast<int>(t));
+        if (!slot->ngram) throw std::logic_error("a backend that records must provide a device N-gram cache");
+        slot->slot_context.resize(static_cast<std::size_t>(t));
+      }
+    }
   }
   recorded_step& r = *slot;
 
@@ -47,18 +66,45 @@ tensor model::forward_recorded(const tensor& tokens, const step_layout& layout, 
     be_.copy_rows(tables, r.tables, 0);
     r.host_tables = tables;
   }
-  be_.copy_rows(embed(tokens, layout, contexts), r.h, 0);
+  std::vector<ngram_context> before;  // each sequence's N-gram cache before this step's token
+  if (r.embeds) {
+    be_.copy_rows(tokens.reshape({t, 1}), r.tokens, 0);
+    be_.copy_rows(token_ids(tokens).reshape({t, 1}), r.token_rows, 0);
+    for (std::size_t i = 0; i < batch.size(); ++i) {
+      before.push_back(*contexts[i]);
+      advance_ngram(*contexts[i], batch[i].tokens);  // the host's copy stays the reference
+    }
+  } else {
+    be_.copy_rows(embed(tokens, layout, contexts), r.h, 0);
+  }
   be_.copy_rows(layout.positions.reshape({t, 1}), r.positions, 0);
   be_.copy_rows(layout.row_seq.reshape({t, 1}), r.row_seq, 0);
 
   if (!r.recording.ops) {
     r.recording = be_.record([this, &r, block] {
-      return head(blocks(r.h, [&r, block](std::int64_t a) {
+      tensor h = r.h;
+      if (r.embeds) {
+        h = be_.empty({r.rows, config_.hidden_size}, dtype::f32);
+        if (r.ngram) r.ngram->hash_next(r.tokens.reshape({r.rows}), r.ngram_ids);
+        be_.ngram_embed(weights_.embed, r.token_rows.reshape({r.rows}), r.ngram_ids, weights_.ngram_tables,
+                        weights_.ngram_projections, h);
+        amplify(h);
+      }
+      return head(blocks(h, [&r, block](std::int64_t a) {
         return paged_latents{r.tables.rows(a * r.rows, (a + 1) * r.rows), r.row_seq.reshape({r.rows}),
                              r.positions.reshape({r.rows}), block, r.max_keys, r.rows};
       }));
     });
+    // Recording ran the hash twice: what the slots hold is unknown now.
+    for (auto& held : r.slot_context) held.tail.assign(1, -1);
   }
+  // A slot whose context differs from its sequence's (another sequence took it, or a rollback
+  // rewound it) is set from the host's copy; every other slot already holds it.
+  if (r.ngram)
+    for (std::size_t i = 0; i < batch.size(); ++i) {
+      if (r.slot_context[i] != before[i]) r.ngram->set(static_cast<int>(i), before[i].tail);
+      r.slot_context[i] = *contexts[i];
+    }
   r.recording.ops->replay();
   return be_.download(r.recording.out);
 }

@@ -11,7 +11,16 @@ constexpr std::int64_t default_recorded_keys = 4096;
 
 struct model::recorded_step {
   std::int64_t rows = 0, max_blocks = 0, max_keys = 0;
+  // Embedding outside the recording (host hashing, tables anywhere): its rows go into h.
   tensor h;            // [T, H]: the step's embedded rows
+  // Embedding inside it (one token per sequence, tables on the device): the tokens go in, the
+  // device N-gram cache hashes them, the rows are gathered and projected on the device.
+  bool embeds = false;
+  tensor tokens;                            // i32 [T]
+  tensor token_rows;                        // i64 [T]: the same, as table rows
+  tensor ngram_ids;                         // i64 [E, T]
+  std::unique_ptr<device_ngram> ngram;      // slot i: the step's sequence i
+  std::vector<ngram_context> slot_context;  // the context each slot holds (a copy of the host's)
   tensor positions;    // i64 [T]
   tensor row_seq;      // i32 [T]
   tensor tables;       // i64 [A * T, max_blocks]: per attention layer, each sequence's block addresses

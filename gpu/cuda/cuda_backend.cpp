@@ -9,6 +9,7 @@
 
 #include "gpu/cuda/cuda_check.hpp"
 #include "gpu/cuda/cuda_kernels.hpp"
+#include "gpu/cuda/ngram_cache.hpp"
 
 namespace troupe {
 namespace {
@@ -87,6 +88,39 @@ class cuda_graph final : public recorded_ops {
 };
 
 }  // namespace
+
+namespace {
+
+// backend::device_ngram over the device N-gram cache, slot i hashing row i of each call.
+class cuda_device_ngram final : public device_ngram {
+ public:
+  cuda_device_ngram(const model_config& config, int slots, cudaStream_t stream, tensor slot_ids)
+      : cache_(config, slots), stream_(stream), slot_ids_(std::move(slot_ids)) {}
+
+  void set(int slot, std::span<const std::int32_t> tail) override { cache_.set(slot, tail.data(), tail.size(), stream_); }
+
+  void hash_next(const tensor& tokens, tensor& ids) override {
+    const auto count = tokens.numel();
+    TROUPE_EXPECT(on_gpu(tokens) && on_gpu(ids) && tokens.type() == dtype::i32 && ids.type() == dtype::i64 &&
+                      count <= slot_ids_.numel() && ids.numel() == count * cache_.num_tables(),
+                  "device_ngram::hash_next", "tokens " + shape_to_string(tokens.shape()) + ", ids " + shape_to_string(ids.shape()));
+    cache_.hash_decode_async(tokens.data<std::int32_t>(), slot_ids_.data<std::int32_t>(), static_cast<int>(count),
+                             ids.data<std::int64_t>(), stream_, true);
+  }
+
+ private:
+  device_ngram_cache cache_;
+  cudaStream_t stream_;
+  tensor slot_ids_;  // 0, 1, ... on the device
+};
+
+}  // namespace
+
+std::unique_ptr<device_ngram> cuda_backend::make_device_ngram(const model_config& config, int slots) {
+  tensor ids = tensor::empty({slots}, dtype::i32);
+  for (int i = 0; i < slots; ++i) ids.data<std::int32_t>()[i] = i;
+  return std::make_unique<cuda_device_ngram>(config, slots, as_stream(stream_), upload(ids, dtype::i32));
+}
 
 bool cuda_backend::available() {
   int n = 0;

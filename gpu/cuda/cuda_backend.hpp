@@ -66,6 +66,8 @@ class cuda_backend final : public backend {
   void routed_moe(const tensor& u, const tensor& idx, const tensor& gates, std::span<const tensor> gate_up,
                   std::span<const tensor> down, tensor& out) override;
 
+  std::unique_ptr<device_ngram> make_device_ngram(const model_config& config, int slots) override;
+
   /// Records as a CUDA graph (stream capture); tensors allocated while capturing come from an
   /// arena the graph owns.
   bool records() const override { return true; }

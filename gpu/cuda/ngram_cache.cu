@@ -1,5 +1,7 @@
 #include "gpu/cuda/ngram_cache.hpp"
 
+#include <algorithm>
+
 #include "gpu/cuda/cuda_check.hpp"
 #include "model/config.hpp"
 
@@ -11,7 +13,7 @@ namespace {
 // check in the constructor guarantees.
 __global__ void hash_decode_kernel(const std::int32_t* tokens, const std::int32_t* slots, std::int64_t* ids,
                                    const std::int64_t* moduli, const std::int64_t* powers, std::int32_t* tails,
-                                   std::int32_t* lengths, int num_tables, int width, std::int32_t eos) {
+                                   std::int32_t* lengths, int num_tables, int width, std::int32_t eos, bool table_major) {
   const int i = blockIdx.x;
   const int slot = slots[i];
   const std::int32_t x = tokens[i];
@@ -25,7 +27,8 @@ __global__ void hash_decode_kernel(const std::int32_t* tokens, const std::int32_
       if (p == 0) break;  // beyond this table's order
       h = (h + static_cast<unsigned long long>(tail[len - k]) * p) % m;
     }
-    ids[static_cast<std::int64_t>(i) * num_tables + t] = static_cast<std::int64_t>(h);
+    ids[table_major ? static_cast<std::int64_t>(t) * gridDim.x + i : static_cast<std::int64_t>(i) * num_tables + t] =
+        static_cast<std::int64_t>(h);
   }
   __syncthreads();  // every table has read the old context before it moves
   if (threadIdx.x == 0) {
@@ -88,12 +91,22 @@ void device_ngram_cache::reset_async(int slot, cudaStream_t stream) {
   TROUPE_CUDA_CHECK(cudaMemsetAsync(lengths_ + slot, 0, sizeof(std::int32_t), stream));
 }
 
+void device_ngram_cache::set(int slot, const std::int32_t* tail, std::size_t size, cudaStream_t stream) {
+  if (slot < 0 || slot >= max_sequences_) throw std::out_of_range("device_ngram_cache: slot out of range");
+  const auto len = static_cast<std::int32_t>(std::min<std::size_t>(size, static_cast<std::size_t>(width_)));
+  if (len)
+    TROUPE_CUDA_CHECK(cudaMemcpyAsync(tails_ + static_cast<std::int64_t>(slot) * width_, tail + (size - len),
+                                      sizeof(std::int32_t) * static_cast<std::size_t>(len), cudaMemcpyHostToDevice, stream));
+  TROUPE_CUDA_CHECK(cudaMemcpyAsync(lengths_ + slot, &len, sizeof len, cudaMemcpyHostToDevice, stream));
+  TROUPE_CUDA_CHECK(cudaStreamSynchronize(stream));  // pageable sources (`len` lives on this frame)
+}
+
 void device_ngram_cache::hash_decode_async(const std::int32_t* tokens, const std::int32_t* slots, int count,
-                                           std::int64_t* ids, cudaStream_t stream) {
+                                           std::int64_t* ids, cudaStream_t stream, bool table_major) {
   if (count == 0 || num_tables_ == 0) return;
   const int threads = ((num_tables_ + 31) / 32) * 32;
   hash_decode_kernel<<<count, threads, 0, stream>>>(tokens, slots, ids, moduli_, powers_, tails_, lengths_, num_tables_,
-                                                     width_, eos_);
+                                                     width_, eos_, table_major);
   TROUPE_CUDA_CHECK_LAUNCH();
 }
 

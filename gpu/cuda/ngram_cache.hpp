@@ -6,6 +6,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <cstddef>
 #include <cstdint>
 #include <vector>
 
@@ -26,11 +27,14 @@ class device_ngram_cache {
 
   /// Empties a slot (a new sequence), asynchronously on `stream`.
   void reset_async(int slot, cudaStream_t stream);
+  /// Sets a slot's context to the last context_width() of the `size` tokens at `tail` (oldest
+  /// first); `tail` is free again when this returns.
+  void set(int slot, const std::int32_t* tail, std::size_t size, cudaStream_t stream);
   /// For each i: hashes tokens[i] (device, i32) as the next token of sequence slots[i]
   /// (device, i32) into ids[i * num_tables() ...] (device, i64) and advances that slot.
-  /// Slots in one call must be distinct.
+  /// Slots in one call must be distinct. `table_major`: ids[t * count + i] instead.
   void hash_decode_async(const std::int32_t* tokens, const std::int32_t* slots, int count, std::int64_t* ids,
-                         cudaStream_t stream);
+                         cudaStream_t stream, bool table_major = false);
   /// Copies the context of one slot to the host (tests, diagnostics); synchronises `stream`.
   std::vector<std::int32_t> context(int slot, cudaStream_t stream) const;
 

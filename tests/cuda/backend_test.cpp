@@ -16,6 +16,7 @@
 #include "model/generator.hpp"
 #include "model/model.hpp"
 #include "model/sampler.hpp"
+#include "model/weights.hpp"
 #include "tests/test_support.hpp"
 #include "tokenizer/tokenizer.hpp"
 
@@ -155,10 +156,10 @@ TEST(cuda_backend, gathers_scatters_and_the_ngram_embedding) {
       proj_c.push_back(b.cpu.upload(p, dtype::bf16));
       proj_g.push_back(b.gpu.upload(p, dtype::bf16));
     }
-    tensor tokens = tensor::empty({t}, dtype::i32), ngram = tensor::empty({t, 4}, dtype::i64);
+    tensor tokens = tensor::empty({t}, dtype::i64), ngram = tensor::empty({4, t}, dtype::i64);
     for (int r = 0; r < t; ++r) {
-      tokens.data<std::int32_t>()[r] = (r * 11 + 3) % 40;
-      for (int i = 0; i < 4; ++i) ngram.data<std::int64_t>()[r * 4 + i] = (r * 7 + i * 5) % 30;
+      tokens.data<std::int64_t>()[r] = (r * 11 + 3) % 40;
+      for (int i = 0; i < 4; ++i) ngram.data<std::int64_t>()[i * t + r] = (r * 7 + i * 5) % 30;
     }
     tensor yc = tensor::empty({t, h}, dtype::f32), yg = poisoned(b.gpu, {t, h});
     b.cpu.ngram_embed(base, tokens, ngram, tables, proj_c, yc);
@@ -326,41 +327,52 @@ TEST(cuda_backend, the_whole_model_matches_the_cpu) {
 
 // Decode steps replayed from CUDA graphs against the same steps dispatched op by op: batches
 // that shrink and grow (a new graph per row count, block tables rewritten), positions crossing
-// KV block boundaries, all-token logits of multi-row (speculative-verification) steps.
+// KV block boundaries, all-token logits of multi-row (speculative-verification) steps. With the
+// tables on the device the embedding is recorded too: the device N-gram cache hashes (slots
+// re-seeded as sequences come and go, an EOS resetting a segment) against the host's hashing.
 TEST(cuda_backend, recorded_steps_equal_op_by_op_steps) {
   SKIP_WITHOUT_GPU();
   cuda_backend gpu;
   const auto dir = test::make_model("cuda_recorded", test::tiny_config(R"("num_layers": 2)"), 6);
-  auto recorded = model::load(dir, gpu);
-  auto plain = model::load(dir, gpu);
-  plain->set_recorded_steps(false);
-  std::vector<sequence_state> sr(4), sp(4);
-  std::vector<std::vector<std::int32_t>> feed{{5, 9, 14, 2, 33, 7, 61, 8, 19}, {40, 3, 11}, {7, 7, 8, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14},
-                                              {21, 22}};
-  double worst = 0;
-  for (int step = 0; step < 40; ++step) {
-    // Sequences 0-2 from the start; 1 leaves after step 12; 3 joins at step 20.
-    std::vector<std::size_t> live;
-    for (std::size_t i : {0u, 1u, 2u, 3u})
-      if ((i != 1 || step <= 12) && (i != 3 || step >= 20)) live.push_back(i);
-    // Step 30 verifies three tokens of sequence 0 at once (all-token logits).
-    const bool multi = step == 30;
-    if (multi) feed[0] = {feed[0][0], 17, 18};
-    std::vector<step_input> in_r, in_p;
-    for (auto i : live) in_r.push_back({&sr[i], feed[i]}), in_p.push_back({&sp[i], feed[i]});
-    const auto mode = multi ? logits_mode::all_tokens : logits_mode::last_token;
-    const tensor lr = recorded->forward(in_r, mode), lp = plain->forward(in_p, mode);
-    ASSERT_EQ(lr.numel(), lp.numel());
-    const double e = test::relative_l2(lr.data<float>(), lp.data<float>(), static_cast<std::size_t>(lp.numel()));
-    worst = std::max(worst, e);
-    EXPECT_LT(e, 1e-6) << "step " << step;
-    const auto vocab = static_cast<std::size_t>(lp.dim(1));
-    for (std::size_t j = 0; j < live.size(); ++j) {
-      const auto row = multi ? static_cast<std::int64_t>(lp.dim(0)) - static_cast<std::int64_t>(live.size()) + static_cast<std::int64_t>(j) : static_cast<std::int64_t>(j);
-      feed[live[j]].assign(1, argmax({lp.data<float>() + row * lp.dim(1), vocab}));
+  for (const auto placement : {table_placement::host, table_placement::device}) {
+    auto recorded = model::load(dir, gpu, placement);
+    auto plain = model::load(dir, gpu, placement);
+    plain->set_recorded_steps(false);
+    const std::int32_t eos = plain->config().eos_token_id;
+    std::vector<sequence_state> sr(4), sp(4);
+    std::vector<std::vector<std::int32_t>> feed{
+        {5, 9, 14, 2, 33, 7, 61, 8, 19}, {40, 3, 11}, {7, 7, 8, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14}, {21, 22}};
+    double worst = 0;
+    for (int step = 0; step < 40; ++step) {
+      // Sequences 0-2 from the start; 1 leaves after step 12; 3 joins at step 20.
+      std::vector<std::size_t> live;
+      for (std::size_t i : {0u, 1u, 2u, 3u})
+        if ((i != 1 || step <= 12) && (i != 3 || step >= 20)) live.push_back(i);
+      // Step 30 verifies three tokens of sequence 0 at once (all-token logits).
+      const bool multi = step == 30;
+      if (multi) feed[0] = {feed[0][0], 17, 18};
+      if (step == 25) feed[2] = {eos};  // a new segment: the N-gram cache empties
+      std::vector<step_input> in_r, in_p;
+      for (auto i : live) in_r.push_back({&sr[i], feed[i]}), in_p.push_back({&sp[i], feed[i]});
+      const auto mode = multi ? logits_mode::all_tokens : logits_mode::last_token;
+      const tensor lr = recorded->forward(in_r, mode), lp = plain->forward(in_p, mode);
+      ASSERT_EQ(lr.numel(), lp.numel());
+      const double e = test::relative_l2(lr.data<float>(), lp.data<float>(), static_cast<std::size_t>(lp.numel()));
+      worst = std::max(worst, e);
+      EXPECT_LT(e, 1e-6) << "step " << step << ", tables in " << (placement == table_placement::host ? "host" : "device")
+                         << " memory";
+      for (auto i : live) EXPECT_EQ(sr[i].ngram, sp[i].ngram) << "host N-gram cache of sequence " << i;
+      const auto vocab = static_cast<std::size_t>(lp.dim(1));
+      for (std::size_t j = 0; j < live.size(); ++j) {
+        const auto row = multi ? static_cast<std::int64_t>(lp.dim(0)) - static_cast<std::int64_t>(live.size()) +
+                                     static_cast<std::int64_t>(j)
+                               : static_cast<std::int64_t>(j);
+        feed[live[j]].assign(1, argmax({lp.data<float>() + row * lp.dim(1), vocab}));
+      }
     }
+    std::cerr << "  recorded vs op by op, tables in " << (placement == table_placement::host ? "host" : "device")
+              << " memory: worst relative L2 " << worst << "\n";
   }
-  std::cerr << "  recorded vs op by op: worst relative L2 " << worst << "\n";
 }
 
 }  // namespace
