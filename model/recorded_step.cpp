@@ -7,6 +7,7 @@
 // device N-gram cache hashes the new tokens where the tables are (the host keeps its own copy of
 // each context to re-seed a slot); otherwise the embedding runs before the replay (host hashing,
 // rows gathered from tables that may stay in host memory).
+#include <algorithm>
 #include <cstring>
 
 #include "model/recorded_step.hpp"
@@ -18,9 +19,14 @@ tensor model::forward_recorded(const tensor& tokens, const step_layout& layout, 
   const auto& c = config_;
   const std::int64_t t = layout.total_rows, block = plain_blocks_.block_tokens();
   const std::int64_t layers = c.num_attention_layers();
-  const std::int64_t capacity = c.max_position_embeddings ? c.max_position_embeddings : default_recorded_keys;
-  for (std::size_t i = 0; i < layout.num_sequences(); ++i)
-    if (layout.first_position[i] + layout.num_rows[i] > capacity) return {};  // beyond the recorded scratch
+  // Block tables hold as many blocks as the longest sequence needs, rounded up to a power of two
+  // (at least 256 tokens, at most max_position_embeddings): a longer sequence records the step
+  // again with twice the room, so a short context never copies or compares long tables.
+  std::int64_t need = 0;
+  for (std::size_t i = 0; i < layout.num_sequences(); ++i) need = std::max(need, layout.first_position[i] + layout.num_rows[i]);
+  std::int64_t capacity = min_recorded_keys;
+  while (capacity < need) capacity *= 2;
+  if (c.max_position_embeddings) capacity = std::min(capacity, std::max(need, c.max_position_embeddings));
 
   // The embedding joins the recording when every sequence adds one token and every table it
   // reads is on the device (with host tables only the host can gather).
@@ -29,6 +35,7 @@ tensor model::forward_recorded(const tensor& tokens, const step_layout& layout, 
   for (const auto& table : weights_.ngram_tables) embeds = embeds && table.where() == be_.where();
 
   auto& slot = recorded_[2 * t + (embeds ? 1 : 0)];
+  if (slot && slot->max_keys < need) slot.reset();  // record again with room for the longest sequence
   if (!slot) {
     slot = std::make_unique<recorded_step>();
     slot->rows = t;

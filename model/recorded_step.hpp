@@ -6,8 +6,8 @@
 
 namespace troupe {
 
-/// Keys a recorded step can attend over when the config sets no max_position_embeddings.
-constexpr std::int64_t default_recorded_keys = 4096;
+/// The fewest keys a recorded step's block tables have room for (more as sequences grow).
+constexpr std::int64_t min_recorded_keys = 256;
 
 struct model::recorded_step {
   std::int64_t rows = 0, max_blocks = 0, max_keys = 0;

@@ -341,10 +341,13 @@ TEST(cuda_backend, recorded_steps_equal_op_by_op_steps) {
     const std::int32_t eos = plain->config().eos_token_id;
     std::vector<sequence_state> sr(4), sp(4);
     std::vector<std::vector<std::int32_t>> feed{
-        {5, 9, 14, 2, 33, 7, 61, 8, 19}, {40, 3, 11}, {7, 7, 8, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14}, {21, 22}};
+        {5, 9, 14, 2, 33, 7, 61, 8, 19}, {40, 3, 11}, {7, 7, 8, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14}, {}};
+    // Sequence 3 arrives with 250 tokens: its decode steps outgrow the recorded block tables
+    // (room for 256 keys at first) and the step is recorded again with room for 512.
+    for (int i = 0; i < 250; ++i) feed[3].push_back(3 + (i * 31) % 90);
     double worst = 0;
     for (int step = 0; step < 40; ++step) {
-      // Sequences 0-2 from the start; 1 leaves after step 12; 3 joins at step 20.
+      // Sequences 0-2 from the start; 1 leaves after step 12; 3 joins at step 20 (a 250-token prompt).
       std::vector<std::size_t> live;
       for (std::size_t i : {0u, 1u, 2u, 3u})
         if ((i != 1 || step <= 12) && (i != 3 || step >= 20)) live.push_back(i);
