@@ -388,7 +388,11 @@ tensor model::forward(std::span<const step_input> batch, logits_mode mode) {
     contexts.push_back(&batch[i].state->ngram);
     if (batch[i].state->latents.empty()) batch[i].state->latents.resize(static_cast<std::size_t>(c.num_attention_layers()));
   }
-  if (recorded_steps_ && be_.records() && layout.total_rows <= be_.routed_moe_rows()) {
+  // Decode and verification steps replay recordings; a step where some sequence brings many
+  // tokens (prefill) runs op by op: it is compute-bound, and the recorded head would score
+  // every row where the op-by-op one scores only the last of each sequence.
+  const bool decode_like = *std::max_element(num_rows.begin(), num_rows.end()) <= max_recorded_rows_per_sequence;
+  if (recorded_steps_ && be_.records() && decode_like && layout.total_rows <= be_.routed_moe_rows()) {
     tensor all = forward_recorded(tokens, layout, batch, contexts);
     if (all.defined()) {
       for (const auto& in : batch) in.state->num_tokens += static_cast<std::int64_t>(in.tokens.size());

@@ -453,7 +453,7 @@ void cuda_backend::router_topk(const tensor& logits, const tensor& bias, int k, 
                     weights.data<float>(), as_stream(stream_));
 }
 
-std::int64_t cuda_backend::routed_moe_rows() const { return cuda::gemv_max_rows; }
+std::int64_t cuda_backend::routed_moe_rows() const { return cuda::routed_moe_max_rows; }
 
 void cuda_backend::routed_moe(const tensor& u, const tensor& idx, const tensor& gates, std::span<const tensor> gate_up,
                               std::span<const tensor> down, tensor& out) {
@@ -484,13 +484,16 @@ void cuda_backend::routed_moe(const tensor& u, const tensor& idx, const tensor& 
   lock.unlock();
   const std::int64_t slots = t * k;
   tensor gu = empty({slots, 2 * f}, dtype::f32), act = empty({slots, f}, dtype::f32), y = empty({slots, h}, dtype::f32);
-  cuda::expert_gemv_bf16(u.data<float>(), k, idx.data<std::int32_t>(), slots,
-                         static_cast<const std::uint16_t* const*>(d_gu.raw()), n_routed, 2 * f, h, gu.data<float>(),
-                         as_stream(stream_));
+  tensor offsets = empty({n_routed + 1}, dtype::i32), order = empty({slots}, dtype::i32);
+  cuda::group_slots(idx.data<std::int32_t>(), slots, n_routed, offsets.data<std::int32_t>(), order.data<std::int32_t>(),
+                    as_stream(stream_));
+  cuda::grouped_expert_gemv_bf16(u.data<float>(), k, offsets.data<std::int32_t>(), order.data<std::int32_t>(),
+                                 static_cast<const std::uint16_t* const*>(d_gu.raw()), n_routed, 2 * f, h, gu.data<float>(),
+                                 as_stream(stream_));
   cuda::swiglu(gu.data<float>(), act.data<float>(), slots, f, as_stream(stream_));
-  cuda::expert_gemv_bf16(act.data<float>(), 1, idx.data<std::int32_t>(), slots,
-                         static_cast<const std::uint16_t* const*>(d_down.raw()), n_routed, h, f, y.data<float>(),
-                         as_stream(stream_));
+  cuda::grouped_expert_gemv_bf16(act.data<float>(), 1, offsets.data<std::int32_t>(), order.data<std::int32_t>(),
+                                 static_cast<const std::uint16_t* const*>(d_down.raw()), n_routed, h, f, y.data<float>(),
+                                 as_stream(stream_));
   cuda::moe_combine(u.data<float>(), y.data<float>(), idx.data<std::int32_t>(), gates.data<float>(), t,
                     static_cast<int>(k), n_routed, h, out.data<float>(), as_stream(stream_));
 }

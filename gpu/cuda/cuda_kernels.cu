@@ -161,7 +161,7 @@ __device__ void unpack_bf16x8(const uint4& packed, float (&wf)[8]) {
 // 16-byte streaming loads before it uses any (a whole 2048-wide row at once), where a
 // load-then-use loop would wait a memory latency per 8 KB of the warp's row.
 template <int M>
-__device__ void warp_dot_bf16(const __nv_bfloat16* row, const float* x, std::int64_t k, float (&acc)[M]) {
+__device__ void warp_dot_bf16(const __nv_bfloat16* row, const float* const (&xs)[M], std::int64_t k, float (&acc)[M]) {
   constexpr int unroll = 8;
   const int lane = threadIdx.x & 31;
   if (k % 8 == 0) {
@@ -180,8 +180,8 @@ __device__ void warp_dot_bf16(const __nv_bfloat16* row, const float* x, std::int
         unpack_bf16x8(packed[u], wf);
 #pragma unroll
         for (int r = 0; r < M; ++r) {
-          const float4 a = *reinterpret_cast<const float4*>(x + r * k + c);
-          const float4 b = *reinterpret_cast<const float4*>(x + r * k + c + 4);
+          const float4 a = *reinterpret_cast<const float4*>(xs[r] + c);
+          const float4 b = *reinterpret_cast<const float4*>(xs[r] + c + 4);
           acc[r] += wf[0] * a.x + wf[1] * a.y + wf[2] * a.z + wf[3] * a.w + wf[4] * b.x + wf[5] * b.y + wf[6] * b.z +
                     wf[7] * b.w;
         }
@@ -191,7 +191,7 @@ __device__ void warp_dot_bf16(const __nv_bfloat16* row, const float* x, std::int
     for (std::int64_t c = lane; c < k; c += 32) {
       const float wf = __bfloat162float(row[c]);
 #pragma unroll
-      for (int r = 0; r < M; ++r) acc[r] += wf * x[r * k + c];
+      for (int r = 0; r < M; ++r) acc[r] += wf * xs[r][c];
     }
   }
 #pragma unroll
@@ -205,24 +205,80 @@ __global__ void gemv_bf16_kernel(const float* x, std::int64_t k, const __nv_bflo
                                  bool accumulate) {
   const std::int64_t col = blockIdx.x * static_cast<std::int64_t>(blockDim.x / 32) + (threadIdx.x >> 5);
   if (col >= n) return;
+  const float* xs[M];
+#pragma unroll
+  for (int r = 0; r < M; ++r) xs[r] = x + r * k;
   float acc[M] = {};
-  warp_dot_bf16<M>(w + col * k, x, k, acc);
+  warp_dot_bf16<M>(w + col * k, xs, k, acc);
   if ((threadIdx.x & 31) != 0) return;
 #pragma unroll
   for (int r = 0; r < M; ++r) y[r * n + col] = accumulate ? y[r * n + col] + acc[r] : acc[r];
 }
 
-// One warp per (output column, slot): the slot's expert matrix row against its input row.
-__global__ void expert_gemv_kernel(const float* x, std::int64_t x_row_div, const std::int32_t* idx,
-                                   const __nv_bfloat16* const* weights, std::int32_t n_routed, std::int64_t n, std::int64_t k,
-                                   float* y) {
+// The routed slots grouped by expert, in one block: order[offsets[e] .. offsets[e + 1]) are the
+// slots whose expert is e (< n_routed; zero experts have no GEMVs). Counting sort in shared
+// memory; the order within an expert does not matter (each slot's output is its own).
+__global__ void group_slots_kernel(const std::int32_t* idx, std::int64_t slots, std::int32_t n_routed, std::int32_t* offsets,
+                                   std::int32_t* order) {
+  extern __shared__ std::int32_t next[];  // [n_routed]
+  for (std::int32_t e = threadIdx.x; e < n_routed; e += blockDim.x) next[e] = 0;
+  __syncthreads();
+  for (std::int64_t s = threadIdx.x; s < slots; s += blockDim.x)
+    if (idx[s] < n_routed) atomicAdd(&next[idx[s]], 1);
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    std::int32_t running = 0;
+    for (std::int32_t e = 0; e < n_routed; ++e) {
+      const std::int32_t count = next[e];
+      offsets[e] = next[e] = running;
+      running += count;
+    }
+    offsets[n_routed] = running;
+  }
+  __syncthreads();
+  for (std::int64_t s = threadIdx.x; s < slots; s += blockDim.x)
+    if (idx[s] < n_routed) order[atomicAdd(&next[idx[s]], 1)] = static_cast<std::int32_t>(s);
+}
+
+// The slots [c0, c0 + M) of one expert's group (a ragged tail repeats its first slot) against
+// one weight row; lane 0 writes the outputs of the real slots.
+template <int M>
+__device__ void expert_rows(const float* x, std::int64_t x_row_div, const std::int32_t* order, std::int32_t c0,
+                            std::int32_t end, const __nv_bfloat16* row, std::int64_t col, std::int64_t n, std::int64_t k,
+                            float* y) {
+  const float* xs[M];
+#pragma unroll
+  for (int r = 0; r < M; ++r) xs[r] = x + (order[c0 + r < end ? c0 + r : c0] / x_row_div) * k;
+  float acc[M] = {};
+  warp_dot_bf16<M>(row, xs, k, acc);
+  if ((threadIdx.x & 31) == 0)
+#pragma unroll
+    for (int r = 0; r < M; ++r)
+      if (c0 + r < end) y[static_cast<std::int64_t>(order[c0 + r]) * n + col] = acc[r];
+}
+
+// y[s, :n] = W_e[n, k] . x[s / x_row_div] for every slot s of expert e: a warp per (output
+// column, expert) reads the weight row once from memory for all of the expert's slots, eight
+// at a time (the row stays in L1 between them); a group of one or two slots (decode) takes the
+// narrow instantiations, so no lane multiplies rows it does not need.
+__global__ void grouped_expert_gemv_kernel(const float* x, std::int64_t x_row_div, const std::int32_t* offsets,
+                                           const std::int32_t* order, const __nv_bfloat16* const* weights, std::int64_t n,
+                                           std::int64_t k, float* y) {
   const std::int64_t col = blockIdx.x * static_cast<std::int64_t>(blockDim.x / 32) + (threadIdx.x >> 5);
-  const std::int64_t slot = blockIdx.y;
-  const std::int32_t e = idx[slot];
-  if (col >= n || e >= n_routed) return;
-  float acc[1] = {};
-  warp_dot_bf16<1>(weights[e] + col * k, x + (slot / x_row_div) * k, k, acc);
-  if ((threadIdx.x & 31) == 0) y[slot * n + col] = acc[0];
+  const std::int32_t e = blockIdx.y, begin = offsets[e], end = offsets[e + 1];
+  if (col >= n || begin == end) return;
+  const __nv_bfloat16* row = weights[e] + col * k;
+  for (std::int32_t c0 = begin; c0 < end; c0 += 8) {
+    const std::int32_t rows = end - c0;  // warp-uniform
+    if (rows == 1)
+      expert_rows<1>(x, x_row_div, order, c0, end, row, col, n, k, y);
+    else if (rows == 2)
+      expert_rows<2>(x, x_row_div, order, c0, end, row, col, n, k, y);
+    else if (rows <= 4)
+      expert_rows<4>(x, x_row_div, order, c0, end, row, col, n, k, y);
+    else
+      expert_rows<8>(x, x_row_div, order, c0, end, row, col, n, k, y);
+  }
 }
 
 __global__ void moe_combine_kernel(const float* u, const float* y, const std::int32_t* idx, const float* gates,
@@ -551,14 +607,21 @@ void gemv_bf16(const float* x, std::int64_t m, std::int64_t k, const std::uint16
   TROUPE_CUDA_CHECK_LAUNCH();
 }
 
-void expert_gemv_bf16(const float* x, std::int64_t x_row_div, const std::int32_t* idx, std::int64_t slots,
-                      const std::uint16_t* const* weights, std::int32_t n_routed, std::int64_t n, std::int64_t k, float* y,
-                      cudaStream_t s) {
-  if (slots == 0 || n == 0) return;
+void group_slots(const std::int32_t* idx, std::int64_t slots, std::int32_t n_routed, std::int32_t* offsets,
+                 std::int32_t* order, cudaStream_t s) {
+  group_slots_kernel<<<1, 1024, static_cast<std::size_t>(n_routed) * sizeof(std::int32_t), s>>>(idx, slots, n_routed,
+                                                                                               offsets, order);
+  TROUPE_CUDA_CHECK_LAUNCH();
+}
+
+void grouped_expert_gemv_bf16(const float* x, std::int64_t x_row_div, const std::int32_t* offsets, const std::int32_t* order,
+                              const std::uint16_t* const* weights, std::int32_t n_routed, std::int64_t n, std::int64_t k,
+                              float* y, cudaStream_t s) {
+  if (n == 0 || n_routed == 0) return;
   const unsigned warps = threads / 32;
-  const dim3 grid(static_cast<unsigned>((n + warps - 1) / warps), static_cast<unsigned>(slots));
-  expert_gemv_kernel<<<grid, threads, 0, s>>>(x, x_row_div, idx, reinterpret_cast<const __nv_bfloat16* const*>(weights),
-                                              n_routed, n, k, y);
+  const dim3 grid(static_cast<unsigned>((n + warps - 1) / warps), static_cast<unsigned>(n_routed));
+  grouped_expert_gemv_kernel<<<grid, threads, 0, s>>>(x, x_row_div, offsets, order,
+                                                      reinterpret_cast<const __nv_bfloat16* const*>(weights), n, k, y);
   TROUPE_CUDA_CHECK_LAUNCH();
 }
 
@@ -650,8 +713,11 @@ void mla_attention(const mla_args& a, cudaStream_t s) {
   } else {  // prefill: a block per (16 rows, head)
     static_assert(prefill_rows == prefill_rows_per_warp * threads / 32, "every row has a warp");
     const std::size_t shared = static_cast<std::size_t>(prefill_rows * width + prefill_keys * (width + 1)) * sizeof(float);
-    TROUPE_CUDA_CHECK(cudaFuncSetAttribute(mla_prefill_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           static_cast<int>(shared)));
+    cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+    TROUPE_CUDA_CHECK(cudaStreamIsCapturing(s, &capturing));
+    if (capturing == cudaStreamCaptureStatusNone)  // a recording's warm-up run has set it already
+      TROUPE_CUDA_CHECK(cudaFuncSetAttribute(mla_prefill_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             static_cast<int>(shared)));
     const auto tiles = static_cast<unsigned>((a.rows + prefill_rows - 1) / prefill_rows);
     mla_prefill_kernel<<<dim3(tiles, heads), threads, shared, s>>>(a, a.q_full, a.out_lat);
   }

@@ -24,12 +24,20 @@ constexpr std::int64_t gemv_max_rows = 8;
 void gemv_bf16(const float* x, std::int64_t m, std::int64_t k, const std::uint16_t* w, std::int64_t n, float* y,
                bool accumulate, cudaStream_t s);
 
-/// The expert GEMVs of routed_moe: for each slot s (row s / x_row_div of x), with e = idx[s]
-/// < n_routed: y[s, :n] = W_e[n, k] . x[s / x_row_div, :k]; slots of zero experts are skipped.
+/// Most rows the MoE takes on the device (decode batches, verification); larger steps route on
+/// the host, where each expert's rows go through a tensor-core GEMM. 8 for now: at 16 and 64
+/// rows the device path measured slower than the host's (bench/RESULTS.md) until profiled.
+constexpr std::int64_t routed_moe_max_rows = 8;
+/// Groups routed_moe's slots by expert: order[offsets[e] .. offsets[e + 1]) are the slots s with
+/// idx[s] == e < n_routed (offsets [n_routed + 1], order [slots]).
+void group_slots(const std::int32_t* idx, std::int64_t slots, std::int32_t n_routed, std::int32_t* offsets,
+                 std::int32_t* order, cudaStream_t s);
+/// The expert GEMVs of routed_moe: y[s, :n] = W_e[n, k] . x[s / x_row_div, :k] for each slot s
+/// grouped under expert e (group_slots); each weight row is read from memory once per call.
 /// `weights` holds n_routed device pointers to bf16 matrices.
-void expert_gemv_bf16(const float* x, std::int64_t x_row_div, const std::int32_t* idx, std::int64_t slots,
-                      const std::uint16_t* const* weights, std::int32_t n_routed, std::int64_t n, std::int64_t k, float* y,
-                      cudaStream_t s);
+void grouped_expert_gemv_bf16(const float* x, std::int64_t x_row_div, const std::int32_t* offsets, const std::int32_t* order,
+                              const std::uint16_t* const* weights, std::int32_t n_routed, std::int64_t n, std::int64_t k,
+                              float* y, cudaStream_t s);
 /// out[t, c] = sum_j gates[t, j] * (idx[t, j] < n_routed ? y[t * k + j, c] : u[t, c]).
 void moe_combine(const float* u, const float* y, const std::int32_t* idx, const float* gates, std::int64_t rows, int k,
                  std::int32_t n_routed, std::int64_t h, float* out, cudaStream_t s);

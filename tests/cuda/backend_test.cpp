@@ -256,7 +256,7 @@ TEST(cuda_backend, rope_attention_and_router) {
 TEST(cuda_backend, routed_moe_on_the_device) {
   SKIP_WITHOUT_GPU();
   backends b;
-  const std::int64_t t = 3, h = 64, f = 40, n_routed = 5;
+  const std::int64_t h = 64, f = 40, n_routed = 5;
   const int k = 4;
   std::vector<tensor> gu_c, down_c, gu_g, down_g;
   for (int e = 0; e < n_routed; ++e) {
@@ -266,15 +266,18 @@ TEST(cuda_backend, routed_moe_on_the_device) {
     gu_g.push_back(b.gpu.upload(gu, dtype::bf16));
     down_g.push_back(b.gpu.upload(d, dtype::bf16));
   }
-  const tensor u = random({t, h}, 70), gates = random({t, k}, 71);
-  tensor idx = tensor::empty({t, k}, dtype::i32);
-  const std::int32_t choice[] = {0, 6, 3, 1, 4, 2, 5, 0, 7, 1, 2, 3};  // ids >= 5 are zero experts
-  std::copy(std::begin(choice), std::end(choice), idx.data<std::int32_t>());
-  tensor yc = tensor::empty({t, h}, dtype::f32), yg = poisoned(b.gpu, {t, h});
-  b.cpu.routed_moe(u, idx, gates, gu_c, down_c, yc);
-  b.gpu.routed_moe(b.gpu.upload(u, dtype::f32), b.gpu.upload(idx, dtype::i32), b.gpu.upload(gates, dtype::f32), gu_g, down_g,
-                   yg);
-  EXPECT_LT(rel(b, yg, yc), 1e-5) << "routed_moe";
+  // 3 rows, then 64 (every expert takes many slots: several groups of eight, a ragged tail).
+  for (const std::int64_t t : {std::int64_t{3}, std::int64_t{64}}) {
+    const tensor u = random({t, h}, 70 + t), gates = random({t, k}, 71 + t);
+    tensor idx = tensor::empty({t, k}, dtype::i32);
+    for (std::int64_t r = 0; r < t; ++r)  // distinct ids per row; ids >= 5 are zero experts
+      for (int j = 0; j < k; ++j) idx.data<std::int32_t>()[r * k + j] = static_cast<std::int32_t>((r * 3 + j * 2) % 8);
+    tensor yc = tensor::empty({t, h}, dtype::f32), yg = poisoned(b.gpu, {t, h});
+    b.cpu.routed_moe(u, idx, gates, gu_c, down_c, yc);
+    b.gpu.routed_moe(b.gpu.upload(u, dtype::f32), b.gpu.upload(idx, dtype::i32), b.gpu.upload(gates, dtype::f32), gu_g,
+                     down_g, yg);
+    EXPECT_LT(rel(b, yg, yc), 1e-5) << "routed_moe, " << t << " rows";
+  }
 }
 
 TEST(cuda_backend, the_whole_model_matches_the_cpu) {
