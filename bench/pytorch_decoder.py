@@ -3,9 +3,11 @@
 decoder of the same model (latent KV cache with kv_b absorbed, only the selected experts
 computed, incremental n-gram hashing), timed like troupe_bench_model and printing the same JSON.
 On the CPU the weights are float32; with --device cuda they are bfloat16 on the GPU (the router
-stays float32), and --compile runs the forward through torch.compile.
+stays float32), and --compile runs the forward through torch.compile. --batch B decodes B
+sequences together (distinct prompts of the same length, so they share positions); tokens/s
+are then totals over the batch.
 
-    pytorch_decoder.py MODEL_DIR PROMPT_TOKENS DECODE_TOKENS THREADS [--device cuda] [--compile]
+    pytorch_decoder.py MODEL_DIR PROMPT_TOKENS DECODE_TOKENS THREADS [--device cuda] [--compile] [--batch B]
 """
 import json
 import math
@@ -64,50 +66,51 @@ class Decoder:
                 del ctx[: max(0, len(ctx) - self.keep)]
         return torch.tensor(out, device=self.dev)
 
-    def embed(self, tokens, state):
+    def embed(self, tokens, state):  # tokens: B lists of T ids -> rows [B * T, H]
         w = self.w
-        x = w["model.embed_tokens.weight"][torch.tensor(tokens, device=self.dev)]
+        flat = [x for seq in tokens for x in seq]
+        x = w["model.embed_tokens.weight"][torch.tensor(flat, device=self.dev)]
         if self.ngram:
-            ids = self.hash_ids(tokens, state["ctx"])
+            ids = torch.cat([self.hash_ids(seq, ctx) for seq, ctx in zip(tokens, state["ctx"])])
             for i in range(ids.shape[1]):
                 x = x + w[f"model.ngram_embeddings.embedders.{i}.weight"][ids[:, i]] @ w[f"model.ngram_embeddings.post_projs.{i}.weight"].T
             x = x / (1 + ids.shape[1])
         return x
 
-    def apply_rope(self, x, pos):  # interleaved pairs, in place of the de-interleaved layout (same dot products)
+    def apply_rope(self, x, pos):  # x [B, T, ..., r]: interleaved pairs (the same dot products as de-interleaved)
         ang = pos[:, None].to(torch.float32) * self.inv_freq[None, :]
-        cos, sin = (ang.cos() * self.af).to(x.dtype), (ang.sin() * self.af).to(x.dtype)
-        while cos.dim() < x.dim():
-            cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+        shape = (1, pos.shape[0]) + (1,) * (x.dim() - 3) + (ang.shape[-1],)
+        cos, sin = (ang.cos() * self.af).to(x.dtype).view(shape), (ang.sin() * self.af).to(x.dtype).view(shape)
         a, b = x[..., 0::2], x[..., 1::2]
         return torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(-2)
 
-    def mla(self, p, x, pos, state):
-        w, c, T = self.w, self.cfg, x.shape[0]
+    def mla(self, p, x, pos, state, B):
+        w, c = self.w, self.cfg
+        T = x.shape[0] // B
         if c.get("q_lora_rank"):
             q = self.rms(x @ w[p + "q_a_proj.weight"].T, w[p + "q_a_layernorm.weight"]) @ w[p + "q_b_proj.weight"].T
             if c.get("mla_scale_q_lora", True):
                 q = q * math.sqrt(c["hidden_size"] / c["q_lora_rank"])
         else:
             q = x @ w[p + "q_proj.weight"].T
-        q = q.view(T, self.nh, self.nope + self.rope_dim)
+        q = q.view(B, T, self.nh, self.nope + self.rope_dim)
         q_nope, q_rope = q[..., : self.nope], self.apply_rope(q[..., self.nope :], pos)
-        kv = x @ w[p + "kv_a_proj_with_mqa.weight"].T
-        lat = self.rms(kv[:, : self.lora], w[p + "kv_a_layernorm.weight"])
+        kv = (x @ w[p + "kv_a_proj_with_mqa.weight"].T).view(B, T, -1)
+        lat = self.rms(kv[..., : self.lora], w[p + "kv_a_layernorm.weight"])
         if c.get("mla_scale_kv_lora", True):
             lat = lat * math.sqrt(c["hidden_size"] / self.lora)
-        k_rope = self.apply_rope(kv[:, self.lora :], pos)
+        k_rope = self.apply_rope(kv[..., self.lora :], pos)
         cache = state["cache"].setdefault(p, [None, None])
-        cache[0] = lat if cache[0] is None else torch.cat([cache[0], lat])
-        cache[1] = k_rope if cache[1] is None else torch.cat([cache[1], k_rope])
+        cache[0] = lat if cache[0] is None else torch.cat([cache[0], lat], dim=1)
+        cache[1] = k_rope if cache[1] is None else torch.cat([cache[1], k_rope], dim=1)
         wk, wv = self.absorbed[p]
-        q_lat = torch.einsum("thn,hnl->htl", q_nope, wk)
-        scores = (q_lat @ cache[0].T + torch.einsum("thr,sr->hts", q_rope, cache[1])) * self.scale
-        S = cache[0].shape[0]
+        q_lat = torch.einsum("btkn,knl->bktl", q_nope, wk)
+        scores = (q_lat @ cache[0].unsqueeze(1).transpose(-1, -2) + torch.einsum("btkr,bsr->bkts", q_rope, cache[1])) * self.scale
+        S = cache[0].shape[1]
         mask = torch.arange(S, device=self.dev)[None, :] > (pos[:, None])
         probs = scores.masked_fill(mask, float("-inf")).softmax(-1)
-        out = torch.einsum("hts,sl->htl", probs, cache[0])
-        out = torch.einsum("htl,hvl->thv", out, wv).reshape(T, self.nh * self.vd)
+        out = probs @ cache[0].unsqueeze(1)  # [B, heads, T, lora]
+        out = torch.einsum("bktl,kvl->btkv", out, wv).reshape(B * T, self.nh * self.vd)
         return out @ w[p + "o_proj.weight"].T
 
     def swiglu(self, p, x):
@@ -126,20 +129,20 @@ class Decoder:
             out.index_add_(0, rows, y * gate[rows, slot, None])
         return out
 
-    def forward(self, tokens, state):
-        w, c = self.w, self.cfg
-        pos = torch.arange(state["n"], state["n"] + len(tokens), device=self.dev)
+    def forward(self, tokens, state):  # tokens: B lists of T ids; logits of each sequence's last token [B, V]
+        w, c, B, T = self.w, self.cfg, len(tokens), len(tokens[0])
+        pos = torch.arange(state["n"], state["n"] + T, device=self.dev)
         h = self.embed(tokens, state)
         for l in range(c["num_layers"]):
             p = f"model.layers.{l}."
-            a = h + self.mla(p + "self_attn.0.", self.rms(h, w[p + "input_layernorm.0.weight"]), pos, state)
+            a = h + self.mla(p + "self_attn.0.", self.rms(h, w[p + "input_layernorm.0.weight"]), pos, state, B)
             u = self.rms(a, w[p + "post_attention_layernorm.0.weight"])
             shortcut = self.moe(p + "mlp.", u)
             b = a + self.swiglu(p + "mlps.0.", u)
-            cc = b + self.mla(p + "self_attn.1.", self.rms(b, w[p + "input_layernorm.1.weight"]), pos, state)
+            cc = b + self.mla(p + "self_attn.1.", self.rms(b, w[p + "input_layernorm.1.weight"]), pos, state, B)
             h = cc + self.swiglu(p + "mlps.1.", self.rms(cc, w[p + "post_attention_layernorm.1.weight"])) + shortcut
-        state["n"] += len(tokens)
-        return self.rms(h[-1:], w["model.norm.weight"]) @ w["lm_head.weight"].T
+        state["n"] += T
+        return self.rms(h.view(B, T, -1)[:, -1], w["model.norm.weight"]) @ w["lm_head.weight"].T
 
 
 def main():
@@ -150,22 +153,24 @@ def main():
     if "--compile" in sys.argv:
         dec.forward = torch.compile(dec.forward, dynamic=True)
     V = dec.cfg["vocab_size"]
-    prompt = [3 + (i * 7919) % (V - 3) for i in range(prompt_len)]
+    batch = int(sys.argv[sys.argv.index("--batch") + 1]) if "--batch" in sys.argv else 1
+    prompts = [[3 + (i * 7919 + b * 104729) % (V - 3) for i in range(prompt_len)] for b in range(batch)]
 
     def run():
-        state = {"n": 0, "ctx": [], "cache": {}}
+        state = {"n": 0, "ctx": [[] for _ in range(batch)], "cache": {}}
         t0 = time.perf_counter()
-        out = [int(dec.forward(prompt, state).argmax())]
+        out = [dec.forward(prompts, state).argmax(-1).tolist()]
         t1 = time.perf_counter()
         for _ in range(decode_len - 1):
-            out.append(int(dec.forward([out[-1]], state).argmax()))
-        return out, t1 - t0, time.perf_counter() - t1
+            out.append(dec.forward([[t] for t in out[-1]], state).argmax(-1).tolist())
+        return [step[0] for step in out], t1 - t0, time.perf_counter() - t1
 
     run()  # warm-up (and compilation)
     if device != "cpu":
         torch.cuda.synchronize()
     tokens, prefill_s, decode_s = run()
-    print(json.dumps({"prefill_tok_s": round(prompt_len / prefill_s, 2), "decode_tok_s": round((decode_len - 1) / decode_s, 2), "tokens": tokens}))
+    print(json.dumps({"batch": batch, "prefill_tok_s": round(batch * prompt_len / prefill_s, 2),
+                      "decode_tok_s": round(batch * (decode_len - 1) / decode_s, 2), "tokens": tokens}))
 
 
 if __name__ == "__main__":
