@@ -153,6 +153,10 @@ std::int64_t model::claim_blocks(latent_cache& cache, std::int64_t first_positio
   return need;
 }
 
+void model::block_addresses(const latent_cache& cache, std::int64_t count, std::int64_t* out) {
+  for (std::int64_t b = 0; b < count; ++b) out[b] = reinterpret_cast<std::int64_t>(cache.blocks[static_cast<std::size_t>(b)].raw());
+}
+
 paged_latents model::page(const step_layout& layout, std::span<latent_cache* const> caches, latent_block_allocator& blocks) {
   std::vector<std::int64_t> need(layout.num_sequences());
   std::int64_t max_blocks = 1, max_keys = 1;
@@ -163,9 +167,7 @@ paged_latents model::page(const step_layout& layout, std::span<latent_cache* con
   }
   tensor table = tensor::zeros({static_cast<std::int64_t>(layout.num_sequences()), max_blocks}, dtype::i64);
   for (std::size_t i = 0; i < layout.num_sequences(); ++i)
-    for (std::int64_t b = 0; b < need[i]; ++b)
-      table.data<std::int64_t>()[static_cast<std::int64_t>(i) * max_blocks + b] =
-          reinterpret_cast<std::int64_t>(caches[i]->blocks[static_cast<std::size_t>(b)].raw());
+    block_addresses(*caches[i], need[i], table.data<std::int64_t>() + static_cast<std::int64_t>(i) * max_blocks);
   const std::int64_t rows_per_sequence = *std::max_element(layout.num_rows.begin(), layout.num_rows.end());
   return {be_.where() == table.where() ? table : be_.upload(table, dtype::i64), layout.row_seq_on(be_),
           layout.positions_on(be_), blocks.block_tokens(), max_keys, rows_per_sequence};

@@ -145,6 +145,8 @@ class model {
   /// many blocks those tokens span.
   static std::int64_t claim_blocks(latent_cache& cache, std::int64_t first_position, std::int64_t rows,
                                    latent_block_allocator& blocks);
+  /// Writes the addresses of the first `count` blocks of `cache` to out[0..count) (a block-table row).
+  static void block_addresses(const latent_cache& cache, std::int64_t count, std::int64_t* out);
   /// The step's place in one attention layer's caches: claims the blocks its new rows need and
   /// uploads the block table.
   paged_latents page(const step_layout& layout, std::span<latent_cache* const> caches, latent_block_allocator& blocks);

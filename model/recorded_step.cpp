@@ -66,8 +66,7 @@ tensor model::forward_recorded(const tensor& tokens, const step_layout& layout, 
     for (std::size_t i = 0; i < batch.size(); ++i) {
       latent_cache& cache = batch[i].state->latents[static_cast<std::size_t>(a)];
       const std::int64_t need = claim_blocks(cache, layout.first_position[i], layout.num_rows[i], plain_blocks_);
-      std::int64_t* row = tables.data<std::int64_t>() + (a * t + static_cast<std::int64_t>(i)) * r.max_blocks;
-      for (std::int64_t b = 0; b < need; ++b) row[b] = reinterpret_cast<std::int64_t>(cache.blocks[static_cast<std::size_t>(b)].raw());
+      block_addresses(cache, need, tables.data<std::int64_t>() + (a * t + static_cast<std::int64_t>(i)) * r.max_blocks);
     }
   if (std::memcmp(tables.raw(), r.host_tables.raw(), tables.nbytes()) != 0) {
     be_.copy_rows(tables, r.tables, 0);
