@@ -11,7 +11,9 @@
 // with the tables in host memory (read in place from the mapping; the default) and copied to
 // the device, each against its own decode step; total decode tokens/s with 16 and 64
 // sequences decoding together, against batch 1; and one sequence's prefill of 2k and 8k tokens.
-//   troupe_bench_cuda_decode MODEL_DIR [TOKENS] [PROMPT_TOKENS]
+//   troupe_bench_cuda_decode MODEL_DIR [TOKENS] [PROMPT_TOKENS] [--profile]
+// --profile runs only batch-1 decode replayed from CUDA graphs with the tables on the device
+// (the whole step one graph), for a profiler such as ncu to look at.
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
@@ -129,6 +131,11 @@ int main(int argc, char** argv) {
   const int tokens = argc > 2 ? std::atoi(argv[2]) : 128;
   const int prompt_tokens = argc > 3 ? std::atoi(argv[3]) : 16;
   cuda_backend be;
+  if (argc > 4 && std::string(argv[4]) == "--profile") {
+    auto m = model::load(argv[1], be, table_placement::device);
+    std::printf("batch-1 decode, CUDA graph, tables on the device: %.1f tok/s\n", decode_rate(*m, 1, tokens, prompt_tokens));
+    return 0;
+  }
   const double bandwidth = copy_bandwidth();
   for (const auto placement : {table_placement::host, table_placement::device}) {
     const char* where = placement == table_placement::host ? "host" : "device";

@@ -70,6 +70,20 @@ struct mla_dims {
   std::int64_t num_heads, nope_dim, rope_dim, v_dim, kv_lora_rank;
 };
 
+/// Interleaved RoPE as the ops apply it: the pair (2i, 2i + 1) of a head's rope columns turns by
+/// position * inv_freq[i] (float32 angle), with cos and sin scaled by attention_factor (YaRN).
+struct rope_table {
+  tensor inv_freq;  // f32 [rope / 2] on the backend's device
+  float attention_factor = 1.0f;
+};
+
+/// The RMS norm of MLA's compressed latent: columns [0, kv_lora) become
+/// x / rms(x) * weight * post_scale.
+struct latent_norm {
+  tensor weight;  // f32 [kv_lora]
+  float eps = 0.0f, post_scale = 1.0f;
+};
+
 class backend {
  public:
   virtual ~backend() = default;
@@ -95,9 +109,8 @@ class backend {
   virtual void linear(const tensor& x, const tensor& w, tensor& y, write_mode mode) = 0;
   /// y[M,C] = x / rms(x) * w, row-wise, computed in float32.
   virtual void rms_norm(const tensor& x, const tensor& w, float eps, tensor& y) = 0;
-  /// In place on x[M, W]: the first `cols` columns of each row become
-  /// rms_norm(those columns) * w * post_scale; the rest are untouched (MLA's compressed latent).
-  virtual void rms_norm_prefix_inplace(tensor& x, std::int64_t cols, const tensor& w, float eps, float post_scale) = 0;
+  /// y += x; normed = rms_norm(y) * w: the residual add and the next sublayer's norm in one pass.
+  virtual void add_rms_norm(tensor& y, const tensor& x, const tensor& w, float eps, tensor& normed) = 0;
   /// y = (x - mean(x)) / std(x) row-wise, no affine weights (embedding amplification).
   virtual void layer_norm(const tensor& x, float eps, tensor& y) = 0;
   /// y = 0
@@ -120,18 +133,16 @@ class backend {
   virtual void ngram_embed(const tensor& base, const tensor& tokens, const tensor& ngram_ids,
                            std::span<const tensor> tables, std::span<const tensor> projections, tensor& out);
 
-  /// Rotates, in place, the interleaved pairs of columns [offset, offset + 2 * half) of every
-  /// head block (width `head_stride`) of x[T, heads * head_stride]; positions are i64 [T] and
-  /// inv_freq f32 [half], both on this device; cos and sin are scaled by attention_factor.
-  virtual void rope_interleaved(tensor& x, std::int64_t num_heads, std::int64_t head_stride, std::int64_t offset,
-                                const tensor& positions, const tensor& inv_freq, float attention_factor) = 0;
-
-  /// Writes each row of kv[T, kv_lora + rope] into its place in the paged cache (`where`).
-  virtual void write_latents(const tensor& kv, const paged_latents& where) = 0;
+  /// MLA's new latent rows, prepared and stored in one pass: in place on kv[T, kv_lora + rope],
+  /// the first kv_lora columns of each row become rms_norm(them) * norm * post_scale and the
+  /// rope columns are rotated at the row's position (`rope`); then each row is written to its
+  /// place in the paged cache (`where`).
+  virtual void write_latents(tensor& kv, const latent_norm& norm, const rope_table& rope, const paged_latents& where) = 0;
   /// Causal MLA attention over the compressed latent cache with kv_b absorbed:
-  /// q[T, heads*(nope+rope)] (roped), kv_b[heads*(nope+v), kv_lora] -> out[T, heads*v].
+  /// q[T, heads*(nope+rope)] -> out[T, heads*v], kv_b[heads*(nope+v), kv_lora]. q's rope columns
+  /// come un-rotated: each head's are rotated at its row's position (`rope`) as q is absorbed.
   virtual void mla_attention(const tensor& q, const tensor& kv_b, const paged_latents& cache, const mla_dims& dims,
-                             float softmax_scale, tensor& out) = 0;
+                             const rope_table& rope, float softmax_scale, tensor& out) = 0;
 
   /// Router: p = softmax(logits[T,E]); idx = topk(p + bias, k); w = p[idx] * scaling.
   /// idx i32 [T,k], w f32 [T,k], ordered by descending biased score.

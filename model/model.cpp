@@ -90,9 +90,11 @@ ngram_context model::ngram_after(std::span<const std::int32_t> tokens) const {
   return context;
 }
 
+float model::eps() const { return static_cast<float>(config_.rms_norm_eps); }
+
 tensor model::norm(const tensor& x, const tensor& w) {
   tensor y = be_.empty(x.shape(), dtype::f32);
-  be_.rms_norm(x, w, static_cast<float>(config_.rms_norm_eps), y);
+  be_.rms_norm(x, w, eps(), y);
   return y;
 }
 
@@ -108,7 +110,7 @@ void model::amplify(tensor& embedded) {
     case amplification::sqrt_hidden:
       be_.scale(embedded, static_cast<float>(std::sqrt(static_cast<double>(config_.hidden_size))));
       break;
-    case amplification::layer_norm: be_.layer_norm(embedded, static_cast<float>(config_.rms_norm_eps), embedded); break;
+    case amplification::layer_norm: be_.layer_norm(embedded, eps(), embedded); break;
   }
 }
 
@@ -177,33 +179,33 @@ tensor model::attention(const mla_weights& w, const tensor& x, const paged_laten
   const auto& c = config_;
   const auto t = x.dim(0), heads = c.num_attention_heads;
   const std::int64_t latent_width = c.kv_lora_rank + c.qk_rope_head_dim;
-  const float eps = static_cast<float>(c.rms_norm_eps);
-  const float factor = rope_.attention_factor;
+  const float eps = this->eps();
 
-  tensor q = be_.empty({t, heads * c.qk_head_dim()}, dtype::f32);  // [T, heads * (nope + rope)]
+  // MLA's optional query scale multiplies every score, so it joins the softmax scale instead of
+  // costing a pass over q.
+  float q_scale = 1.0f;
+  tensor q = be_.empty({t, heads * c.qk_head_dim()}, dtype::f32);  // [T, heads * (nope + rope)], rope not yet applied
   if (c.q_lora_rank) {
     tensor q_lat = be_.empty({t, c.q_lora_rank}, dtype::f32);
     be_.linear(x, w.q_a, q_lat, write_mode::overwrite);
     be_.rms_norm(q_lat, w.q_a_norm, eps, q_lat);
     be_.linear(q_lat, w.q_b, q, write_mode::overwrite);
     if (c.mla_scale_q_lora)
-      be_.scale(q, static_cast<float>(std::sqrt(static_cast<double>(c.hidden_size) / static_cast<double>(c.q_lora_rank))));
+      q_scale = static_cast<float>(std::sqrt(static_cast<double>(c.hidden_size) / static_cast<double>(c.q_lora_rank)));
   } else {
     be_.linear(x, w.q_b, q, write_mode::overwrite);
   }
-  be_.rope_interleaved(q, heads, c.qk_head_dim(), c.qk_nope_head_dim, cache.positions, inv_freq_, factor);
+  const rope_table rope{inv_freq_, rope_.attention_factor};
 
   tensor kv = be_.empty({t, latent_width}, dtype::f32);  // [T, kv_lora | rope]: the cache row layout
   be_.linear(x, w.kv_a, kv, write_mode::overwrite);
   const float kv_scale =
       c.mla_scale_kv_lora ? static_cast<float>(std::sqrt(static_cast<double>(c.hidden_size) / static_cast<double>(c.kv_lora_rank))) : 1.0f;
-  be_.rms_norm_prefix_inplace(kv, c.kv_lora_rank, w.kv_a_norm, eps, kv_scale);
-  be_.rope_interleaved(kv, 1, latent_width, c.kv_lora_rank, cache.positions, inv_freq_, factor);
-  be_.write_latents(kv, cache);
+  be_.write_latents(kv, {w.kv_a_norm, eps, kv_scale}, rope, cache);
 
   tensor attn = be_.empty({t, heads * c.v_head_dim}, dtype::f32);
-  be_.mla_attention(q, w.kv_b, cache, {heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank},
-                    softmax_scale_, attn);
+  be_.mla_attention(q, w.kv_b, cache, {heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank}, rope,
+                    softmax_scale_ * q_scale, attn);
   tensor out = be_.empty({t, c.hidden_size}, dtype::f32);
   be_.linear(attn, w.o, out, write_mode::overwrite);
   return out;
@@ -234,18 +236,18 @@ block_front model::front_half(std::int64_t block, const tensor& h, const paged_l
   const auto& b = weights_.blocks.at(static_cast<std::size_t>(block));
   block_front f;
   f.a = attention(b.attention[0], norm(h, b.input_norm[0]), cache);
-  be_.add(f.a, h);  // a = h + MLA_0(RMS(h))
-  f.u = norm(f.a, b.post_attention_norm[0]);
+  f.u = be_.empty(h.shape(), dtype::f32);
+  be_.add_rms_norm(f.a, h, b.post_attention_norm[0], eps(), f.u);  // a = h + MLA_0(RMS(h)); u = RMS(a)
   return f;
 }
 
 tensor model::back_half(std::int64_t block, const block_front& front, const paged_latents& cache) {
   const auto& b = weights_.blocks.at(static_cast<std::size_t>(block));
-  tensor m0 = swiglu(b.mlp[0], front.u);
-  be_.add(m0, front.a);  // b = a + MLP_0(u)
-  tensor c1 = attention(b.attention[1], norm(m0, b.input_norm[1]), cache);
-  be_.add(c1, m0);  // c = b + MLA_1(RMS(b))
-  tensor out = swiglu(b.mlp[1], norm(c1, b.post_attention_norm[1]));
+  tensor m0 = swiglu(b.mlp[0], front.u), normed = be_.empty(m0.shape(), dtype::f32);
+  be_.add_rms_norm(m0, front.a, b.input_norm[1], eps(), normed);  // b = a + MLP_0(u)
+  tensor c1 = attention(b.attention[1], normed, cache);
+  be_.add_rms_norm(c1, m0, b.post_attention_norm[1], eps(), normed);  // c = b + MLA_1(RMS(b)); v = RMS(c)
+  tensor out = swiglu(b.mlp[1], normed);
   be_.add(out, c1);  // c + MLP_1(v); the caller adds the MoE term
   return out;
 }
@@ -358,8 +360,9 @@ tensor model::mtp_forward(const tensor& tokens, const tensor& hidden, const step
   const tensor h = hidden.where() == be_.where() ? hidden : be_.upload(hidden, dtype::f32);  // the scheduler's host copy
   be_.linear(norm(h, m.hnorm), m.eh_hidden, x, write_mode::accumulate);
   tensor a = attention(m.attention, norm(x, m.input_norm), page(layout, caches, blocks));
-  be_.add(a, x);  // a = x + MLA(RMS(x))
-  tensor out = swiglu(m.mlp, norm(a, m.post_attention_norm));
+  tensor normed = be_.empty(a.shape(), dtype::f32);
+  be_.add_rms_norm(a, x, m.post_attention_norm, eps(), normed);  // a = x + MLA(RMS(x))
+  tensor out = swiglu(m.mlp, normed);
   be_.add(out, a);  // a + MLP(RMS(a))
   return out;
 }

@@ -162,6 +162,7 @@ class model {
   tensor forward_recorded(const tensor& tokens, const step_layout& layout, std::span<const step_input> batch,
                           std::span<ngram_context* const> contexts);
   tensor swiglu(const swiglu_weights& w, const tensor& x);
+  float eps() const;  // rms_norm_eps as the ops take it
   tensor norm(const tensor& x, const tensor& w);
   tensor embed_unamplified(const tensor& tokens, const step_layout& layout, std::span<ngram_context* const> contexts);
   /// The embedding amplification of the config (spec section 2), in place.

@@ -127,17 +127,9 @@ void cpu_backend::layer_norm(const tensor& x, float eps, tensor& y) {
   }
 }
 
-void cpu_backend::rms_norm_prefix_inplace(tensor& x, std::int64_t cols, const tensor& w, float eps, float post_scale) {
-  const auto rows = x.dim(0), width = x.dim(1);
-  TROUPE_EXPECT(w.numel() == cols && cols <= width, "rms_norm_prefix_inplace", shapes(x, w));
-  const float* wp = w.data<float>();
-  for (std::int64_t r = 0; r < rows; ++r) {
-    float* xr = x.data<float>() + r * width;
-    float ss = 0.0f;
-    for (std::int64_t c = 0; c < cols; ++c) ss += xr[c] * xr[c];
-    const float inv = 1.0f / std::sqrt(ss / static_cast<float>(cols) + eps);
-    for (std::int64_t c = 0; c < cols; ++c) xr[c] = (wp[c] * (xr[c] * inv)) * post_scale;
-  }
+void cpu_backend::add_rms_norm(tensor& y, const tensor& x, const tensor& w, float eps, tensor& normed) {
+  add(y, x);
+  rms_norm(y, w, eps, normed);
 }
 
 void cpu_backend::zero(tensor& y) { std::memset(y.raw(), 0, y.nbytes()); }
@@ -188,20 +180,23 @@ void cpu_backend::scatter_add_rows(const tensor& x, const tensor& rows, const te
   }
 }
 
-void cpu_backend::rope_interleaved(tensor& x, std::int64_t num_heads, std::int64_t head_stride, std::int64_t offset,
-                                   const tensor& positions, const tensor& inv_freq, float attention_factor) {
-  const auto t = x.dim(0);
-  const auto half = inv_freq.numel();
-  TROUPE_EXPECT(x.dim(1) == num_heads * head_stride && offset + 2 * half <= head_stride && positions.numel() == t,
-         "rope_interleaved", "x " + shape_to_string(x.shape()));
-  const float* freq = inv_freq.data<float>();
+namespace {
+
+// Rotates, in place, the interleaved pairs of columns [offset, offset + rope) of every head
+// block (width head_stride) of x[T, heads * head_stride] at the rows' positions.
+void rope_rows(tensor& x, std::int64_t num_heads, std::int64_t head_stride, std::int64_t offset, const tensor& positions,
+               const rope_table& rope) {
+  const auto t = x.dim(0), half = rope.inv_freq.numel();
+  TROUPE_EXPECT(x.dim(1) == num_heads * head_stride && offset + 2 * half <= head_stride && positions.numel() == t, "rope",
+                "x " + shape_to_string(x.shape()) + " with " + std::to_string(2 * half) + " rope columns");
+  const float* freq = rope.inv_freq.data<float>();
   std::vector<float> cos_v(half), sin_v(half);
   for (std::int64_t r = 0; r < t; ++r) {
     const auto pos = static_cast<float>(positions.data<std::int64_t>()[r]);
     for (std::int64_t i = 0; i < half; ++i) {
       const float angle = pos * freq[i];
-      cos_v[i] = std::cos(angle) * attention_factor;
-      sin_v[i] = std::sin(angle) * attention_factor;
+      cos_v[i] = std::cos(angle) * rope.attention_factor;
+      sin_v[i] = std::sin(angle) * rope.attention_factor;
     }
     for (std::int64_t h = 0; h < num_heads; ++h) {
       float* p = x.data<float>() + r * x.dim(1) + h * head_stride + offset;
@@ -213,8 +208,6 @@ void cpu_backend::rope_interleaved(tensor& x, std::int64_t num_heads, std::int64
     }
   }
 }
-
-namespace {
 
 // Block b of sequence s in a paged cache.
 float* cache_block(const paged_latents& c, std::int64_t s, std::int64_t b) {
@@ -237,9 +230,20 @@ void check_paged(const paged_latents& c, std::int64_t rows) {
 
 }  // namespace
 
-void cpu_backend::write_latents(const tensor& kv, const paged_latents& where) {
-  const auto rows = kv.dim(0), width = kv.dim(1);
+void cpu_backend::write_latents(tensor& kv, const latent_norm& norm, const rope_table& rope, const paged_latents& where) {
+  const auto rows = kv.dim(0), width = kv.dim(1), cols = norm.weight.numel();
+  TROUPE_EXPECT(cols + 2 * rope.inv_freq.numel() == width, "write_latents",
+                "kv " + shape_to_string(kv.shape()) + " for a latent norm of " + std::to_string(cols) + " columns");
   check_paged(where, rows);
+  const float* w = norm.weight.data<float>();
+  for (std::int64_t r = 0; r < rows; ++r) {
+    float* xr = kv.data<float>() + r * width;
+    float ss = 0.0f;
+    for (std::int64_t c = 0; c < cols; ++c) ss += xr[c] * xr[c];
+    const float inv = 1.0f / std::sqrt(ss / static_cast<float>(cols) + norm.eps);
+    for (std::int64_t c = 0; c < cols; ++c) xr[c] = (w[c] * (xr[c] * inv)) * norm.post_scale;
+  }
+  rope_rows(kv, 1, width, cols, where.positions, rope);
   for (std::int64_t r = 0; r < rows; ++r) {
     const auto pos = where.positions.data<std::int64_t>()[r];
     float* block = cache_block(where, where.row_seq.data<std::int32_t>()[r], pos / where.block_tokens);
@@ -247,15 +251,18 @@ void cpu_backend::write_latents(const tensor& kv, const paged_latents& where) {
   }
 }
 
-void cpu_backend::mla_attention(const tensor& q, const tensor& kv_b, const paged_latents& cache, const mla_dims& d,
-                                float softmax_scale, tensor& out) {
+void cpu_backend::mla_attention(const tensor& q_in, const tensor& kv_b, const paged_latents& cache, const mla_dims& d,
+                                const rope_table& rope, float softmax_scale, tensor& out) {
   const std::int64_t qk = d.nope_dim + d.rope_dim;
   const std::int64_t lat_w = d.kv_lora_rank + d.rope_dim;
+  tensor q = tensor::empty(q_in.shape(), dtype::f32);  // rotated here; the caller's q stays as it was
+  std::memcpy(q.raw(), q_in.raw(), q_in.nbytes());
   TROUPE_EXPECT(q.dim(1) == d.num_heads * qk && out.dim(1) == d.num_heads * d.v_dim && out.dim(0) == q.dim(0),
          "mla_attention", "q " + shape_to_string(q.shape()) + ", out " + shape_to_string(out.shape()));
   TROUPE_EXPECT(kv_b.dim(0) == d.num_heads * (d.nope_dim + d.v_dim) && kv_b.dim(1) == d.kv_lora_rank, "mla_attention",
          "kv_b " + shape_to_string(kv_b.shape()));
   check_paged(cache, q.dim(0));
+  rope_rows(q, d.num_heads, qk, d.nope_dim, cache.positions, rope);
   const float* wkv = kv_b.data<float>();
   const auto* seq_of = cache.row_seq.data<std::int32_t>();
   const auto* pos_of = cache.positions.data<std::int64_t>();

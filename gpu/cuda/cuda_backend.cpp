@@ -339,11 +339,11 @@ void cuda_backend::rms_norm(const tensor& x, const tensor& w, float eps, tensor&
   cuda::rms_norm(x.data<float>(), cols, w.data<float>(), y.data<float>(), cols, rows, cols, eps, 1.0f, as_stream(stream_));
 }
 
-void cuda_backend::rms_norm_prefix_inplace(tensor& x, std::int64_t cols, const tensor& w, float eps, float post_scale) {
-  const auto rows = x.dim(0), width = x.dim(1);
-  TROUPE_EXPECT(w.numel() == cols && cols <= width, "rms_norm_prefix_inplace", shapes(x, w));
-  cuda::rms_norm(x.data<float>(), width, w.data<float>(), x.data<float>(), width, rows, cols, eps, post_scale,
-                 as_stream(stream_));
+void cuda_backend::add_rms_norm(tensor& y, const tensor& x, const tensor& w, float eps, tensor& normed) {
+  const auto rows = y.dim(0), cols = y.dim(1);
+  TROUPE_EXPECT(x.shape() == y.shape() && normed.shape() == y.shape() && w.numel() == cols, "add_rms_norm", shapes(y, x));
+  cuda::add_rms_norm(y.data<float>(), x.data<float>(), w.data<float>(), normed.data<float>(), rows, cols, eps,
+                     as_stream(stream_));
 }
 
 void cuda_backend::layer_norm(const tensor& x, float eps, tensor& y) {
@@ -397,16 +397,6 @@ void cuda_backend::scatter_add_rows(const tensor& x, const tensor& rows, const t
                          as_stream(stream_));
 }
 
-void cuda_backend::rope_interleaved(tensor& x, std::int64_t num_heads, std::int64_t head_stride, std::int64_t offset,
-                                    const tensor& positions, const tensor& inv_freq, float attention_factor) {
-  const auto t = x.dim(0), half = inv_freq.numel();
-  TROUPE_EXPECT(x.dim(1) == num_heads * head_stride && offset + 2 * half <= head_stride && positions.numel() == t,
-                "rope_interleaved", "x " + shape_to_string(x.shape()));
-  TROUPE_EXPECT(on_gpu(positions) && on_gpu(inv_freq), "rope_interleaved", "positions and inv_freq must be on the GPU");
-  cuda::rope_interleaved(x.data<float>(), t, num_heads, head_stride, offset, positions.data<std::int64_t>(),
-                         inv_freq.data<float>(), half, attention_factor, as_stream(stream_));
-}
-
 namespace {
 
 cuda::paged_args paged(const paged_latents& c, std::int64_t rows, std::int64_t width) {
@@ -421,12 +411,25 @@ cuda::paged_args paged(const paged_latents& c, std::int64_t rows, std::int64_t w
 
 }  // namespace
 
-void cuda_backend::write_latents(const tensor& kv, const paged_latents& where) {
-  cuda::write_latents(kv.data<float>(), kv.dim(0), paged(where, kv.dim(0), kv.dim(1)), as_stream(stream_));
+namespace {
+
+const float* rope_freqs(const rope_table& rope) {
+  TROUPE_EXPECT(on_gpu(rope.inv_freq) && rope.inv_freq.type() == dtype::f32, "rope", "inv_freq must be f32 on the GPU");
+  return rope.inv_freq.data<float>();
+}
+
+}  // namespace
+
+void cuda_backend::write_latents(tensor& kv, const latent_norm& norm, const rope_table& rope, const paged_latents& where) {
+  const auto cols = norm.weight.numel();
+  TROUPE_EXPECT(cols + 2 * rope.inv_freq.numel() == kv.dim(1) && on_gpu(norm.weight), "write_latents",
+                "kv " + shape_to_string(kv.shape()) + " for a latent norm of " + std::to_string(cols) + " columns");
+  const cuda::latent_args l{norm.weight.data<float>(), cols, norm.eps, norm.post_scale, rope_freqs(rope), rope.attention_factor};
+  cuda::write_latents(kv.data<float>(), kv.dim(0), l, paged(where, kv.dim(0), kv.dim(1)), as_stream(stream_));
 }
 
 void cuda_backend::mla_attention(const tensor& q, const tensor& kv_b, const paged_latents& cache, const mla_dims& d,
-                                 float softmax_scale, tensor& out) {
+                                 const rope_table& rope, float softmax_scale, tensor& out) {
   const std::int64_t qk = d.nope_dim + d.rope_dim, rows = q.dim(0);
   TROUPE_EXPECT(q.dim(1) == d.num_heads * qk && out.dim(1) == d.num_heads * d.v_dim && out.dim(0) == rows,
                 "mla_attention", "q " + shape_to_string(q.shape()) + ", out " + shape_to_string(out.shape()));
@@ -437,7 +440,8 @@ void cuda_backend::mla_attention(const tensor& q, const tensor& kv_b, const page
   if (rows == 0) return;
   tensor q_full = empty({rows, d.num_heads, d.kv_lora_rank + d.rope_dim}, dtype::f32);
   tensor out_lat = empty({rows, d.num_heads, d.kv_lora_rank}, dtype::f32);
-  cuda::mla_args a{q.data<float>(), kv_b.data<float>(), paged(cache, rows, d.kv_lora_rank + d.rope_dim), rows,
+  TROUPE_EXPECT(2 * rope.inv_freq.numel() == d.rope_dim, "mla_attention", "RoPE for " + std::to_string(d.rope_dim) + " columns");
+  cuda::mla_args a{q.data<float>(), kv_b.data<float>(), rope_freqs(rope), rope.attention_factor, paged(cache, rows, d.kv_lora_rank + d.rope_dim), rows,
                    d.num_heads, d.nope_dim, d.rope_dim, d.v_dim, d.kv_lora_rank, cache.rows_per_sequence, softmax_scale,
                    q_full.data<float>(),
                    out_lat.data<float>(), out.data<float>()};
@@ -484,16 +488,18 @@ void cuda_backend::routed_moe(const tensor& u, const tensor& idx, const tensor& 
   lock.unlock();
   const std::int64_t slots = t * k;
   tensor gu = empty({slots, 2 * f}, dtype::f32), act = empty({slots, f}, dtype::f32), y = empty({slots, h}, dtype::f32);
-  tensor offsets = empty({n_routed + 1}, dtype::i32), order = empty({slots}, dtype::i32);
+  tensor offsets = empty({n_routed + 1}, dtype::i32), order = empty({slots}, dtype::i32), active = empty({n_routed}, dtype::i32);
   cuda::group_slots(idx.data<std::int32_t>(), slots, n_routed, offsets.data<std::int32_t>(), order.data<std::int32_t>(),
-                    as_stream(stream_));
-  cuda::grouped_expert_gemv_bf16(u.data<float>(), k, offsets.data<std::int32_t>(), order.data<std::int32_t>(),
-                                 static_cast<const std::uint16_t* const*>(d_gu.raw()), n_routed, 2 * f, h, gu.data<float>(),
-                                 as_stream(stream_));
+                    active.data<std::int32_t>(), as_stream(stream_));
+  // Each row picks k distinct experts: an expert has at most t slots, and at most t * k experts have any.
+  const auto max_active = static_cast<std::int32_t>(std::min<std::int64_t>(n_routed, slots));
+  cuda::grouped_expert_gemv_bf16(u.data<float>(), k, t, offsets.data<std::int32_t>(), order.data<std::int32_t>(),
+                                 active.data<std::int32_t>(), max_active, static_cast<const std::uint16_t* const*>(d_gu.raw()),
+                                 2 * f, h, gu.data<float>(), as_stream(stream_));
   cuda::swiglu(gu.data<float>(), act.data<float>(), slots, f, as_stream(stream_));
-  cuda::grouped_expert_gemv_bf16(act.data<float>(), 1, offsets.data<std::int32_t>(), order.data<std::int32_t>(),
-                                 static_cast<const std::uint16_t* const*>(d_down.raw()), n_routed, h, f, y.data<float>(),
-                                 as_stream(stream_));
+  cuda::grouped_expert_gemv_bf16(act.data<float>(), 1, t, offsets.data<std::int32_t>(), order.data<std::int32_t>(),
+                                 active.data<std::int32_t>(), max_active, static_cast<const std::uint16_t* const*>(d_down.raw()),
+                                 h, f, y.data<float>(), as_stream(stream_));
   cuda::moe_combine(u.data<float>(), y.data<float>(), idx.data<std::int32_t>(), gates.data<float>(), t,
                     static_cast<int>(k), n_routed, h, out.data<float>(), as_stream(stream_));
 }

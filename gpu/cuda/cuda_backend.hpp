@@ -47,7 +47,7 @@ class cuda_backend final : public backend {
 
   void linear(const tensor& x, const tensor& w, tensor& y, write_mode mode) override;
   void rms_norm(const tensor& x, const tensor& w, float eps, tensor& y) override;
-  void rms_norm_prefix_inplace(tensor& x, std::int64_t cols, const tensor& w, float eps, float post_scale) override;
+  void add_rms_norm(tensor& y, const tensor& x, const tensor& w, float eps, tensor& normed) override;
   void layer_norm(const tensor& x, float eps, tensor& y) override;
   void zero(tensor& y) override;
   void scale(tensor& y, float s) override;
@@ -55,11 +55,9 @@ class cuda_backend final : public backend {
   void swiglu(const tensor& gate_up, tensor& out) override;
   void gather_rows(const tensor& table, const tensor& ids, tensor& out) override;
   void scatter_add_rows(const tensor& x, const tensor& rows, const tensor& weights, tensor& out) override;
-  void rope_interleaved(tensor& x, std::int64_t num_heads, std::int64_t head_stride, std::int64_t offset,
-                        const tensor& positions, const tensor& inv_freq, float attention_factor) override;
-  void write_latents(const tensor& kv, const paged_latents& where) override;
+  void write_latents(tensor& kv, const latent_norm& norm, const rope_table& rope, const paged_latents& where) override;
   void mla_attention(const tensor& q, const tensor& kv_b, const paged_latents& cache, const mla_dims& dims,
-                     float softmax_scale, tensor& out) override;
+                     const rope_table& rope, float softmax_scale, tensor& out) override;
   void router_topk(const tensor& logits, const tensor& bias, int k, float scaling, tensor& idx,
                    tensor& weights) override;
   std::int64_t routed_moe_rows() const override;

@@ -55,32 +55,47 @@ __global__ void to_f32_kernel(dtype from, const void* src, float* dst, std::int6
   if (i < n) dst[i] = load(from, src, i);
 }
 
-__global__ void rms_norm_kernel(const float* x, std::int64_t x_stride, const float* w, float* y, std::int64_t y_stride,
-                                std::int64_t cols, float eps, float post_scale) {
+// y[r] = x[r] / rms(x[r]) * w * post_scale, a block per row. With Add, `sum` (rows x_stride
+// apart) first gets x added and the norm is of the sum: a residual add and the next norm in one
+// pass. Each thread reads back only the columns it wrote.
+template <bool Add>
+__global__ void rms_norm_kernel(const float* x, std::int64_t x_stride, float* sum, const float* w, float* y,
+                                std::int64_t y_stride, std::int64_t cols, float eps, float post_scale) {
   __shared__ float shared[32];
   const float* xr = x + blockIdx.x * x_stride;
+  float* sr = Add ? sum + blockIdx.x * x_stride : nullptr;
+  const float* in = Add ? sr : xr;
   float* yr = y + blockIdx.x * y_stride;
   // Four columns per load where the row allows it: a thread then needs one or two loads.
   const bool by4 = cols % 4 == 0 && ((reinterpret_cast<std::uintptr_t>(xr) | reinterpret_cast<std::uintptr_t>(yr) |
-                                       reinterpret_cast<std::uintptr_t>(w)) & 15) == 0;
+                                       reinterpret_cast<std::uintptr_t>(sr) | reinterpret_cast<std::uintptr_t>(w)) & 15) == 0;
   float ss = 0.0f;
   if (by4) {
     for (std::int64_t c = threadIdx.x; c < cols / 4; c += blockDim.x) {
-      const float4 v = reinterpret_cast<const float4*>(xr)[c];
+      float4 v = reinterpret_cast<const float4*>(xr)[c];
+      if (Add) {
+        const float4 s0 = reinterpret_cast<const float4*>(sr)[c];
+        v = make_float4(s0.x + v.x, s0.y + v.y, s0.z + v.z, s0.w + v.w);
+        reinterpret_cast<float4*>(sr)[c] = v;
+      }
       ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
     }
   } else {
-    for (std::int64_t c = threadIdx.x; c < cols; c += blockDim.x) ss += xr[c] * xr[c];
+    for (std::int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
+      float v = xr[c];
+      if (Add) sr[c] = v = sr[c] + v;
+      ss += v * v;
+    }
   }
   const float inv = rsqrtf(block_reduce<false>(ss, shared) / static_cast<float>(cols) + eps);
   if (by4) {
     for (std::int64_t c = threadIdx.x; c < cols / 4; c += blockDim.x) {
-      const float4 v = reinterpret_cast<const float4*>(xr)[c], g = reinterpret_cast<const float4*>(w)[c];
+      const float4 v = reinterpret_cast<const float4*>(in)[c], g = reinterpret_cast<const float4*>(w)[c];
       reinterpret_cast<float4*>(yr)[c] = make_float4(g.x * (v.x * inv) * post_scale, g.y * (v.y * inv) * post_scale,
                                                      g.z * (v.z * inv) * post_scale, g.w * (v.w * inv) * post_scale);
     }
   } else {
-    for (std::int64_t c = threadIdx.x; c < cols; c += blockDim.x) yr[c] = w[c] * (xr[c] * inv) * post_scale;
+    for (std::int64_t c = threadIdx.x; c < cols; c += blockDim.x) yr[c] = w[c] * (in[c] * inv) * post_scale;
   }
 }
 
@@ -131,19 +146,13 @@ __global__ void scatter_add_rows_kernel(const float* x, const std::int32_t* rows
   out[static_cast<std::int64_t>(rows[r]) * cols + c] += weights[r] * x[i];
 }
 
-__global__ void rope_kernel(float* x, std::int64_t rows, std::int64_t num_heads, std::int64_t head_stride,
-                            std::int64_t offset, const std::int64_t* positions, const float* inv_freq, std::int64_t half,
-                            float attention_factor) {
-  const std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
-  if (i >= rows * num_heads * half) return;
-  const std::int64_t pair = i % half, h = (i / half) % num_heads, r = i / (half * num_heads);
-  // The angle in float32 as the CPU computes it, then cos and sin at full precision.
-  const float angle = static_cast<float>(positions[r]) * inv_freq[pair];
-  const float c = cosf(angle) * attention_factor, s = sinf(angle) * attention_factor;
-  float* p = x + r * num_heads * head_stride + h * head_stride + offset + 2 * pair;
-  const float a = p[0], b = p[1];
-  p[0] = a * c - b * s;
-  p[1] = b * c + a * s;
+// The rotated value of column j of an interleaved rope section `x` (the pair (2i, 2i + 1) turns
+// by pos * inv_freq[i]), as the CPU computes it: the angle in float32, then cos and sin.
+__device__ float rope_value(const float* x, std::int64_t j, std::int64_t pos, const float* inv_freq, float factor) {
+  const std::int64_t i = j / 2;
+  const float angle = static_cast<float>(pos) * inv_freq[i];
+  const float c = cosf(angle) * factor, s = sinf(angle) * factor, a = x[2 * i], b = x[2 * i + 1];
+  return j % 2 == 0 ? a * c - b * s : b * c + a * s;
 }
 
 // Eight bf16 weights as floats.
@@ -216,10 +225,11 @@ __global__ void gemv_bf16_kernel(const float* x, std::int64_t k, const __nv_bflo
 }
 
 // The routed slots grouped by expert, in one block: order[offsets[e] .. offsets[e + 1]) are the
-// slots whose expert is e (< n_routed; zero experts have no GEMVs). Counting sort in shared
-// memory; the order within an expert does not matter (each slot's output is its own).
+// slots whose expert is e (< n_routed; zero experts have no GEMVs), and active[] lists the
+// experts with slots (then -1s), so the GEMVs launch blocks only for those. Counting sort in
+// shared memory; the order within an expert does not matter (each slot's output is its own).
 __global__ void group_slots_kernel(const std::int32_t* idx, std::int64_t slots, std::int32_t n_routed, std::int32_t* offsets,
-                                   std::int32_t* order) {
+                                   std::int32_t* order, std::int32_t* active) {
   extern __shared__ std::int32_t next[];  // [n_routed]
   for (std::int32_t e = threadIdx.x; e < n_routed; e += blockDim.x) next[e] = 0;
   __syncthreads();
@@ -227,13 +237,15 @@ __global__ void group_slots_kernel(const std::int32_t* idx, std::int64_t slots, 
     if (idx[s] < n_routed) atomicAdd(&next[idx[s]], 1);
   __syncthreads();
   if (threadIdx.x == 0) {
-    std::int32_t running = 0;
+    std::int32_t running = 0, used = 0;
     for (std::int32_t e = 0; e < n_routed; ++e) {
       const std::int32_t count = next[e];
+      if (count) active[used++] = e;
       offsets[e] = next[e] = running;
       running += count;
     }
     offsets[n_routed] = running;
+    for (std::int32_t e = used; e < n_routed; ++e) active[e] = -1;
   }
   __syncthreads();
   for (std::int64_t s = threadIdx.x; s < slots; s += blockDim.x)
@@ -257,27 +269,30 @@ __device__ void expert_rows(const float* x, std::int64_t x_row_div, const std::i
       if (c0 + r < end) y[static_cast<std::int64_t>(order[c0 + r]) * n + col] = acc[r];
 }
 
-// y[s, :n] = W_e[n, k] . x[s / x_row_div] for every slot s of expert e: a warp per (output
-// column, expert) reads the weight row once from memory for all of the expert's slots, eight
-// at a time (the row stays in L1 between them); a group of one or two slots (decode) takes the
-// narrow instantiations, so no lane multiplies rows it does not need.
+// y[s, :n] = W_e[n, k] . x[s / x_row_div] for every slot s of expert e = active[blockIdx.y]: a
+// warp per (output column, expert) reads the weight row once from memory for all of the
+// expert's slots, up to eight at a time (the row stays in L1 between them). MaxRows bounds a
+// group (an expert has at most one slot per row of the step), so a decode step compiles to the
+// one-slot dot alone: the wider instantiations' registers would cut the blocks an SM holds.
+template <int MaxRows>
 __global__ void grouped_expert_gemv_kernel(const float* x, std::int64_t x_row_div, const std::int32_t* offsets,
-                                           const std::int32_t* order, const __nv_bfloat16* const* weights, std::int64_t n,
-                                           std::int64_t k, float* y) {
+                                           const std::int32_t* order, const std::int32_t* active,
+                                           const __nv_bfloat16* const* weights, std::int64_t n, std::int64_t k, float* y) {
   const std::int64_t col = blockIdx.x * static_cast<std::int64_t>(blockDim.x / 32) + (threadIdx.x >> 5);
-  const std::int32_t e = blockIdx.y, begin = offsets[e], end = offsets[e + 1];
-  if (col >= n || begin == end) return;
+  const std::int32_t e = active[blockIdx.y];
+  if (col >= n || e < 0) return;
+  const std::int32_t begin = offsets[e], end = offsets[e + 1];
   const __nv_bfloat16* row = weights[e] + col * k;
-  for (std::int32_t c0 = begin; c0 < end; c0 += 8) {
+  for (std::int32_t c0 = begin; c0 < end; c0 += MaxRows) {
     const std::int32_t rows = end - c0;  // warp-uniform
-    if (rows == 1)
+    if (MaxRows == 1 || rows == 1)
       expert_rows<1>(x, x_row_div, order, c0, end, row, col, n, k, y);
-    else if (rows == 2)
-      expert_rows<2>(x, x_row_div, order, c0, end, row, col, n, k, y);
-    else if (rows <= 4)
-      expert_rows<4>(x, x_row_div, order, c0, end, row, col, n, k, y);
+    else if (MaxRows == 2 || rows == 2)
+      expert_rows<MaxRows < 2 ? 1 : 2>(x, x_row_div, order, c0, end, row, col, n, k, y);
+    else if (MaxRows == 4 || rows <= 4)
+      expert_rows<MaxRows < 4 ? 1 : 4>(x, x_row_div, order, c0, end, row, col, n, k, y);
     else
-      expert_rows<8>(x, x_row_div, order, c0, end, row, col, n, k, y);
+      expert_rows<MaxRows>(x, x_row_div, order, c0, end, row, col, n, k, y);
   }
 }
 
@@ -300,11 +315,21 @@ __device__ const float* latent_row(const paged_args& c, std::int32_t seq, std::i
   return block + (pos % c.block_tokens) * c.width;
 }
 
-__global__ void write_latents_kernel(const float* kv, std::int64_t rows, paged_args c) {
-  const std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
-  if (i >= rows * c.width) return;
-  const std::int64_t r = i / c.width, col = i % c.width;
-  const_cast<float*>(latent_row(c, c.row_seq[r], c.positions[r]))[col] = kv[i];
+// A block per new row: the norm of the compressed latent, the rotation of its rope columns, and
+// the row stored in kv and in its place in the cache.
+__global__ void write_latents_kernel(float* kv, latent_args l, paged_args c) {
+  __shared__ float shared[32];
+  __shared__ float rope_in[max_rope_dim];
+  float* x = kv + blockIdx.x * c.width;
+  const std::int64_t rope = c.width - l.kv_lora, pos = c.positions[blockIdx.x];
+  float* dst = const_cast<float*>(latent_row(c, c.row_seq[blockIdx.x], pos));
+  float ss = 0.0f;
+  for (std::int64_t i = threadIdx.x; i < l.kv_lora; i += blockDim.x) ss += x[i] * x[i];
+  for (std::int64_t j = threadIdx.x; j < rope; j += blockDim.x) rope_in[j] = x[l.kv_lora + j];
+  const float inv = rsqrtf(block_reduce<false>(ss, shared) / static_cast<float>(l.kv_lora) + l.eps);  // syncs rope_in too
+  for (std::int64_t i = threadIdx.x; i < l.kv_lora; i += blockDim.x) dst[i] = x[i] = (l.norm[i] * (x[i] * inv)) * l.post_scale;
+  for (std::int64_t j = threadIdx.x; j < rope; j += blockDim.x)
+    dst[l.kv_lora + j] = x[l.kv_lora + j] = rope_value(rope_in, j, pos, l.inv_freq, l.attention_factor);
 }
 
 template <bool Max>
@@ -322,7 +347,7 @@ __device__ float warp_reduce(float v) {
 constexpr int mla_rows_per_block = 8;   // rows of q sharing one read of W_k / W_v
 constexpr int mla_max_lane_values = 18;  // latent row values per lane: kv_lora + rope <= 576
 
-// q_full[r, h] = [q_nope[r, h] . W_k[h] | q_rope[r, h]]: the query as a latent row. A block per
+// q_full[r, h] = [q_nope[r, h] . W_k[h] | RoPE(q_rope[r, h])]: the query as a latent row. A block per
 // (head, 32 columns, up to eight rows): lanes take the columns, the eight warps split nope, so
 // each lane has all its loads of W_k in flight at once; the warps' sums meet in shared memory.
 __global__ void mla_absorb_kernel(mla_args a, float* q_full) {
@@ -352,8 +377,8 @@ __global__ void mla_absorb_kernel(mla_args a, float* q_full) {
   const int r = threadIdx.x >> 5;
   if (r >= rows || c >= width) return;
   float* out = q_full + ((r0 + r) * a.heads + h) * width + c;
-  if (c >= a.kv_lora) {
-    *out = q[r * q_stride + a.nope + (c - a.kv_lora)];
+  if (c >= a.kv_lora) {  // the rope part, rotated at the row's position
+    *out = rope_value(q + r * q_stride + a.nope, c - a.kv_lora, a.cache.positions[r0 + r], a.inv_freq, a.attention_factor);
     return;
   }
   float sum = 0.0f;
@@ -608,20 +633,27 @@ void gemv_bf16(const float* x, std::int64_t m, std::int64_t k, const std::uint16
 }
 
 void group_slots(const std::int32_t* idx, std::int64_t slots, std::int32_t n_routed, std::int32_t* offsets,
-                 std::int32_t* order, cudaStream_t s) {
+                 std::int32_t* order, std::int32_t* active, cudaStream_t s) {
   group_slots_kernel<<<1, 1024, static_cast<std::size_t>(n_routed) * sizeof(std::int32_t), s>>>(idx, slots, n_routed,
-                                                                                               offsets, order);
+                                                                                               offsets, order, active);
   TROUPE_CUDA_CHECK_LAUNCH();
 }
 
-void grouped_expert_gemv_bf16(const float* x, std::int64_t x_row_div, const std::int32_t* offsets, const std::int32_t* order,
-                              const std::uint16_t* const* weights, std::int32_t n_routed, std::int64_t n, std::int64_t k,
-                              float* y, cudaStream_t s) {
-  if (n == 0 || n_routed == 0) return;
+void grouped_expert_gemv_bf16(const float* x, std::int64_t x_row_div, std::int64_t max_group, const std::int32_t* offsets,
+                              const std::int32_t* order, const std::int32_t* active, std::int32_t max_active,
+                              const std::uint16_t* const* weights, std::int64_t n, std::int64_t k, float* y, cudaStream_t s) {
+  if (n == 0 || max_active == 0) return;
   const unsigned warps = threads / 32;
-  const dim3 grid(static_cast<unsigned>((n + warps - 1) / warps), static_cast<unsigned>(n_routed));
-  grouped_expert_gemv_kernel<<<grid, threads, 0, s>>>(x, x_row_div, offsets, order,
-                                                      reinterpret_cast<const __nv_bfloat16* const*>(weights), n, k, y);
+  const dim3 grid(static_cast<unsigned>((n + warps - 1) / warps), static_cast<unsigned>(max_active));
+  const auto* w = reinterpret_cast<const __nv_bfloat16* const*>(weights);
+  if (max_group <= 1)
+    grouped_expert_gemv_kernel<1><<<grid, threads, 0, s>>>(x, x_row_div, offsets, order, active, w, n, k, y);
+  else if (max_group <= 2)
+    grouped_expert_gemv_kernel<2><<<grid, threads, 0, s>>>(x, x_row_div, offsets, order, active, w, n, k, y);
+  else if (max_group <= 4)
+    grouped_expert_gemv_kernel<4><<<grid, threads, 0, s>>>(x, x_row_div, offsets, order, active, w, n, k, y);
+  else
+    grouped_expert_gemv_kernel<8><<<grid, threads, 0, s>>>(x, x_row_div, offsets, order, active, w, n, k, y);
   TROUPE_CUDA_CHECK_LAUNCH();
 }
 
@@ -632,12 +664,25 @@ void moe_combine(const float* u, const float* y, const std::int32_t* idx, const 
   TROUPE_CUDA_CHECK_LAUNCH();
 }
 
+namespace {
+// Enough threads for one float4 each, up to 1024: a row's loads go out at once.
+unsigned norm_threads(std::int64_t cols) {
+  return static_cast<unsigned>(std::min<std::int64_t>(1024, std::max<std::int64_t>(32, (cols / 4 + 31) / 32 * 32)));
+}
+}  // namespace
+
 void rms_norm(const float* x, std::int64_t x_stride, const float* w, float* y, std::int64_t y_stride, std::int64_t rows,
               std::int64_t cols, float eps, float post_scale, cudaStream_t s) {
   if (rows == 0) return;
-  // Enough threads for one float4 each, up to 1024: a row's loads go out at once.
-  const auto block = static_cast<unsigned>(std::min<std::int64_t>(1024, std::max<std::int64_t>(32, (cols / 4 + 31) / 32 * 32)));
-  rms_norm_kernel<<<static_cast<unsigned>(rows), block, 0, s>>>(x, x_stride, w, y, y_stride, cols, eps, post_scale);
+  rms_norm_kernel<false><<<static_cast<unsigned>(rows), norm_threads(cols), 0, s>>>(x, x_stride, nullptr, w, y, y_stride, cols,
+                                                                                    eps, post_scale);
+  TROUPE_CUDA_CHECK_LAUNCH();
+}
+
+void add_rms_norm(float* y, const float* x, const float* w, float* normed, std::int64_t rows, std::int64_t cols, float eps,
+                  cudaStream_t s) {
+  if (rows == 0) return;
+  rms_norm_kernel<true><<<static_cast<unsigned>(rows), norm_threads(cols), 0, s>>>(x, cols, y, w, normed, cols, cols, eps, 1.0f);
   TROUPE_CUDA_CHECK_LAUNCH();
 }
 
@@ -679,19 +724,12 @@ void scatter_add_rows(const float* x, const std::int32_t* rows, const float* wei
   TROUPE_CUDA_CHECK_LAUNCH();
 }
 
-void rope_interleaved(float* x, std::int64_t rows, std::int64_t num_heads, std::int64_t head_stride, std::int64_t offset,
-                      const std::int64_t* positions, const float* inv_freq, std::int64_t half, float attention_factor,
-                      cudaStream_t s) {
-  const std::int64_t n = rows * num_heads * half;
-  if (n == 0) return;
-  rope_kernel<<<blocks_for(n), threads, 0, s>>>(x, rows, num_heads, head_stride, offset, positions, inv_freq, half,
-                                                 attention_factor);
-  TROUPE_CUDA_CHECK_LAUNCH();
-}
-
-void write_latents(const float* kv, std::int64_t rows, const paged_args& cache, cudaStream_t s) {
+void write_latents(float* kv, std::int64_t rows, const latent_args& l, const paged_args& cache, cudaStream_t s) {
   if (rows == 0) return;
-  write_latents_kernel<<<blocks_for(rows * cache.width), threads, 0, s>>>(kv, rows, cache);
+  if (cache.width - l.kv_lora > max_rope_dim)
+    throw std::invalid_argument("write_latents: " + std::to_string(cache.width - l.kv_lora) + " rope columns (at most " +
+                                std::to_string(max_rope_dim) + ")");
+  write_latents_kernel<<<static_cast<unsigned>(rows), threads, 0, s>>>(kv, l, cache);
   TROUPE_CUDA_CHECK_LAUNCH();
 }
 

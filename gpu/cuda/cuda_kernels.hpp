@@ -29,15 +29,18 @@ void gemv_bf16(const float* x, std::int64_t m, std::int64_t k, const std::uint16
 /// rows the device path measured slower than the host's (bench/RESULTS.md) until profiled.
 constexpr std::int64_t routed_moe_max_rows = 8;
 /// Groups routed_moe's slots by expert: order[offsets[e] .. offsets[e + 1]) are the slots s with
-/// idx[s] == e < n_routed (offsets [n_routed + 1], order [slots]).
+/// idx[s] == e < n_routed (offsets [n_routed + 1], order [slots]); active [n_routed] lists the
+/// experts that have slots, in order, then -1s.
 void group_slots(const std::int32_t* idx, std::int64_t slots, std::int32_t n_routed, std::int32_t* offsets,
-                 std::int32_t* order, cudaStream_t s);
+                 std::int32_t* order, std::int32_t* active, cudaStream_t s);
 /// The expert GEMVs of routed_moe: y[s, :n] = W_e[n, k] . x[s / x_row_div, :k] for each slot s
 /// grouped under expert e (group_slots); each weight row is read from memory once per call.
-/// `weights` holds n_routed device pointers to bf16 matrices.
-void grouped_expert_gemv_bf16(const float* x, std::int64_t x_row_div, const std::int32_t* offsets, const std::int32_t* order,
-                              const std::uint16_t* const* weights, std::int32_t n_routed, std::int64_t n, std::int64_t k,
-                              float* y, cudaStream_t s);
+/// Blocks go to active[0 .. max_active) (max_active >= the experts with slots); no expert has
+/// more than max_group slots (<= 8 is fastest); `weights` holds n_routed device pointers to
+/// bf16 matrices.
+void grouped_expert_gemv_bf16(const float* x, std::int64_t x_row_div, std::int64_t max_group, const std::int32_t* offsets,
+                              const std::int32_t* order, const std::int32_t* active, std::int32_t max_active,
+                              const std::uint16_t* const* weights, std::int64_t n, std::int64_t k, float* y, cudaStream_t s);
 /// out[t, c] = sum_j gates[t, j] * (idx[t, j] < n_routed ? y[t * k + j, c] : u[t, c]).
 void moe_combine(const float* u, const float* y, const std::int32_t* idx, const float* gates, std::int64_t rows, int k,
                  std::int32_t n_routed, std::int64_t h, float* out, cudaStream_t s);
@@ -45,6 +48,9 @@ void moe_combine(const float* u, const float* y, const std::int32_t* idx, const 
 /// y[r, :cols] = x[r, :cols] / rms(x[r, :cols]) * w * post_scale; rows `x_stride` / `y_stride` apart.
 void rms_norm(const float* x, std::int64_t x_stride, const float* w, float* y, std::int64_t y_stride, std::int64_t rows,
               std::int64_t cols, float eps, float post_scale, cudaStream_t s);
+/// y[r] += x[r]; normed[r] = y[r] / rms(y[r]) * w (rows of `cols` floats).
+void add_rms_norm(float* y, const float* x, const float* w, float* normed, std::int64_t rows, std::int64_t cols, float eps,
+                  cudaStream_t s);
 /// y = (x - mean) / std, row-wise, no affine weights.
 void layer_norm(const float* x, float* y, std::int64_t rows, std::int64_t cols, float eps, cudaStream_t s);
 void scale(float* y, std::int64_t n, float factor, cudaStream_t s);
@@ -58,11 +64,6 @@ void gather_rows(dtype type, const void* table, std::int64_t cols, const std::in
 /// out[rows[r]] += weights[r] * x[r]; rows distinct within a call.
 void scatter_add_rows(const float* x, const std::int32_t* rows, const float* weights, float* out, std::int64_t n,
                       std::int64_t cols, cudaStream_t s);
-/// Interleaved RoPE in place on columns [offset, offset + 2 * half) of each head block.
-void rope_interleaved(float* x, std::int64_t rows, std::int64_t num_heads, std::int64_t head_stride, std::int64_t offset,
-                      const std::int64_t* positions, const float* inv_freq, std::int64_t half, float attention_factor,
-                      cudaStream_t s);
-
 /// A paged latent cache as the kernels read it (backend::paged_latents): row r of a step belongs
 /// to sequence row_seq[r] at position positions[r]; block b of sequence s starts at address
 /// block_table[s * max_blocks + b] and holds block_tokens rows of `width` floats.
@@ -73,15 +74,28 @@ struct paged_args {
   const std::int64_t* positions;
   std::int64_t block_tokens, width;
 };
-/// Copies kv[r] (rows of `width` floats) to row r's place in the cache.
-void write_latents(const float* kv, std::int64_t rows, const paged_args& cache, cudaStream_t s);
+/// MLA's compressed latent norm and the RoPE of its last columns (backend::write_latents).
+struct latent_args {
+  const float* norm;  // [kv_lora]
+  std::int64_t kv_lora;
+  float eps, post_scale;
+  const float* inv_freq;  // [rope / 2]
+  float attention_factor;
+};
+/// Most rope columns write_latents takes.
+constexpr std::int64_t max_rope_dim = 128;
+/// In place on kv[r] (rows of cache.width floats): the norm of columns [0, kv_lora), the rotation of
+/// the rest at row r's position; then the row is stored at its place in the cache.
+void write_latents(float* kv, std::int64_t rows, const latent_args& l, const paged_args& cache, cudaStream_t s);
 
-/// Causal MLA attention with kv_b absorbed (backend::mla_attention): row r of q attends over its
-/// sequence's latents 0..positions[r]. q_full [rows, heads, kv_lora + rope] and out_lat
+/// Causal MLA attention with kv_b absorbed (backend::mla_attention): row r of q (rope columns not
+/// yet rotated) attends over its sequence's latents 0..positions[r]. q_full [rows, heads, kv_lora + rope] and out_lat
 /// [rows, heads, kv_lora] are scratch. Latent rows of at most 576 values (kv_lora + rope).
 struct mla_args {
   const float* q;  // [rows, heads * (nope + rope)]
   const float* kv_b;
+  const float* inv_freq;  // RoPE of q's rope columns
+  float attention_factor;
   paged_args cache;
   std::int64_t rows, heads, nope, rope, v, kv_lora;
   std::int64_t rows_per_sequence;  // many: the tiled prefill kernel, which shares key tiles between rows

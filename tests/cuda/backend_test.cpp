@@ -89,10 +89,11 @@ TEST(cuda_backend, norms_and_elementwise_ops) {
   }
   {
     tensor yc = b.cpu.upload(x, dtype::f32), yg = b.gpu.upload(x, dtype::f32);
-    const tensor wp = random({100}, 14);
-    b.cpu.rms_norm_prefix_inplace(yc, 100, wp, 1e-6f, 1.7f);
-    b.gpu.rms_norm_prefix_inplace(yg, 100, b.gpu.upload(wp, dtype::f32), 1e-6f, 1.7f);
-    EXPECT_LT(rel(b, yg, yc), 1e-5) << "rms_norm_prefix_inplace";
+    tensor nc = tensor::empty({rows, cols}, dtype::f32), ng = poisoned(b.gpu, {rows, cols});
+    b.cpu.add_rms_norm(yc, other, w, 1e-6f, nc);
+    b.gpu.add_rms_norm(yg, b.gpu.upload(other, dtype::f32), wg, 1e-6f, ng);
+    EXPECT_LT(rel(b, yg, yc), 1e-6) << "add_rms_norm's sum";
+    EXPECT_LT(rel(b, ng, nc), 1e-5) << "add_rms_norm's norm";
   }
   {
     tensor yc = tensor::empty({rows, cols}, dtype::f32), yg = poisoned(b.gpu, {rows, cols});
@@ -168,25 +169,18 @@ TEST(cuda_backend, gathers_scatters_and_the_ngram_embedding) {
   }
 }
 
-TEST(cuda_backend, rope_attention_and_router) {
+TEST(cuda_backend, latents_attention_and_router) {
   SKIP_WITHOUT_GPU();
   backends b;
   {
-    const std::int64_t t = 5, heads = 3, stride = 24, offset = 8;
-    tensor freq = tensor::empty({8}, dtype::f32);
-    for (int i = 0; i < 8; ++i) freq.data<float>()[i] = std::pow(10000.0f, -static_cast<float>(i) / 8.0f);
-    tensor pos = tensor::empty({t}, dtype::i64);
-    for (int r = 0; r < t; ++r) pos.data<std::int64_t>()[r] = r * 997;
-    const tensor x = random({t, heads * stride}, 31);
-    tensor yc = b.cpu.upload(x, dtype::f32), yg = b.gpu.upload(x, dtype::f32);
-    b.cpu.rope_interleaved(yc, heads, stride, offset, pos, freq, 1.3f);
-    b.gpu.rope_interleaved(yg, heads, stride, offset, b.gpu.upload(pos, dtype::i64), b.gpu.upload(freq, dtype::f32), 1.3f);
-    EXPECT_LT(rel(b, yg, yc), 1e-5) << "rope";
-  }
-  {
     // Three sequences: decode after 37 cached tokens, a 5-token prefill, 3 rows after 20; rows
-    // interleaved across sequences. write_latents fills the new rows, then attention reads all.
+    // interleaved across sequences. write_latents normalises, rotates and stores the new rows,
+    // then attention (rotating q) reads all.
     const mla_dims d{4, 16, 8, 16, 32};
+    tensor freq = tensor::empty({d.rope_dim / 2}, dtype::f32);
+    for (int i = 0; i < d.rope_dim / 2; ++i) freq.data<float>()[i] = std::pow(10000.0f, -2.0f * static_cast<float>(i) / d.rope_dim);
+    const rope_table rope_c{freq, 1.3f}, rope_g{b.gpu.upload(freq, dtype::f32), 1.3f};
+    const tensor latent_w = random({d.kv_lora_rank}, 35);
     const std::int64_t block = 16, width = d.kv_lora_rank + d.rope_dim;
     const std::vector<std::array<std::int64_t, 2>> shape{{1, 37}, {5, 0}, {3, 20}};  // rows, first position
     const std::int64_t max_blocks = 4, max_keys = 60;
@@ -214,20 +208,21 @@ TEST(cuda_backend, rope_attention_and_router) {
     const paged_latents pc{table_c, seq_t, pos_t, block, max_keys, 16};
     const paged_latents pg{b.gpu.upload(table_g, dtype::i64), b.gpu.upload(seq_t, dtype::i32), b.gpu.upload(pos_t, dtype::i64),
                            block, max_keys, 16};  // claims many rows per sequence: the prefill kernel
-    const tensor kv = random({row, width}, 34);
-    b.cpu.write_latents(kv, pc);
-    b.gpu.write_latents(b.gpu.upload(kv, dtype::f32), pg);
-    for (std::size_t i = 0; i < keep.size(); i += 2) EXPECT_LT(rel(b, keep[i + 1], keep[i]), 1e-7) << "write_latents block " << i / 2;
+    tensor kv = random({row, width}, 34), kv_g = b.gpu.upload(kv, dtype::f32);
+    b.cpu.write_latents(kv, {latent_w, 1e-6f, 1.7f}, rope_c, pc);
+    b.gpu.write_latents(kv_g, {b.gpu.upload(latent_w, dtype::f32), 1e-6f, 1.7f}, rope_g, pg);
+    EXPECT_LT(rel(b, kv_g, kv), 1e-5) << "write_latents' prepared rows";
+    for (std::size_t i = 0; i < keep.size(); i += 2) EXPECT_LT(rel(b, keep[i + 1], keep[i]), 1e-5) << "write_latents block " << i / 2;
     const tensor q = random({row, d.num_heads * (d.nope_dim + d.rope_dim)}, 32);
     const tensor kv_b = random({d.num_heads * (d.nope_dim + d.v_dim), d.kv_lora_rank}, 33, 0.2f);
     tensor yc = tensor::empty({row, d.num_heads * d.v_dim}, dtype::f32), yg = poisoned(b.gpu, {row, d.num_heads * d.v_dim});
-    b.cpu.mla_attention(q, kv_b, pc, d, 0.11f, yc);
-    b.gpu.mla_attention(b.gpu.upload(q, dtype::f32), b.gpu.upload(kv_b, dtype::f32), pg, d, 0.11f, yg);
+    b.cpu.mla_attention(q, kv_b, pc, d, rope_c, 0.11f, yc);
+    b.gpu.mla_attention(b.gpu.upload(q, dtype::f32), b.gpu.upload(kv_b, dtype::f32), pg, d, rope_g, 0.11f, yg);
     EXPECT_LT(rel(b, yg, yc), 1e-5) << "mla_attention, " << row << " rows (the prefill kernel)";
     tensor yd = poisoned(b.gpu, {row, d.num_heads * d.v_dim});
     paged_latents decode = pg;
     decode.rows_per_sequence = 5;  // the same rows through the decode kernel
-    b.gpu.mla_attention(b.gpu.upload(q, dtype::f32), b.gpu.upload(kv_b, dtype::f32), decode, d, 0.11f, yd);
+    b.gpu.mla_attention(b.gpu.upload(q, dtype::f32), b.gpu.upload(kv_b, dtype::f32), decode, d, rope_g, 0.11f, yd);
     EXPECT_LT(rel(b, yd, yc), 1e-5) << "mla_attention, " << row << " rows (the decode kernel)";
     // The first six rows alone.
     const std::int64_t few = 6;
@@ -235,8 +230,8 @@ TEST(cuda_backend, rope_attention_and_router) {
     const paged_latents pg6{pg.block_table, b.gpu.upload(seq_t.rows(0, few), dtype::i32),
                             b.gpu.upload(pos_t.rows(0, few), dtype::i64), block, max_keys, 2};
     tensor yc6 = tensor::empty({few, d.num_heads * d.v_dim}, dtype::f32), yg6 = poisoned(b.gpu, {few, d.num_heads * d.v_dim});
-    b.cpu.mla_attention(q.rows(0, few), kv_b, pc6, d, 0.11f, yc6);
-    b.gpu.mla_attention(b.gpu.upload(q.rows(0, few), dtype::f32), b.gpu.upload(kv_b, dtype::f32), pg6, d, 0.11f, yg6);
+    b.cpu.mla_attention(q.rows(0, few), kv_b, pc6, d, rope_c, 0.11f, yc6);
+    b.gpu.mla_attention(b.gpu.upload(q.rows(0, few), dtype::f32), b.gpu.upload(kv_b, dtype::f32), pg6, d, rope_g, 0.11f, yg6);
     EXPECT_LT(rel(b, yg6, yc6), 1e-5) << "mla_attention, " << few << " rows (the decode kernel)";
   }
   {
@@ -266,8 +261,9 @@ TEST(cuda_backend, routed_moe_on_the_device) {
     gu_g.push_back(b.gpu.upload(gu, dtype::bf16));
     down_g.push_back(b.gpu.upload(d, dtype::bf16));
   }
-  // 3 rows, then 64 (every expert takes many slots: several groups of eight, a ragged tail).
-  for (const std::int64_t t : {std::int64_t{3}, std::int64_t{64}}) {
+  // 1, 2 and 3 rows (decode, verification: each width of the grouped GEMV), then 64 (every expert
+  // takes many slots: several groups of eight, a ragged tail).
+  for (const std::int64_t t : {std::int64_t{1}, std::int64_t{2}, std::int64_t{3}, std::int64_t{64}}) {
     const tensor u = random({t, h}, 70 + t), gates = random({t, k}, 71 + t);
     tensor idx = tensor::empty({t, k}, dtype::i32);
     for (std::int64_t r = 0; r < t; ++r)  // distinct ids per row; ids >= 5 are zero experts
