@@ -212,14 +212,18 @@ tensor model::attention(const mla_weights& w, const tensor& x, const paged_laten
 }
 
 tensor model::swiglu(const swiglu_weights& w, const tensor& x) {
+  tensor out = be_.empty({x.dim(0), w.down.dim(0)}, dtype::f32);
+  swiglu(w, x, out, write_mode::overwrite);
+  return out;
+}
+
+void model::swiglu(const swiglu_weights& w, const tensor& x, tensor& y, write_mode mode) {
   const auto t = x.dim(0), f = w.down.dim(1);
   tensor gate_up = be_.empty({t, 2 * f}, dtype::f32);
   be_.linear(x, w.gate_up, gate_up, write_mode::overwrite);
   tensor act = be_.empty({t, f}, dtype::f32);
   be_.swiglu(gate_up, act);
-  tensor out = be_.empty({t, w.down.dim(0)}, dtype::f32);
-  be_.linear(act, w.down, out, write_mode::overwrite);
-  return out;
+  be_.linear(act, w.down, y, mode);
 }
 
 block_front model::block_front_half(std::int64_t block, const tensor& h, const step_layout& layout,
@@ -247,9 +251,8 @@ tensor model::back_half(std::int64_t block, const block_front& front, const page
   be_.add_rms_norm(m0, front.a, b.input_norm[1], eps(), normed);  // b = a + MLP_0(u)
   tensor c1 = attention(b.attention[1], normed, cache);
   be_.add_rms_norm(c1, m0, b.post_attention_norm[1], eps(), normed);  // c = b + MLA_1(RMS(b)); v = RMS(c)
-  tensor out = swiglu(b.mlp[1], normed);
-  be_.add(out, c1);  // c + MLP_1(v); the caller adds the MoE term
-  return out;
+  swiglu(b.mlp[1], normed, c1, write_mode::accumulate);  // c + MLP_1(v); the caller adds the MoE term
+  return c1;
 }
 
 tensor model::blocks(tensor h, const std::function<paged_latents(std::int64_t)>& pages) {

@@ -162,6 +162,8 @@ class model {
   tensor forward_recorded(const tensor& tokens, const step_layout& layout, std::span<const step_input> batch,
                           std::span<ngram_context* const> contexts);
   tensor swiglu(const swiglu_weights& w, const tensor& x);
+  /// y (=|+=) SwiGLU MLP of x: the down projection writes or adds into y.
+  void swiglu(const swiglu_weights& w, const tensor& x, tensor& y, write_mode mode);
   float eps() const;  // rms_norm_eps as the ops take it
   tensor norm(const tensor& x, const tensor& w);
   tensor embed_unamplified(const tensor& tokens, const step_layout& layout, std::span<ngram_context* const> contexts);

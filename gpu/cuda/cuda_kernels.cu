@@ -7,6 +7,7 @@
 #include <cfloat>
 #include <cstdint>
 #include <stdexcept>
+#include <utility>
 
 #include "gpu/cuda/cuda_check.hpp"
 
@@ -14,6 +15,18 @@ namespace troupe::cuda {
 namespace {
 
 constexpr int threads = 256;
+
+// Programmatic dependent launch (Hopper): every kernel here is launched so that it may start while
+// the kernel before it on the stream finishes (launch()). It calls follow_previous() before it
+// touches anything but weights: that waits until the previous kernel has finished and its writes
+// are visible (and so every kernel before it: each waited in turn), then lets the next kernel
+// start, so a kernel's launch and its first weight loads overlap the one before it.
+__device__ __forceinline__ void follow_previous() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
 
 unsigned blocks_for(std::int64_t n) { return static_cast<unsigned>((n + threads - 1) / threads); }
 
@@ -46,11 +59,13 @@ __device__ float load(dtype type, const void* p, std::int64_t i) {
 }
 
 __global__ void f32_to_bf16_kernel(const float* src, __nv_bfloat16* dst, std::int64_t n) {
+  follow_previous();
   const std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
   if (i < n) dst[i] = __float2bfloat16_rn(src[i]);
 }
 
 __global__ void to_f32_kernel(dtype from, const void* src, float* dst, std::int64_t n) {
+  follow_previous();
   const std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
   if (i < n) dst[i] = load(from, src, i);
 }
@@ -61,6 +76,7 @@ __global__ void to_f32_kernel(dtype from, const void* src, float* dst, std::int6
 template <bool Add>
 __global__ void rms_norm_kernel(const float* x, std::int64_t x_stride, float* sum, const float* w, float* y,
                                 std::int64_t y_stride, std::int64_t cols, float eps, float post_scale) {
+  follow_previous();
   __shared__ float shared[32];
   const float* xr = x + blockIdx.x * x_stride;
   float* sr = Add ? sum + blockIdx.x * x_stride : nullptr;
@@ -100,6 +116,7 @@ __global__ void rms_norm_kernel(const float* x, std::int64_t x_stride, float* su
 }
 
 __global__ void layer_norm_kernel(const float* x, float* y, std::int64_t cols, float eps) {
+  follow_previous();
   __shared__ float shared[32];
   const float* xr = x + blockIdx.x * cols;
   float* yr = y + blockIdx.x * cols;
@@ -113,16 +130,19 @@ __global__ void layer_norm_kernel(const float* x, float* y, std::int64_t cols, f
 }
 
 __global__ void scale_kernel(float* y, std::int64_t n, float factor) {
+  follow_previous();
   const std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
   if (i < n) y[i] *= factor;
 }
 
 __global__ void add_kernel(float* y, const float* x, std::int64_t n) {
+  follow_previous();
   const std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
   if (i < n) y[i] += x[i];
 }
 
 __global__ void swiglu_kernel(const float* gate_up, float* out, std::int64_t rows, std::int64_t f) {
+  follow_previous();
   const std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
   if (i >= rows * f) return;
   const std::int64_t r = i / f, c = i % f;
@@ -132,6 +152,7 @@ __global__ void swiglu_kernel(const float* gate_up, float* out, std::int64_t row
 
 __global__ void gather_rows_kernel(dtype type, const void* table, std::int64_t cols, const std::int64_t* ids, float* out,
                                    std::int64_t n) {
+  follow_previous();
   const std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
   if (i >= n * cols) return;
   const std::int64_t r = i / cols, c = i % cols;
@@ -140,6 +161,7 @@ __global__ void gather_rows_kernel(dtype type, const void* table, std::int64_t c
 
 __global__ void scatter_add_rows_kernel(const float* x, const std::int32_t* rows, const float* weights, float* out,
                                         std::int64_t n, std::int64_t cols) {
+  follow_previous();
   const std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
   if (i >= n * cols) return;
   const std::int64_t r = i / cols, c = i % cols;
@@ -165,24 +187,33 @@ __device__ void unpack_bf16x8(const uint4& packed, float (&wf)[8]) {
   }
 }
 
-// dot(w_row[0:k] (bf16), x[r, 0:k]) for the M rows of x (k apart), by one warp; lane 0 gets the
-// sums. Decode is bound by how many weight bytes are in flight: each lane issues up to eight
-// 16-byte streaming loads before it uses any (a whole 2048-wide row at once), where a
-// load-then-use loop would wait a memory latency per 8 KB of the warp's row.
+// A warp reads its weight row in rounds: each lane issues up to eight 16-byte streaming loads
+// (2048 bf16 per warp) before it uses any. Decode is bound by how many weight bytes are in
+// flight; a load-then-use loop would wait a memory latency per 8 KB of the row.
+constexpr int dot_unroll = 8;
+
+// The round of a lane's loads of `row` starting at column c0 (c0 = lane * 8 + a multiple of
+// 2048); zeros past k. Rows whose length is not a multiple of 8 load nothing here.
+__device__ void load_round(const __nv_bfloat16* row, std::int64_t k, std::int64_t c0, uint4 (&packed)[dot_unroll]) {
+#pragma unroll
+  for (int u = 0; u < dot_unroll; ++u) {
+    const std::int64_t c = c0 + u * 256;
+    packed[u] = k % 8 == 0 && c < k ? __ldcs(reinterpret_cast<const uint4*>(row + c)) : make_uint4(0, 0, 0, 0);
+  }
+}
+
+// dot(row[0:k] (bf16), x[r, 0:k]) for the M rows of x, by one warp; lane 0 gets the sums.
+// `packed` holds the lane's first round, already issued (load_round at lane * 8), so a kernel
+// can send it before it waits for the kernel that writes x.
 template <int M>
-__device__ void warp_dot_bf16(const __nv_bfloat16* row, const float* const (&xs)[M], std::int64_t k, float (&acc)[M]) {
-  constexpr int unroll = 8;
+__device__ void warp_dot_bf16(const __nv_bfloat16* row, const float* const (&xs)[M], std::int64_t k,
+                              uint4 (&packed)[dot_unroll], float (&acc)[M]) {
   const int lane = threadIdx.x & 31;
   if (k % 8 == 0) {
-    for (std::int64_t c0 = lane * 8; c0 < k; c0 += unroll * 256) {
-      uint4 packed[unroll];
+    for (std::int64_t c0 = lane * 8; c0 < k; c0 += dot_unroll * 256) {
+      if (c0 != lane * 8) load_round(row, k, c0, packed);
 #pragma unroll
-      for (int u = 0; u < unroll; ++u) {
-        const std::int64_t c = c0 + u * 256;
-        packed[u] = c < k ? __ldcs(reinterpret_cast<const uint4*>(row + c)) : make_uint4(0, 0, 0, 0);
-      }
-#pragma unroll
-      for (int u = 0; u < unroll; ++u) {
+      for (int u = 0; u < dot_unroll; ++u) {
         const std::int64_t c = c0 + u * 256;
         if (c >= k) break;
         float wf[8];
@@ -208,17 +239,23 @@ __device__ void warp_dot_bf16(const __nv_bfloat16* row, const float* const (&xs)
     for (int o = 16; o > 0; o >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
 }
 
-// One warp per output column, for every row of x at once.
+// One warp per output column, for every row of x at once. The weights are not written by the
+// kernels of a step, so the first round of them goes out before the wait for the previous kernel.
+// (Cutting narrow matrices' rows into slices over more warps measured slower: at these sizes a
+// launch costs its fixed latency whatever its width.)
 template <int M>
 __global__ void gemv_bf16_kernel(const float* x, std::int64_t k, const __nv_bfloat16* w, std::int64_t n, float* y,
                                  bool accumulate) {
   const std::int64_t col = blockIdx.x * static_cast<std::int64_t>(blockDim.x / 32) + (threadIdx.x >> 5);
+  uint4 packed[dot_unroll];
+  if (col < n) load_round(w + col * k, k, (threadIdx.x & 31) * 8, packed);
+  follow_previous();
   if (col >= n) return;
   const float* xs[M];
 #pragma unroll
   for (int r = 0; r < M; ++r) xs[r] = x + r * k;
   float acc[M] = {};
-  warp_dot_bf16<M>(w + col * k, xs, k, acc);
+  warp_dot_bf16<M>(w + col * k, xs, k, packed, acc);
   if ((threadIdx.x & 31) != 0) return;
 #pragma unroll
   for (int r = 0; r < M; ++r) y[r * n + col] = accumulate ? y[r * n + col] + acc[r] : acc[r];
@@ -230,6 +267,7 @@ __global__ void gemv_bf16_kernel(const float* x, std::int64_t k, const __nv_bflo
 // shared memory; the order within an expert does not matter (each slot's output is its own).
 __global__ void group_slots_kernel(const std::int32_t* idx, std::int64_t slots, std::int32_t n_routed, std::int32_t* offsets,
                                    std::int32_t* order, std::int32_t* active) {
+  follow_previous();
   extern __shared__ std::int32_t next[];  // [n_routed]
   for (std::int32_t e = threadIdx.x; e < n_routed; e += blockDim.x) next[e] = 0;
   __syncthreads();
@@ -262,7 +300,9 @@ __device__ void expert_rows(const float* x, std::int64_t x_row_div, const std::i
 #pragma unroll
   for (int r = 0; r < M; ++r) xs[r] = x + (order[c0 + r < end ? c0 + r : c0] / x_row_div) * k;
   float acc[M] = {};
-  warp_dot_bf16<M>(row, xs, k, acc);
+  uint4 packed[dot_unroll];
+  load_round(row, k, (threadIdx.x & 31) * 8, packed);
+  warp_dot_bf16<M>(row, xs, k, packed, acc);
   if ((threadIdx.x & 31) == 0)
 #pragma unroll
     for (int r = 0; r < M; ++r)
@@ -278,6 +318,7 @@ template <int MaxRows>
 __global__ void grouped_expert_gemv_kernel(const float* x, std::int64_t x_row_div, const std::int32_t* offsets,
                                            const std::int32_t* order, const std::int32_t* active,
                                            const __nv_bfloat16* const* weights, std::int64_t n, std::int64_t k, float* y) {
+  follow_previous();
   const std::int64_t col = blockIdx.x * static_cast<std::int64_t>(blockDim.x / 32) + (threadIdx.x >> 5);
   const std::int32_t e = active[blockIdx.y];
   if (col >= n || e < 0) return;
@@ -298,6 +339,7 @@ __global__ void grouped_expert_gemv_kernel(const float* x, std::int64_t x_row_di
 
 __global__ void moe_combine_kernel(const float* u, const float* y, const std::int32_t* idx, const float* gates,
                                    std::int64_t rows, int k, std::int32_t n_routed, std::int64_t h, float* out) {
+  follow_previous();
   const std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
   if (i >= rows * h) return;
   const std::int64_t t = i / h, c = i % h;
@@ -318,6 +360,7 @@ __device__ const float* latent_row(const paged_args& c, std::int32_t seq, std::i
 // A block per new row: the norm of the compressed latent, the rotation of its rope columns, and
 // the row stored in kv and in its place in the cache.
 __global__ void write_latents_kernel(float* kv, latent_args l, paged_args c) {
+  follow_previous();
   __shared__ float shared[32];
   __shared__ float rope_in[max_rope_dim];
   float* x = kv + blockIdx.x * c.width;
@@ -351,6 +394,7 @@ constexpr int mla_max_lane_values = 18;  // latent row values per lane: kv_lora 
 // (head, 32 columns, up to eight rows): lanes take the columns, the eight warps split nope, so
 // each lane has all its loads of W_k in flight at once; the warps' sums meet in shared memory.
 __global__ void mla_absorb_kernel(mla_args a, float* q_full) {
+  follow_previous();
   __shared__ float partial[8][mla_rows_per_block][32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const std::int64_t h = blockIdx.x, width = a.kv_lora + a.rope, c = blockIdx.y * 32 + lane;
@@ -391,6 +435,7 @@ __global__ void mla_absorb_kernel(mla_args a, float* q_full) {
 // and folds it into a running softmax-weighted sum (online softmax); the warps' partial sums
 // are merged at the end. out_lat[r, h] = sum_j softmax_j * latent_j[:kv_lora].
 __global__ void mla_core_kernel(mla_args a, const float* q_full, float* out_lat) {
+  follow_previous();
   extern __shared__ float smem[];
   const std::int64_t r = blockIdx.x, h = blockIdx.y, width = a.kv_lora + a.rope;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
@@ -458,6 +503,7 @@ __global__ void mla_core_kernel(mla_args a, const float* q_full, float* out_lat)
 constexpr int prefill_rows = 16, prefill_keys = 32, prefill_rows_per_warp = 2;
 
 __global__ void mla_prefill_kernel(mla_args a, const float* q_full, float* out_lat) {
+  follow_previous();
   extern __shared__ float smem[];
   const std::int64_t width = a.kv_lora + a.rope, pitch = width + 1;
   float* qs = smem;                         // [prefill_rows, width]
@@ -537,6 +583,7 @@ __global__ void mla_prefill_kernel(mla_args a, const float* q_full, float* out_l
 // out[r, h*v + c] = out_lat[r, h] . W_v[h][c]: a warp per output column, lanes across kv_lora,
 // up to eight rows per block.
 __global__ void mla_expand_kernel(mla_args a, const float* out_lat) {
+  follow_previous();
   const int lane = threadIdx.x & 31;
   const std::int64_t h = blockIdx.x;
   const std::int64_t c = blockIdx.y * static_cast<std::int64_t>(blockDim.x >> 5) + (threadIdx.x >> 5);
@@ -563,6 +610,7 @@ __global__ void mla_expand_kernel(mla_args a, const float* out_lat) {
 // scores not yet taken (ties: the lower id), from per-warp shared memory.
 __global__ void router_topk_kernel(const float* logits, const float* bias, std::int64_t rows, std::int64_t experts, int k,
                                    float scaling, std::int32_t* idx, float* weights) {
+  follow_previous();
   extern __shared__ float smem[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const std::int64_t r = blockIdx.x * static_cast<std::int64_t>(blockDim.x >> 5) + warp;
@@ -601,18 +649,33 @@ __global__ void router_topk_kernel(const float* logits, const float* bias, std::
   }
 }
 
+// Launches `kernel` with programmatic stream serialisation (see follow_previous()); the launch
+// is checked.
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t shared, cudaStream_t s, Args&&... args) {
+  cudaLaunchAttribute overlap{};
+  overlap.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  overlap.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = shared;
+  config.stream = s;
+  config.attrs = &overlap;
+  config.numAttrs = 1;
+  TROUPE_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
+}
+
 }  // namespace
 
 void f32_to_bf16(const float* src, std::uint16_t* dst, std::int64_t n, cudaStream_t s) {
   if (n == 0) return;
-  f32_to_bf16_kernel<<<blocks_for(n), threads, 0, s>>>(src, reinterpret_cast<__nv_bfloat16*>(dst), n);
-  TROUPE_CUDA_CHECK_LAUNCH();
+  launch(f32_to_bf16_kernel, blocks_for(n), threads, 0, s, src, reinterpret_cast<__nv_bfloat16*>(dst), n);
 }
 
 void to_f32(dtype from, const void* src, float* dst, std::int64_t n, cudaStream_t s) {
   if (n == 0) return;
-  to_f32_kernel<<<blocks_for(n), threads, 0, s>>>(from, src, dst, n);
-  TROUPE_CUDA_CHECK_LAUNCH();
+  launch(to_f32_kernel, blocks_for(n), threads, 0, s, from, src, dst, n);
 }
 
 void gemv_bf16(const float* x, std::int64_t m, std::int64_t k, const std::uint16_t* w, std::int64_t n, float* y,
@@ -624,19 +687,17 @@ void gemv_bf16(const float* x, std::int64_t m, std::int64_t k, const std::uint16
   const auto* wb = reinterpret_cast<const __nv_bfloat16*>(w);
   switch (m) {
 #define TROUPE_GEMV_CASE(M) \
-  case M: gemv_bf16_kernel<M><<<grid, threads, 0, s>>>(x, k, wb, n, y, accumulate); break;
+  case M: launch(gemv_bf16_kernel<M>, grid, threads, 0, s, x, k, wb, n, y, accumulate); break;
     TROUPE_GEMV_CASE(1) TROUPE_GEMV_CASE(2) TROUPE_GEMV_CASE(3) TROUPE_GEMV_CASE(4)
     TROUPE_GEMV_CASE(5) TROUPE_GEMV_CASE(6) TROUPE_GEMV_CASE(7) TROUPE_GEMV_CASE(8)
 #undef TROUPE_GEMV_CASE
   }
-  TROUPE_CUDA_CHECK_LAUNCH();
 }
 
 void group_slots(const std::int32_t* idx, std::int64_t slots, std::int32_t n_routed, std::int32_t* offsets,
                  std::int32_t* order, std::int32_t* active, cudaStream_t s) {
-  group_slots_kernel<<<1, 1024, static_cast<std::size_t>(n_routed) * sizeof(std::int32_t), s>>>(idx, slots, n_routed,
+  launch(group_slots_kernel, 1, 1024, static_cast<std::size_t>(n_routed) * sizeof(std::int32_t), s, idx, slots, n_routed,
                                                                                                offsets, order, active);
-  TROUPE_CUDA_CHECK_LAUNCH();
 }
 
 void grouped_expert_gemv_bf16(const float* x, std::int64_t x_row_div, std::int64_t max_group, const std::int32_t* offsets,
@@ -647,21 +708,19 @@ void grouped_expert_gemv_bf16(const float* x, std::int64_t x_row_div, std::int64
   const dim3 grid(static_cast<unsigned>((n + warps - 1) / warps), static_cast<unsigned>(max_active));
   const auto* w = reinterpret_cast<const __nv_bfloat16* const*>(weights);
   if (max_group <= 1)
-    grouped_expert_gemv_kernel<1><<<grid, threads, 0, s>>>(x, x_row_div, offsets, order, active, w, n, k, y);
+    launch(grouped_expert_gemv_kernel<1>, grid, threads, 0, s, x, x_row_div, offsets, order, active, w, n, k, y);
   else if (max_group <= 2)
-    grouped_expert_gemv_kernel<2><<<grid, threads, 0, s>>>(x, x_row_div, offsets, order, active, w, n, k, y);
+    launch(grouped_expert_gemv_kernel<2>, grid, threads, 0, s, x, x_row_div, offsets, order, active, w, n, k, y);
   else if (max_group <= 4)
-    grouped_expert_gemv_kernel<4><<<grid, threads, 0, s>>>(x, x_row_div, offsets, order, active, w, n, k, y);
+    launch(grouped_expert_gemv_kernel<4>, grid, threads, 0, s, x, x_row_div, offsets, order, active, w, n, k, y);
   else
-    grouped_expert_gemv_kernel<8><<<grid, threads, 0, s>>>(x, x_row_div, offsets, order, active, w, n, k, y);
-  TROUPE_CUDA_CHECK_LAUNCH();
+    launch(grouped_expert_gemv_kernel<8>, grid, threads, 0, s, x, x_row_div, offsets, order, active, w, n, k, y);
 }
 
 void moe_combine(const float* u, const float* y, const std::int32_t* idx, const float* gates, std::int64_t rows, int k,
                  std::int32_t n_routed, std::int64_t h, float* out, cudaStream_t s) {
   if (rows * h == 0) return;
-  moe_combine_kernel<<<blocks_for(rows * h), threads, 0, s>>>(u, y, idx, gates, rows, k, n_routed, h, out);
-  TROUPE_CUDA_CHECK_LAUNCH();
+  launch(moe_combine_kernel, blocks_for(rows * h), threads, 0, s, u, y, idx, gates, rows, k, n_routed, h, out);
 }
 
 namespace {
@@ -674,54 +733,46 @@ unsigned norm_threads(std::int64_t cols) {
 void rms_norm(const float* x, std::int64_t x_stride, const float* w, float* y, std::int64_t y_stride, std::int64_t rows,
               std::int64_t cols, float eps, float post_scale, cudaStream_t s) {
   if (rows == 0) return;
-  rms_norm_kernel<false><<<static_cast<unsigned>(rows), norm_threads(cols), 0, s>>>(x, x_stride, nullptr, w, y, y_stride, cols,
+  launch(rms_norm_kernel<false>, static_cast<unsigned>(rows), norm_threads(cols), 0, s, x, x_stride, nullptr, w, y, y_stride, cols,
                                                                                     eps, post_scale);
-  TROUPE_CUDA_CHECK_LAUNCH();
 }
 
 void add_rms_norm(float* y, const float* x, const float* w, float* normed, std::int64_t rows, std::int64_t cols, float eps,
                   cudaStream_t s) {
   if (rows == 0) return;
-  rms_norm_kernel<true><<<static_cast<unsigned>(rows), norm_threads(cols), 0, s>>>(x, cols, y, w, normed, cols, cols, eps, 1.0f);
-  TROUPE_CUDA_CHECK_LAUNCH();
+  launch(rms_norm_kernel<true>, static_cast<unsigned>(rows), norm_threads(cols), 0, s, x, cols, y, w, normed, cols, cols, eps, 1.0f);
 }
 
 void layer_norm(const float* x, float* y, std::int64_t rows, std::int64_t cols, float eps, cudaStream_t s) {
   if (rows == 0) return;
-  layer_norm_kernel<<<static_cast<unsigned>(rows), threads, 0, s>>>(x, y, cols, eps);
-  TROUPE_CUDA_CHECK_LAUNCH();
+  launch(layer_norm_kernel, static_cast<unsigned>(rows), threads, 0, s, x, y, cols, eps);
 }
 
 void scale(float* y, std::int64_t n, float factor, cudaStream_t s) {
   if (n == 0) return;
-  scale_kernel<<<blocks_for(n), threads, 0, s>>>(y, n, factor);
-  TROUPE_CUDA_CHECK_LAUNCH();
+  launch(scale_kernel, blocks_for(n), threads, 0, s, y, n, factor);
 }
 
 void add(float* y, const float* x, std::int64_t n, cudaStream_t s) {
   if (n == 0) return;
-  add_kernel<<<blocks_for(n), threads, 0, s>>>(y, x, n);
-  TROUPE_CUDA_CHECK_LAUNCH();
+  launch(add_kernel, blocks_for(n), threads, 0, s, y, x, n);
 }
 
 void swiglu(const float* gate_up, float* out, std::int64_t rows, std::int64_t f, cudaStream_t s) {
   if (rows * f == 0) return;
-  swiglu_kernel<<<blocks_for(rows * f), threads, 0, s>>>(gate_up, out, rows, f);
-  TROUPE_CUDA_CHECK_LAUNCH();
+  launch(swiglu_kernel, blocks_for(rows * f), threads, 0, s, gate_up, out, rows, f);
 }
 
 void gather_rows(dtype type, const void* table, std::int64_t cols, const std::int64_t* ids, float* out, std::int64_t n,
                  cudaStream_t s) {
   if (n * cols == 0) return;
-  gather_rows_kernel<<<blocks_for(n * cols), threads, 0, s>>>(type, table, cols, ids, out, n);
-  TROUPE_CUDA_CHECK_LAUNCH();
+  launch(gather_rows_kernel, blocks_for(n * cols), threads, 0, s, type, table, cols, ids, out, n);
 }
 
 void scatter_add_rows(const float* x, const std::int32_t* rows, const float* weights, float* out, std::int64_t n,
                       std::int64_t cols, cudaStream_t s) {
   if (n * cols == 0) return;
-  scatter_add_rows_kernel<<<blocks_for(n * cols), threads, 0, s>>>(x, rows, weights, out, n, cols);
-  TROUPE_CUDA_CHECK_LAUNCH();
+  launch(scatter_add_rows_kernel, blocks_for(n * cols), threads, 0, s, x, rows, weights, out, n, cols);
 }
 
 void write_latents(float* kv, std::int64_t rows, const latent_args& l, const paged_args& cache, cudaStream_t s) {
@@ -729,8 +780,7 @@ void write_latents(float* kv, std::int64_t rows, const latent_args& l, const pag
   if (cache.width - l.kv_lora > max_rope_dim)
     throw std::invalid_argument("write_latents: " + std::to_string(cache.width - l.kv_lora) + " rope columns (at most " +
                                 std::to_string(max_rope_dim) + ")");
-  write_latents_kernel<<<static_cast<unsigned>(rows), threads, 0, s>>>(kv, l, cache);
-  TROUPE_CUDA_CHECK_LAUNCH();
+  launch(write_latents_kernel, static_cast<unsigned>(rows), threads, 0, s, kv, l, cache);
 }
 
 void mla_attention(const mla_args& a, cudaStream_t s) {
@@ -742,12 +792,11 @@ void mla_attention(const mla_args& a, cudaStream_t s) {
   const auto heads = static_cast<unsigned>(a.heads);
   const auto row_blocks = static_cast<unsigned>((a.rows + mla_rows_per_block - 1) / mla_rows_per_block);
   static_assert(threads == 256 && mla_rows_per_block == 8, "mla_absorb_kernel: eight warps, a row each at the end");
-  mla_absorb_kernel<<<dim3(heads, static_cast<unsigned>((width + 31) / 32), row_blocks), threads, 0, s>>>(a, a.q_full);
-  TROUPE_CUDA_CHECK_LAUNCH();
+  launch(mla_absorb_kernel, dim3(heads, static_cast<unsigned>((width + 31) / 32), row_blocks), threads, 0, s, a, a.q_full);
   const int warps = threads / 32;
   if (a.rows_per_sequence < prefill_rows) {  // decode, verification: a block per (row, head)
     const std::size_t shared = static_cast<std::size_t>(width + 2 * warps + warps * a.kv_lora) * sizeof(float);
-    mla_core_kernel<<<dim3(static_cast<unsigned>(a.rows), heads), threads, shared, s>>>(a, a.q_full, a.out_lat);
+    launch(mla_core_kernel, dim3(static_cast<unsigned>(a.rows), heads), threads, shared, s, a, a.q_full, a.out_lat);
   } else {  // prefill: a block per (16 rows, head)
     static_assert(prefill_rows == prefill_rows_per_warp * threads / 32, "every row has a warp");
     const std::size_t shared = static_cast<std::size_t>(prefill_rows * width + prefill_keys * (width + 1)) * sizeof(float);
@@ -757,12 +806,10 @@ void mla_attention(const mla_args& a, cudaStream_t s) {
       TROUPE_CUDA_CHECK(cudaFuncSetAttribute(mla_prefill_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                              static_cast<int>(shared)));
     const auto tiles = static_cast<unsigned>((a.rows + prefill_rows - 1) / prefill_rows);
-    mla_prefill_kernel<<<dim3(tiles, heads), threads, shared, s>>>(a, a.q_full, a.out_lat);
+    launch(mla_prefill_kernel, dim3(tiles, heads), threads, shared, s, a, a.q_full, a.out_lat);
   }
-  TROUPE_CUDA_CHECK_LAUNCH();
   const auto col_blocks = static_cast<unsigned>((a.v + warps - 1) / warps);
-  mla_expand_kernel<<<dim3(heads, col_blocks, row_blocks), threads, 0, s>>>(a, a.out_lat);
-  TROUPE_CUDA_CHECK_LAUNCH();
+  launch(mla_expand_kernel, dim3(heads, col_blocks, row_blocks), threads, 0, s, a, a.out_lat);
 }
 
 void router_topk(const float* logits, const float* bias, std::int64_t rows, std::int64_t experts, int k, float scaling,
@@ -770,9 +817,8 @@ void router_topk(const float* logits, const float* bias, std::int64_t rows, std:
   if (rows == 0) return;
   constexpr int rows_per_block = 4;  // a warp each
   const std::size_t shared = static_cast<std::size_t>(rows_per_block * 2 * experts) * sizeof(float);
-  router_topk_kernel<<<static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block), rows_per_block * 32, shared, s>>>(
-      logits, bias, rows, experts, k, scaling, idx, weights);
-  TROUPE_CUDA_CHECK_LAUNCH();
+  launch(router_topk_kernel, static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block), rows_per_block * 32, shared, s,
+         logits, bias, rows, experts, k, scaling, idx, weights);
 }
 
 }  // namespace troupe::cuda

@@ -1,5 +1,6 @@
 // The CUDA backend's kernels, as launch functions on a stream (cuda_kernels.cu). Every
-// function checks its launch. Float32 in and out unless a name says otherwise; shapes are
+// function checks its launch. Each kernel may start while the one before it on the stream
+// finishes (programmatic dependent launch) and waits for its results before reading them. Float32 in and out unless a name says otherwise; shapes are
 // row-major.
 #pragma once
 
@@ -20,7 +21,8 @@ void to_f32(dtype from, const void* src, float* dst, std::int64_t n, cudaStream_
 constexpr std::int64_t gemv_max_rows = 8;
 /// y[M,N] (=|+=) x[M,K] . w[N,K]^T with float32 x and bf16 w, M <= gemv_max_rows: one warp per
 /// output column streams its weight row once for all M rows (decode is bandwidth-bound; this
-/// reads the weights once, in one launch, and keeps x in float32).
+/// reads the weights once, in one launch, and keeps x in float32). Its first weight loads go out
+/// before the previous kernel on the stream has finished: w must not be that kernel's output.
 void gemv_bf16(const float* x, std::int64_t m, std::int64_t k, const std::uint16_t* w, std::int64_t n, float* y,
                bool accumulate, cudaStream_t s);
 
