@@ -384,9 +384,9 @@ __device__ float warp_reduce(float v) {
   return v;
 }
 
-// MLA attention in three kernels, each reading its global memory coalesced and spread over
-// many blocks (decode is latency-bound: one block per (row, head) doing everything left most SMs
-// idle and waited a memory latency per key).
+// MLA attention. Prefill takes three kernels (absorb, a tiled flash kernel, expand), each spread
+// over many blocks; decode and verification take one (mla_decode_kernel), its keys spread over
+// the block's warps and its weight reads kept in flight.
 constexpr int mla_rows_per_block = 8;   // rows of q sharing one read of W_k / W_v
 constexpr int mla_max_lane_values = 18;  // latent row values per lane: kv_lora + rope <= 576
 
@@ -430,23 +430,43 @@ __global__ void mla_absorb_kernel(mla_args a, float* q_full) {
   *out = sum;
 }
 
-// Flash-decoding over the paged latents, one block per (row, head): each warp takes every
-// eighth visible key, reads its latent row once (the next one already in flight), scores it
-// and folds it into a running softmax-weighted sum (online softmax); the warps' partial sums
-// are merged at the end. out_lat[r, h] = sum_j softmax_j * latent_j[:kv_lora].
-__global__ void mla_core_kernel(mla_args a, const float* q_full, float* out_lat) {
-  follow_previous();
+// MLA for decode and verification in one kernel, a block per (row, head), so a layer's
+// attention is one launch (three launches cost more than the block's weight reads here):
+//  1. absorb: q_lat = [q_nope . W_k[h] | RoPE(q_rope)], a thread per latent column, the loads of
+//     W_k[h] (nope x kv_lora floats) in flight 32 at a time;
+//  2. flash-decoding over the row's visible keys: each warp takes every 16th key, reads its
+//     latent row once (the next already in flight), scores it and folds it into a running
+//     softmax-weighted sum (online softmax); the warps' partial sums are merged in shared memory;
+//  3. expand: out[r, h] = out_lat . W_v[h]^T, a warp per output column.
+constexpr int mla_decode_threads = 512;
+
+__global__ void __launch_bounds__(mla_decode_threads) mla_decode_kernel(mla_args a) {
   extern __shared__ float smem[];
-  const std::int64_t r = blockIdx.x, h = blockIdx.y, width = a.kv_lora + a.rope;
+  const std::int64_t r = blockIdx.x, h = blockIdx.y, width = a.kv_lora + a.rope, qk = a.nope + a.rope;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-  float* q = smem;                      // [width]
-  float* part_m = q + width;            // [warps]
-  float* part_l = part_m + warps;       // [warps]
-  float* part = part_l + warps;         // [warps, kv_lora]
-  for (std::int64_t c = threadIdx.x; c < width; c += blockDim.x) q[c] = q_full[(r * a.heads + h) * width + c];
+  float* q = smem;                  // [width]: the query as a latent row
+  float* q_in = q + width;          // [nope + rope]: the row's query for head h
+  float* part_m = q_in + qk;        // [warps]
+  float* part_l = part_m + warps;   // [warps]
+  float* part = part_l + warps;     // [warps, kv_lora]; then out_lat in its first kv_lora
+  const float* w_k = a.kv_b + h * (a.nope + a.v) * a.kv_lora;  // [nope, kv_lora]
+  const float* w_v = w_k + a.nope * a.kv_lora;                 // [v, kv_lora]
+  follow_previous();
+  const std::int64_t pos = a.cache.positions[r];
+  for (std::int64_t i = threadIdx.x; i < qk; i += blockDim.x) q_in[i] = a.q[(r * a.heads + h) * qk + i];
   __syncthreads();
+  for (std::int64_t c = threadIdx.x; c < a.kv_lora; c += blockDim.x) {
+    float sum = 0.0f;
+#pragma unroll 32
+    for (std::int64_t n = 0; n < a.nope; ++n) sum += q_in[n] * w_k[n * a.kv_lora + c];
+    q[c] = sum;
+  }
+  for (std::int64_t j = threadIdx.x; j < a.rope; j += blockDim.x)
+    q[a.kv_lora + j] = rope_value(q_in + a.nope, j, pos, a.inv_freq, a.attention_factor);
+  __syncthreads();
+
   const std::int32_t seq = a.cache.row_seq[r];
-  const std::int64_t visible = a.cache.positions[r] + 1;  // causal
+  const std::int64_t visible = pos + 1;  // causal
   float m = -INFINITY, l = 0.0f, acc[mla_max_lane_values] = {}, v[mla_max_lane_values], next[mla_max_lane_values];
   auto load = [&](std::int64_t j, float (&dst)[mla_max_lane_values]) {
     const float* lat = latent_row(a.cache, seq, j);
@@ -461,14 +481,14 @@ __global__ void mla_core_kernel(mla_args a, const float* q_full, float* out_lat)
 #pragma unroll
     for (int i = 0; i < mla_max_lane_values; ++i) v[i] = next[i];
     if (j + warps < visible) load(j + warps, next);
-    float s = 0.0f;
+    float sc = 0.0f;
 #pragma unroll
     for (int i = 0; i < mla_max_lane_values; ++i) {
       const std::int64_t c = lane + 32 * i;
-      if (c < width) s += q[c] * v[i];
+      if (c < width) sc += q[c] * v[i];
     }
-    s = warp_reduce<false>(s) * a.softmax_scale;
-    const float m_new = fmaxf(m, s), keep = expf(m - m_new), p = expf(s - m_new);
+    sc = warp_reduce<false>(sc) * a.softmax_scale;
+    const float m_new = fmaxf(m, sc), keep = expf(m - m_new), p = expf(sc - m_new);
     l = l * keep + p;
 #pragma unroll
     for (int i = 0; i < mla_max_lane_values; ++i) acc[i] = acc[i] * keep + p * v[i];
@@ -486,10 +506,21 @@ __global__ void mla_core_kernel(mla_args a, const float* q_full, float* out_lat)
   float total = 0.0f;
   for (int w = 0; w < warps; ++w) total += part_l[w] * expf(part_m[w] - top);
   const float inv = 1.0f / total;
+  float* out_lat = part;  // column c is read and written by one thread only
   for (std::int64_t c = threadIdx.x; c < a.kv_lora; c += blockDim.x) {
     float sum = 0.0f;
     for (int w = 0; w < warps; ++w) sum += part[w * a.kv_lora + c] * expf(part_m[w] - top);
-    out_lat[(r * a.heads + h) * a.kv_lora + c] = sum * inv;
+    out_lat[c] = sum * inv;
+  }
+  __syncthreads();
+
+  for (std::int64_t c = warp; c < a.v; c += warps) {
+    const float* row = w_v + c * a.kv_lora;
+    float sum = 0.0f;
+#pragma unroll 16
+    for (std::int64_t k = lane; k < a.kv_lora; k += 32) sum += out_lat[k] * row[k];
+    sum = warp_reduce<false>(sum);
+    if (lane == 0) a.out[(r * a.heads + h) * a.v + c] = sum;
   }
 }
 
@@ -790,24 +821,28 @@ void mla_attention(const mla_args& a, cudaStream_t s) {
     throw std::invalid_argument("mla_attention: latent rows of " + std::to_string(width) + " values (at most " +
                                 std::to_string(32 * mla_max_lane_values) + ")");
   const auto heads = static_cast<unsigned>(a.heads);
+  if (a.rows_per_sequence < prefill_rows) {  // decode, verification: one kernel, a block per (row, head)
+    const int warps = mla_decode_threads / 32;
+    const std::size_t shared =
+        static_cast<std::size_t>(width + a.nope + a.rope + 2 * warps + warps * a.kv_lora) * sizeof(float);
+    if (shared > 48 * 1024) throw std::invalid_argument("mla_attention: kv_lora_rank " + std::to_string(a.kv_lora) + " too large");
+    launch(mla_decode_kernel, dim3(static_cast<unsigned>(a.rows), heads), mla_decode_threads, shared, s, a);
+    return;
+  }
+  // Prefill: the absorbed queries, a tiled flash kernel per (16 rows, head), the expansion.
   const auto row_blocks = static_cast<unsigned>((a.rows + mla_rows_per_block - 1) / mla_rows_per_block);
   static_assert(threads == 256 && mla_rows_per_block == 8, "mla_absorb_kernel: eight warps, a row each at the end");
   launch(mla_absorb_kernel, dim3(heads, static_cast<unsigned>((width + 31) / 32), row_blocks), threads, 0, s, a, a.q_full);
+  static_assert(prefill_rows == prefill_rows_per_warp * threads / 32, "every row has a warp");
+  const std::size_t shared = static_cast<std::size_t>(prefill_rows * width + prefill_keys * (width + 1)) * sizeof(float);
+  cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+  TROUPE_CUDA_CHECK(cudaStreamIsCapturing(s, &capturing));
+  if (capturing == cudaStreamCaptureStatusNone)  // a recording's warm-up run has set it already
+    TROUPE_CUDA_CHECK(cudaFuncSetAttribute(mla_prefill_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(shared)));
+  const auto tiles = static_cast<unsigned>((a.rows + prefill_rows - 1) / prefill_rows);
+  launch(mla_prefill_kernel, dim3(tiles, heads), threads, shared, s, a, a.q_full, a.out_lat);
   const int warps = threads / 32;
-  if (a.rows_per_sequence < prefill_rows) {  // decode, verification: a block per (row, head)
-    const std::size_t shared = static_cast<std::size_t>(width + 2 * warps + warps * a.kv_lora) * sizeof(float);
-    launch(mla_core_kernel, dim3(static_cast<unsigned>(a.rows), heads), threads, shared, s, a, a.q_full, a.out_lat);
-  } else {  // prefill: a block per (16 rows, head)
-    static_assert(prefill_rows == prefill_rows_per_warp * threads / 32, "every row has a warp");
-    const std::size_t shared = static_cast<std::size_t>(prefill_rows * width + prefill_keys * (width + 1)) * sizeof(float);
-    cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
-    TROUPE_CUDA_CHECK(cudaStreamIsCapturing(s, &capturing));
-    if (capturing == cudaStreamCaptureStatusNone)  // a recording's warm-up run has set it already
-      TROUPE_CUDA_CHECK(cudaFuncSetAttribute(mla_prefill_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                             static_cast<int>(shared)));
-    const auto tiles = static_cast<unsigned>((a.rows + prefill_rows - 1) / prefill_rows);
-    launch(mla_prefill_kernel, dim3(tiles, heads), threads, shared, s, a, a.q_full, a.out_lat);
-  }
   const auto col_blocks = static_cast<unsigned>((a.v + warps - 1) / warps);
   launch(mla_expand_kernel, dim3(heads, col_blocks, row_blocks), threads, 0, s, a, a.out_lat);
 }

@@ -92,7 +92,7 @@ void write_latents(float* kv, std::int64_t rows, const latent_args& l, const pag
 
 /// Causal MLA attention with kv_b absorbed (backend::mla_attention): row r of q (rope columns not
 /// yet rotated) attends over its sequence's latents 0..positions[r]. q_full [rows, heads, kv_lora + rope] and out_lat
-/// [rows, heads, kv_lora] are scratch. Latent rows of at most 576 values (kv_lora + rope).
+/// [rows, heads, kv_lora] are scratch (prefill's; decode needs none). Latent rows of at most 576 values (kv_lora + rope).
 struct mla_args {
   const float* q;  // [rows, heads * (nope + rope)]
   const float* kv_b;
