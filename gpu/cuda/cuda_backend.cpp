@@ -310,6 +310,12 @@ void cuda_backend::linear(const tensor& x, const tensor& w, tensor& y, write_mod
                 "x " + shape_to_string(x.shape()) + ", w " + shape_to_string(w.shape()) + ", y " + shape_to_string(y.shape()));
   TROUPE_EXPECT(on_gpu(x) && on_gpu(w) && on_gpu(y), "linear", "operands must be on the GPU");
   if (m == 0) return;
+  TROUPE_EXPECT(w.type() == dtype::bf16 || w.type() == dtype::f32, "linear", "weights must be bf16 or f32");
+  if (m <= cuda::gemv_max_rows) {  // decode: one launch, float32 activations
+    cuda::gemv(x.data<float>(), m, k, w.type(), w.raw(), n, y.data<float>(), mode == write_mode::accumulate,
+               as_stream(stream_));
+    return;
+  }
   const float alpha = 1.0f, beta = mode == write_mode::accumulate ? 1.0f : 0.0f;
   // Row-major y[M,N] = x[M,K] w[N,K]^T is column-major y^T[N,M] = w^T(N x K) x^T(K x M).
   std::lock_guard lock(blas_mutex());
@@ -317,12 +323,6 @@ void cuda_backend::linear(const tensor& x, const tensor& w, tensor& y, write_mod
     TROUPE_CUBLAS_CHECK(cublasSgemm(blas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(n), static_cast<int>(m),
                                     static_cast<int>(k), &alpha, w.data<float>(), static_cast<int>(k), x.data<float>(),
                                     static_cast<int>(k), &beta, y.data<float>(), static_cast<int>(n)));
-    return;
-  }
-  TROUPE_EXPECT(w.type() == dtype::bf16, "linear", "weights must be bf16 or f32");
-  if (m <= cuda::gemv_max_rows) {  // decode: one launch, float32 activations
-    cuda::gemv_bf16(x.data<float>(), m, k, static_cast<const std::uint16_t*>(w.raw()), n, y.data<float>(),
-                    mode == write_mode::accumulate, as_stream(stream_));
     return;
   }
   tensor xb = empty({m, k}, dtype::bf16);  // activations rounded to bf16: bf16 x bf16 products, float32 sums

@@ -177,6 +177,9 @@ __device__ float rope_value(const float* x, std::int64_t j, std::int64_t pos, co
   return j % 2 == 0 ? a * c - b * s : b * c + a * s;
 }
 
+// Asks L2 for the 128-byte line holding p (no register waits for it).
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+
 // Eight bf16 weights as floats.
 __device__ void unpack_bf16x8(const uint4& packed, float (&wf)[8]) {
   const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&packed);
@@ -188,48 +191,69 @@ __device__ void unpack_bf16x8(const uint4& packed, float (&wf)[8]) {
 }
 
 // A warp reads its weight row in rounds: each lane issues up to eight 16-byte streaming loads
-// (2048 bf16 per warp) before it uses any. Decode is bound by how many weight bytes are in
-// flight; a load-then-use loop would wait a memory latency per 8 KB of the row.
+// (4 KB per warp) before it uses any. Decode is bound by how many weight bytes are in flight; a
+// load-then-use loop would wait a memory latency per 4 KB of the row.
 constexpr int dot_unroll = 8;
 
-// The round of a lane's loads of `row` starting at column c0 (c0 = lane * 8 + a multiple of
-// 2048); zeros past k. Rows whose length is not a multiple of 8 load nothing here.
-__device__ void load_round(const __nv_bfloat16* row, std::int64_t k, std::int64_t c0, uint4 (&packed)[dot_unroll]) {
+// Sixteen bytes of weights of type W as floats.
+template <typename W>
+struct weight_pack;
+template <>
+struct weight_pack<__nv_bfloat16> {
+  static constexpr int n = 8;
+  __device__ static void unpack(const uint4& p, float (&f)[8]) { unpack_bf16x8(p, f); }
+};
+template <>
+struct weight_pack<float> {
+  static constexpr int n = 4;
+  __device__ static void unpack(const uint4& p, float (&f)[4]) {
+    f[0] = __uint_as_float(p.x), f[1] = __uint_as_float(p.y), f[2] = __uint_as_float(p.z), f[3] = __uint_as_float(p.w);
+  }
+};
+__device__ float to_float(__nv_bfloat16 w) { return __bfloat162float(w); }
+__device__ float to_float(float w) { return w; }
+
+// The round of a lane's loads of `row` starting at column c0 (c0 = lane * per-load + a multiple of
+// the round's span); zeros past k. Rows not made of whole 16-byte loads load nothing here.
+template <typename W>
+__device__ void load_round(const W* row, std::int64_t k, std::int64_t c0, uint4 (&packed)[dot_unroll]) {
+  constexpr int per = weight_pack<W>::n;
 #pragma unroll
   for (int u = 0; u < dot_unroll; ++u) {
-    const std::int64_t c = c0 + u * 256;
-    packed[u] = k % 8 == 0 && c < k ? __ldcs(reinterpret_cast<const uint4*>(row + c)) : make_uint4(0, 0, 0, 0);
+    const std::int64_t c = c0 + u * 32 * per;
+    packed[u] = k % per == 0 && c < k ? __ldcs(reinterpret_cast<const uint4*>(row + c)) : make_uint4(0, 0, 0, 0);
   }
 }
 
-// dot(row[0:k] (bf16), x[r, 0:k]) for the M rows of x, by one warp; lane 0 gets the sums.
-// `packed` holds the lane's first round, already issued (load_round at lane * 8), so a kernel
-// can send it before it waits for the kernel that writes x.
-template <int M>
-__device__ void warp_dot_bf16(const __nv_bfloat16* row, const float* const (&xs)[M], std::int64_t k,
-                              uint4 (&packed)[dot_unroll], float (&acc)[M]) {
+// dot(row[0:k], x[r, 0:k]) for the M rows of x, by one warp; lane 0 gets the sums. `packed`
+// holds the lane's first round, already issued (load_round at lane * per-load), so a kernel can
+// send it before it waits for the kernel that writes x.
+template <int M, typename W>
+__device__ void warp_dot(const W* row, const float* const (&xs)[M], std::int64_t k, uint4 (&packed)[dot_unroll],
+                         float (&acc)[M]) {
+  constexpr int per = weight_pack<W>::n;
   const int lane = threadIdx.x & 31;
-  if (k % 8 == 0) {
-    for (std::int64_t c0 = lane * 8; c0 < k; c0 += dot_unroll * 256) {
-      if (c0 != lane * 8) load_round(row, k, c0, packed);
+  if (k % per == 0) {
+    for (std::int64_t c0 = lane * per; c0 < k; c0 += dot_unroll * 32 * per) {
+      if (c0 != lane * per) load_round(row, k, c0, packed);
 #pragma unroll
       for (int u = 0; u < dot_unroll; ++u) {
-        const std::int64_t c = c0 + u * 256;
+        const std::int64_t c = c0 + u * 32 * per;
         if (c >= k) break;
-        float wf[8];
-        unpack_bf16x8(packed[u], wf);
+        float wf[per];
+        weight_pack<W>::unpack(packed[u], wf);
 #pragma unroll
-        for (int r = 0; r < M; ++r) {
-          const float4 a = *reinterpret_cast<const float4*>(xs[r] + c);
-          const float4 b = *reinterpret_cast<const float4*>(xs[r] + c + 4);
-          acc[r] += wf[0] * a.x + wf[1] * a.y + wf[2] * a.z + wf[3] * a.w + wf[4] * b.x + wf[5] * b.y + wf[6] * b.z +
-                    wf[7] * b.w;
-        }
+        for (int r = 0; r < M; ++r)
+#pragma unroll
+          for (int q = 0; q < per; q += 4) {
+            const float4 a = *reinterpret_cast<const float4*>(xs[r] + c + q);
+            acc[r] += wf[q] * a.x + wf[q + 1] * a.y + wf[q + 2] * a.z + wf[q + 3] * a.w;
+          }
       }
     }
   } else {
     for (std::int64_t c = lane; c < k; c += 32) {
-      const float wf = __bfloat162float(row[c]);
+      const float wf = to_float(row[c]);
 #pragma unroll
       for (int r = 0; r < M; ++r) acc[r] += wf * xs[r][c];
     }
@@ -240,22 +264,27 @@ __device__ void warp_dot_bf16(const __nv_bfloat16* row, const float* const (&xs)
 }
 
 // One warp per output column, for every row of x at once. The weights are not written by the
-// kernels of a step, so the first round of them goes out before the wait for the previous kernel.
-// (Cutting narrow matrices' rows into slices over more warps measured slower: at these sizes a
-// launch costs its fixed latency whatever its width.)
-template <int M>
-__global__ void gemv_bf16_kernel(const float* x, std::int64_t k, const __nv_bfloat16* w, std::int64_t n, float* y,
-                                 bool accumulate) {
+// kernels of a step, so the first round of them goes out (and the later rounds' lines to L2)
+// before the wait for the previous kernel. (Cutting narrow matrices' rows into slices over more
+// warps measured slower: at these sizes a launch costs its fixed latency whatever its width.)
+template <int M, typename W>
+__global__ void gemv_kernel(const float* x, std::int64_t k, const W* w, std::int64_t n, float* y, bool accumulate) {
   const std::int64_t col = blockIdx.x * static_cast<std::int64_t>(blockDim.x / 32) + (threadIdx.x >> 5);
   uint4 packed[dot_unroll];
-  if (col < n) load_round(w + col * k, k, (threadIdx.x & 31) * 8, packed);
+  if (col < n) {
+    constexpr int per = weight_pack<W>::n, per_line = 128 / sizeof(W);
+    const int lane = threadIdx.x & 31;
+    load_round(w + col * k, k, lane * per, packed);
+    for (std::int64_t c = dot_unroll * 32 * per + lane * per_line; c < k; c += dot_unroll * 32 * per)
+      prefetch_l2(w + col * k + c);  // the later rounds
+  }
   follow_previous();
   if (col >= n) return;
   const float* xs[M];
 #pragma unroll
   for (int r = 0; r < M; ++r) xs[r] = x + r * k;
   float acc[M] = {};
-  warp_dot_bf16<M>(w + col * k, xs, k, packed, acc);
+  warp_dot<M>(w + col * k, xs, k, packed, acc);
   if ((threadIdx.x & 31) != 0) return;
 #pragma unroll
   for (int r = 0; r < M; ++r) y[r * n + col] = accumulate ? y[r * n + col] + acc[r] : acc[r];
@@ -301,8 +330,8 @@ __device__ void expert_rows(const float* x, std::int64_t x_row_div, const std::i
   for (int r = 0; r < M; ++r) xs[r] = x + (order[c0 + r < end ? c0 + r : c0] / x_row_div) * k;
   float acc[M] = {};
   uint4 packed[dot_unroll];
-  load_round(row, k, (threadIdx.x & 31) * 8, packed);
-  warp_dot_bf16<M>(row, xs, k, packed, acc);
+  load_round(row, k, (threadIdx.x & 31) * weight_pack<__nv_bfloat16>::n, packed);
+  warp_dot<M>(row, xs, k, packed, acc);
   if ((threadIdx.x & 31) == 0)
 #pragma unroll
     for (int r = 0; r < M; ++r)
@@ -433,7 +462,8 @@ __global__ void mla_absorb_kernel(mla_args a, float* q_full) {
 // MLA for decode and verification in one kernel, a block per (row, head), so a layer's
 // attention is one launch (three launches cost more than the block's weight reads here):
 //  1. absorb: q_lat = [q_nope . W_k[h] | RoPE(q_rope)], a thread per latent column, the loads of
-//     W_k[h] (nope x kv_lora floats) in flight 32 at a time;
+//     W_k[h] (nope x kv_lora floats) in flight 32 at a time (the head's weights were sent to L2
+//     before the kernel waited for the previous one);
 //  2. flash-decoding over the row's visible keys: each warp takes every 16th key, reads its
 //     latent row once (the next already in flight), scores it and folds it into a running
 //     softmax-weighted sum (online softmax); the warps' partial sums are merged in shared memory;
@@ -451,6 +481,8 @@ __global__ void __launch_bounds__(mla_decode_threads) mla_decode_kernel(mla_args
   float* part = part_l + warps;     // [warps, kv_lora]; then out_lat in its first kv_lora
   const float* w_k = a.kv_b + h * (a.nope + a.v) * a.kv_lora;  // [nope, kv_lora]
   const float* w_v = w_k + a.nope * a.kv_lora;                 // [v, kv_lora]
+  // The head's weights are one block of kv_b: into L2 while the previous kernel finishes.
+  for (std::int64_t i = threadIdx.x * 32; i < (a.nope + a.v) * a.kv_lora; i += blockDim.x * 32) prefetch_l2(w_k + i);
   follow_previous();
   const std::int64_t pos = a.cache.positions[r];
   for (std::int64_t i = threadIdx.x; i < qk; i += blockDim.x) q_in[i] = a.q[(r * a.heads + h) * qk + i];
@@ -637,46 +669,55 @@ __global__ void mla_expand_kernel(mla_args a, const float* out_lat) {
     for (int r = 0; r < rows; ++r) a.out[(r0 + r) * a.heads * a.v + h * a.v + c] = acc[r];
 }
 
-// One warp per row: softmax across the lanes, then k rounds of a warp-wide argmax of the biased
-// scores not yet taken (ties: the lower id), from per-warp shared memory.
+// One warp per row, in registers: lane l holds experts l, l + 32, ...; softmax across the lanes,
+// then k rounds of a warp-wide argmax of the biased scores not yet taken (ties: the lower id).
+constexpr int router_max_per_lane = 8;  // up to 256 experts
+
 __global__ void router_topk_kernel(const float* logits, const float* bias, std::int64_t rows, std::int64_t experts, int k,
                                    float scaling, std::int32_t* idx, float* weights) {
   follow_previous();
-  extern __shared__ float smem[];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const std::int64_t r = blockIdx.x * static_cast<std::int64_t>(blockDim.x >> 5) + warp;
+  const int lane = threadIdx.x & 31;
+  const std::int64_t r = blockIdx.x * static_cast<std::int64_t>(blockDim.x >> 5) + (threadIdx.x >> 5);
   if (r >= rows) return;  // whole warps leave together
-  float* p = smem + warp * 2 * experts;
-  float* choice = p + experts;
   const float* l = logits + r * experts;
+  float p[router_max_per_lane], choice[router_max_per_lane];
   float mx = -FLT_MAX;
-  for (std::int64_t e = lane; e < experts; e += 32) mx = fmaxf(mx, l[e]);
+#pragma unroll
+  for (int i = 0; i < router_max_per_lane; ++i) {
+    const std::int64_t e = lane + 32 * i;
+    p[i] = e < experts ? l[e] : -FLT_MAX;
+    mx = fmaxf(mx, p[i]);
+  }
   mx = warp_reduce<true>(mx);
   float sum = 0.0f;
-  for (std::int64_t e = lane; e < experts; e += 32) sum += (p[e] = expf(l[e] - mx));
-  const float inv = 1.0f / warp_reduce<false>(sum);
-  for (std::int64_t e = lane; e < experts; e += 32) {
-    p[e] *= inv;
-    choice[e] = p[e] + bias[e];
+#pragma unroll
+  for (int i = 0; i < router_max_per_lane; ++i) {
+    p[i] = lane + 32 * i < experts ? expf(p[i] - mx) : 0.0f;
+    sum += p[i];
   }
-  __syncwarp();
+  const float inv = 1.0f / warp_reduce<false>(sum);
+#pragma unroll
+  for (int i = 0; i < router_max_per_lane; ++i) {
+    const std::int64_t e = lane + 32 * i;
+    p[i] *= inv;
+    choice[i] = e < experts ? p[i] + bias[e] : -INFINITY;
+  }
   for (int j = 0; j < k; ++j) {
-    float best = -INFINITY;
+    float best = -INFINITY, best_p = 0.0f;
     std::int32_t best_e = -1;
-    for (std::int64_t e = lane; e < experts; e += 32)
-      if (choice[e] > best) best = choice[e], best_e = static_cast<std::int32_t>(e);
+#pragma unroll
+    for (int i = 0; i < router_max_per_lane; ++i)
+      if (choice[i] > best) best = choice[i], best_p = p[i], best_e = lane + 32 * i;
     for (int o = 16; o > 0; o >>= 1) {
-      const float ob = __shfl_xor_sync(0xffffffffu, best, o);
+      const float ob = __shfl_xor_sync(0xffffffffu, best, o), op = __shfl_xor_sync(0xffffffffu, best_p, o);
       const std::int32_t oe = __shfl_xor_sync(0xffffffffu, best_e, o);
-      if (oe >= 0 && (best_e < 0 || ob > best || (ob == best && oe < best_e))) best = ob, best_e = oe;
+      if (oe >= 0 && (best_e < 0 || ob > best || (ob == best && oe < best_e))) best = ob, best_p = op, best_e = oe;
     }
-    if (best_e < 0) best_e = 0;  // NaN logits: no score compares; keep the index in range
-    if (lane == 0) {
-      idx[r * k + j] = best_e;
-      weights[r * k + j] = p[best_e] * scaling;
-      choice[best_e] = -INFINITY;
-    }
-    __syncwarp();
+    if (best_e < 0) best_e = 0, best_p = 0.0f;  // NaN logits: no score compares; keep the index in range
+    if (lane == 0) idx[r * k + j] = best_e, weights[r * k + j] = best_p * scaling;
+#pragma unroll
+    for (int i = 0; i < router_max_per_lane; ++i)  // the owner marks it taken (a constant index keeps choice in registers)
+      if (lane + 32 * i == best_e) choice[i] = -INFINITY;
   }
 }
 
@@ -709,20 +750,32 @@ void to_f32(dtype from, const void* src, float* dst, std::int64_t n, cudaStream_
   launch(to_f32_kernel, blocks_for(n), threads, 0, s, from, src, dst, n);
 }
 
-void gemv_bf16(const float* x, std::int64_t m, std::int64_t k, const std::uint16_t* w, std::int64_t n, float* y,
-               bool accumulate, cudaStream_t s) {
-  if (m == 0 || n == 0) return;
-  if (m > gemv_max_rows) throw std::logic_error("gemv_bf16: more rows than gemv_max_rows");
+namespace {
+template <typename W>
+void launch_gemv(const float* x, std::int64_t m, std::int64_t k, const W* w, std::int64_t n, float* y, bool accumulate,
+                 cudaStream_t s) {
   static_assert(gemv_max_rows == 8, "one instantiation per row count below");
   const unsigned warps = threads / 32, grid = static_cast<unsigned>((n + warps - 1) / warps);
-  const auto* wb = reinterpret_cast<const __nv_bfloat16*>(w);
   switch (m) {
 #define TROUPE_GEMV_CASE(M) \
-  case M: launch(gemv_bf16_kernel<M>, grid, threads, 0, s, x, k, wb, n, y, accumulate); break;
+  case M: launch(gemv_kernel<M, W>, grid, threads, 0, s, x, k, w, n, y, accumulate); break;
     TROUPE_GEMV_CASE(1) TROUPE_GEMV_CASE(2) TROUPE_GEMV_CASE(3) TROUPE_GEMV_CASE(4)
     TROUPE_GEMV_CASE(5) TROUPE_GEMV_CASE(6) TROUPE_GEMV_CASE(7) TROUPE_GEMV_CASE(8)
 #undef TROUPE_GEMV_CASE
   }
+}
+}  // namespace
+
+void gemv(const float* x, std::int64_t m, std::int64_t k, dtype wt, const void* w, std::int64_t n, float* y, bool accumulate,
+          cudaStream_t s) {
+  if (m == 0 || n == 0) return;
+  if (m > gemv_max_rows) throw std::logic_error("gemv: more rows than gemv_max_rows");
+  if (wt == dtype::bf16)
+    launch_gemv(x, m, k, static_cast<const __nv_bfloat16*>(w), n, y, accumulate, s);
+  else if (wt == dtype::f32)
+    launch_gemv(x, m, k, static_cast<const float*>(w), n, y, accumulate, s);
+  else
+    throw std::invalid_argument("gemv: weights must be bf16 or f32");
 }
 
 void group_slots(const std::int32_t* idx, std::int64_t slots, std::int32_t n_routed, std::int32_t* offsets,
@@ -850,9 +903,11 @@ void mla_attention(const mla_args& a, cudaStream_t s) {
 void router_topk(const float* logits, const float* bias, std::int64_t rows, std::int64_t experts, int k, float scaling,
                  std::int32_t* idx, float* weights, cudaStream_t s) {
   if (rows == 0) return;
+  if (experts > 32 * router_max_per_lane)
+    throw std::invalid_argument("router_topk: " + std::to_string(experts) + " experts (at most " +
+                                std::to_string(32 * router_max_per_lane) + ")");
   constexpr int rows_per_block = 4;  // a warp each
-  const std::size_t shared = static_cast<std::size_t>(rows_per_block * 2 * experts) * sizeof(float);
-  launch(router_topk_kernel, static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block), rows_per_block * 32, shared, s,
+  launch(router_topk_kernel, static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block), rows_per_block * 32, 0, s,
          logits, bias, rows, experts, k, scaling, idx, weights);
 }
 

@@ -17,14 +17,15 @@ void f32_to_bf16(const float* src, std::uint16_t* dst, std::int64_t n, cudaStrea
 /// dst[i] = float(src[i]) for a bf16/f16/f32 source.
 void to_f32(dtype from, const void* src, float* dst, std::int64_t n, cudaStream_t s);
 
-/// Most rows gemv_bf16 takes (decode batches); more go to cuBLAS.
+/// Most rows gemv takes (decode batches); more go to cuBLAS.
 constexpr std::int64_t gemv_max_rows = 8;
-/// y[M,N] (=|+=) x[M,K] . w[N,K]^T with float32 x and bf16 w, M <= gemv_max_rows: one warp per
-/// output column streams its weight row once for all M rows (decode is bandwidth-bound; this
-/// reads the weights once, in one launch, and keeps x in float32). Its first weight loads go out
-/// before the previous kernel on the stream has finished: w must not be that kernel's output.
-void gemv_bf16(const float* x, std::int64_t m, std::int64_t k, const std::uint16_t* w, std::int64_t n, float* y,
-               bool accumulate, cudaStream_t s);
+/// y[M,N] (=|+=) x[M,K] . w[N,K]^T with float32 x and bf16 or f32 w, M <= gemv_max_rows: one warp
+/// per output column streams its weight row once for all M rows (decode is bandwidth-bound;
+/// this reads the weights once, in one launch, and keeps x in float32). Its first weight loads
+/// go out before the previous kernel on the stream has finished: w must not be that kernel's
+/// output.
+void gemv(const float* x, std::int64_t m, std::int64_t k, dtype wt, const void* w, std::int64_t n, float* y, bool accumulate,
+          cudaStream_t s);
 
 /// Most rows the MoE takes on the device (decode batches, verification); larger steps route on
 /// the host, where each expert's rows go through a tensor-core GEMM. 8 for now: at 16 and 64
