@@ -21,6 +21,12 @@ void backend::ngram_embed(const tensor& base, const tensor& tokens, const tensor
   if (num_tables) scale(out, 1.0f / static_cast<float>(1 + num_tables));
 }
 
+void backend::linear_swiglu(const tensor& x, const tensor& w, tensor& act) {
+  tensor gate_up = empty({x.dim(0), w.dim(0)}, dtype::f32);
+  linear(x, w, gate_up, write_mode::overwrite);
+  swiglu(gate_up, act);
+}
+
 backend::recording backend::record(const std::function<tensor()>&) {
   throw std::logic_error("backend " + name() + " cannot record ops (records() is false)");
 }

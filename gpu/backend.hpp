@@ -121,6 +121,10 @@ class backend {
   virtual void add(tensor& y, const tensor& x) = 0;
   /// out[M,F] = silu(gate_up[:, :F]) * gate_up[:, F:]
   virtual void swiglu(const tensor& gate_up, tensor& out) = 0;
+  /// act[M,F] = silu(x . w[0:F]^T) * (x . w[F:2F]^T) for w[2F, K] = [gate; up] in weight_type():
+  /// the SwiGLU MLP's first half. The default composes linear and swiglu (gpu/backend.cpp); a GPU
+  /// fuses them where decode's few rows make the intermediate a launch of its own.
+  virtual void linear_swiglu(const tensor& x, const tensor& w, tensor& act);
   /// out[R,C] = float32(table[ids[r]]); table may be bf16/f16/f32; ids are i64.
   virtual void gather_rows(const tensor& table, const tensor& ids, tensor& out) = 0;
   /// out[rows[r]] += weights[r] * x[r]  (rows i32 [R], weights f32 [R], x [R,C]).

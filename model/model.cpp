@@ -218,11 +218,8 @@ tensor model::swiglu(const swiglu_weights& w, const tensor& x) {
 }
 
 void model::swiglu(const swiglu_weights& w, const tensor& x, tensor& y, write_mode mode) {
-  const auto t = x.dim(0), f = w.down.dim(1);
-  tensor gate_up = be_.empty({t, 2 * f}, dtype::f32);
-  be_.linear(x, w.gate_up, gate_up, write_mode::overwrite);
-  tensor act = be_.empty({t, f}, dtype::f32);
-  be_.swiglu(gate_up, act);
+  tensor act = be_.empty({x.dim(0), w.down.dim(1)}, dtype::f32);
+  be_.linear_swiglu(x, w.gate_up, act);
   be_.linear(act, w.down, y, mode);
 }
 

@@ -181,14 +181,18 @@ TEST(graph_speculative, drafts_swapped_while_requests_stream_change_no_output) {
 }
 
 TEST(graph_speculative, large_batches_and_low_acceptance_turn_drafting_off) {
-  // Above the batch cutoff nobody drafts; a request alone drafts every step. A long prompt
-  // that never drafts goes first, so the others arrive while its prefill runs and every later
-  // step holds all five (one step in flight at a time with one stage).
+  // Above the batch cutoff nobody drafts; a request alone drafts every step. Two long requests
+  // that never draft go first and outlast the others, so whenever one of the others is in a
+  // step, so are both of them: every such step holds more than max_batch = 2 sequences, however
+  // the arrivals interleave with their prefills.
   graph_fixture f("graph_spec_cutoff", R"({"speculation": {"draft": ")" + perfect_draft() + R"(", "max_batch": 2}})");
-  auto blocker = greedy_request("blocker", prompt_of(200, 1), 40);
-  blocker.draft_tokens = 0;
-  blocker.stop_on_eos = false;
-  std::vector<generate_request> reqs{blocker};
+  std::vector<generate_request> reqs;
+  for (int i = 0; i < 2; ++i) {
+    auto blocker = greedy_request("blocker" + std::to_string(i), prompt_of(150, 1 + i), 60);
+    blocker.draft_tokens = 0;
+    blocker.stop_on_eos = false;
+    reqs.push_back(blocker);
+  }
   for (int i = 0; i < 4; ++i) {
     reqs.push_back(greedy_request("b" + std::to_string(i), prompt_of(5, i), 12));
     reqs.back().draft_tokens = 1;

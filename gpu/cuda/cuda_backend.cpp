@@ -366,6 +366,17 @@ void cuda_backend::swiglu(const tensor& gate_up, tensor& out) {
   cuda::swiglu(gate_up.data<float>(), out.data<float>(), rows, f, as_stream(stream_));
 }
 
+void cuda_backend::linear_swiglu(const tensor& x, const tensor& w, tensor& act) {
+  const auto m = x.dim(0), f = act.dim(1);
+  TROUPE_EXPECT(x.rank() == 2 && w.rank() == 2 && w.dim(0) == 2 * f && w.dim(1) == x.dim(1) && act.dim(0) == m,
+                "linear_swiglu", "x " + shape_to_string(x.shape()) + ", w " + shape_to_string(w.shape()) + ", act " +
+                                     shape_to_string(act.shape()));
+  if (m > cuda::gemv_max_rows || w.type() != dtype::bf16) return backend::linear_swiglu(x, w, act);  // cuBLAS, then SwiGLU
+  TROUPE_EXPECT(on_gpu(x) && on_gpu(w) && on_gpu(act), "linear_swiglu", "operands must be on the GPU");
+  cuda::gemv_swiglu_bf16(x.data<float>(), m, x.dim(1), static_cast<const std::uint16_t*>(w.raw()), f, act.data<float>(),
+                         as_stream(stream_));
+}
+
 void cuda_backend::gather_rows(const tensor& table, const tensor& ids, tensor& out) {
   const auto n = ids.numel(), cols = table.dim(1);
   TROUPE_EXPECT(out.dim(0) == n && out.dim(1) == cols && ids.type() == dtype::i64, "gather_rows", shapes(table, out));
@@ -487,7 +498,7 @@ void cuda_backend::routed_moe(const tensor& u, const tensor& idx, const tensor& 
   const tensor d_gu = table.gate_up, d_down = table.down;
   lock.unlock();
   const std::int64_t slots = t * k;
-  tensor gu = empty({slots, 2 * f}, dtype::f32), act = empty({slots, f}, dtype::f32), y = empty({slots, h}, dtype::f32);
+  tensor act = empty({slots, f}, dtype::f32), y = empty({slots, h}, dtype::f32);
   tensor offsets = empty({n_routed + 1}, dtype::i32), order = empty({slots}, dtype::i32), active = empty({n_routed}, dtype::i32);
   cuda::group_slots(idx.data<std::int32_t>(), slots, n_routed, offsets.data<std::int32_t>(), order.data<std::int32_t>(),
                     active.data<std::int32_t>(), as_stream(stream_));
@@ -495,11 +506,10 @@ void cuda_backend::routed_moe(const tensor& u, const tensor& idx, const tensor& 
   const auto max_active = static_cast<std::int32_t>(std::min<std::int64_t>(n_routed, slots));
   cuda::grouped_expert_gemv_bf16(u.data<float>(), k, t, offsets.data<std::int32_t>(), order.data<std::int32_t>(),
                                  active.data<std::int32_t>(), max_active, static_cast<const std::uint16_t* const*>(d_gu.raw()),
-                                 2 * f, h, gu.data<float>(), as_stream(stream_));
-  cuda::swiglu(gu.data<float>(), act.data<float>(), slots, f, as_stream(stream_));
+                                 f, h, true, act.data<float>(), as_stream(stream_));
   cuda::grouped_expert_gemv_bf16(act.data<float>(), 1, t, offsets.data<std::int32_t>(), order.data<std::int32_t>(),
                                  active.data<std::int32_t>(), max_active, static_cast<const std::uint16_t* const*>(d_down.raw()),
-                                 h, f, y.data<float>(), as_stream(stream_));
+                                 h, f, false, y.data<float>(), as_stream(stream_));
   cuda::moe_combine(u.data<float>(), y.data<float>(), idx.data<std::int32_t>(), gates.data<float>(), t,
                     static_cast<int>(k), n_routed, h, out.data<float>(), as_stream(stream_));
 }

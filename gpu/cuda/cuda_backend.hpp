@@ -53,6 +53,7 @@ class cuda_backend final : public backend {
   void scale(tensor& y, float s) override;
   void add(tensor& y, const tensor& x) override;
   void swiglu(const tensor& gate_up, tensor& out) override;
+  void linear_swiglu(const tensor& x, const tensor& w, tensor& act) override;
   void gather_rows(const tensor& table, const tensor& ids, tensor& out) override;
   void scatter_add_rows(const tensor& x, const tensor& rows, const tensor& weights, tensor& out) override;
   void write_latents(tensor& kv, const latent_norm& norm, const rope_table& rope, const paged_latents& where) override;

@@ -141,13 +141,15 @@ __global__ void add_kernel(float* y, const float* x, std::int64_t n) {
   if (i < n) y[i] += x[i];
 }
 
+// SwiGLU of one gate and up value, as the CPU computes it.
+__device__ float swiglu_value(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+
 __global__ void swiglu_kernel(const float* gate_up, float* out, std::int64_t rows, std::int64_t f) {
   follow_previous();
   const std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
   if (i >= rows * f) return;
   const std::int64_t r = i / f, c = i % f;
-  const float g = gate_up[r * 2 * f + c];
-  out[i] = g / (1.0f + expf(-g)) * gate_up[r * 2 * f + f + c];
+  out[i] = swiglu_value(gate_up[r * 2 * f + c], gate_up[r * 2 * f + f + c]);
 }
 
 __global__ void gather_rows_kernel(dtype type, const void* table, std::int64_t cols, const std::int64_t* ids, float* out,
@@ -263,31 +265,44 @@ __device__ void warp_dot(const W* row, const float* const (&xs)[M], std::int64_t
     for (int o = 16; o > 0; o >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
 }
 
-// One warp per output column, for every row of x at once. The weights are not written by the
-// kernels of a step, so the first round of them goes out (and the later rounds' lines to L2)
-// before the wait for the previous kernel. (Cutting narrow matrices' rows into slices over more
-// warps measured slower: at these sizes a launch costs its fixed latency whatever its width.)
-template <int M, typename W>
+// The first round of a warp's row (and the later rounds' lines to L2): weights only, so it may
+// go out before the kernel waits for the previous one.
+template <typename W>
+__device__ void prefetch_row(const W* row, std::int64_t k, uint4 (&packed)[dot_unroll]) {
+  constexpr int per = weight_pack<W>::n, per_line = 128 / sizeof(W);
+  const int lane = threadIdx.x & 31;
+  load_round(row, k, lane * per, packed);
+  for (std::int64_t c = dot_unroll * 32 * per + lane * per_line; c < k; c += dot_unroll * 32 * per) prefetch_l2(row + c);
+}
+
+// One warp per output column, for every row of x at once; its weights' first round goes out
+// before the wait for the previous kernel. With Glu the warp reads two rows, gate (col) and up
+// (n + col), and writes SwiGLU(gate, up): the MLP's first half without its [M, 2n] intermediate.
+// (Cutting narrow matrices' rows into slices over more warps measured slower: at these sizes a
+// launch costs its fixed latency whatever its width.)
+template <int M, typename W, bool Glu>
 __global__ void gemv_kernel(const float* x, std::int64_t k, const W* w, std::int64_t n, float* y, bool accumulate) {
   const std::int64_t col = blockIdx.x * static_cast<std::int64_t>(blockDim.x / 32) + (threadIdx.x >> 5);
-  uint4 packed[dot_unroll];
+  uint4 packed[dot_unroll], packed_up[Glu ? dot_unroll : 1];
   if (col < n) {
-    constexpr int per = weight_pack<W>::n, per_line = 128 / sizeof(W);
-    const int lane = threadIdx.x & 31;
-    load_round(w + col * k, k, lane * per, packed);
-    for (std::int64_t c = dot_unroll * 32 * per + lane * per_line; c < k; c += dot_unroll * 32 * per)
-      prefetch_l2(w + col * k + c);  // the later rounds
+    prefetch_row(w + col * k, k, packed);
+    if constexpr (Glu) prefetch_row(w + (n + col) * k, k, packed_up);
   }
   follow_previous();
   if (col >= n) return;
   const float* xs[M];
 #pragma unroll
   for (int r = 0; r < M; ++r) xs[r] = x + r * k;
-  float acc[M] = {};
+  float acc[M] = {}, up[M] = {};
   warp_dot<M>(w + col * k, xs, k, packed, acc);
+  if constexpr (Glu) warp_dot<M>(w + (n + col) * k, xs, k, packed_up, up);
   if ((threadIdx.x & 31) != 0) return;
 #pragma unroll
-  for (int r = 0; r < M; ++r) y[r * n + col] = accumulate ? y[r * n + col] + acc[r] : acc[r];
+  for (int r = 0; r < M; ++r)
+    if constexpr (Glu)
+      y[r * n + col] = swiglu_value(acc[r], up[r]);
+    else
+      y[r * n + col] = accumulate ? y[r * n + col] + acc[r] : acc[r];
 }
 
 // The routed slots grouped by expert, in one block: order[offsets[e] .. offsets[e + 1]) are the
@@ -320,30 +335,35 @@ __global__ void group_slots_kernel(const std::int32_t* idx, std::int64_t slots, 
 }
 
 // The slots [c0, c0 + M) of one expert's group (a ragged tail repeats its first slot) against
-// one weight row; lane 0 writes the outputs of the real slots.
-template <int M>
+// one weight row (with Glu: the gate row and the up row n rows below it); lane 0 writes the
+// outputs of the real slots.
+template <int M, bool Glu>
 __device__ void expert_rows(const float* x, std::int64_t x_row_div, const std::int32_t* order, std::int32_t c0,
                             std::int32_t end, const __nv_bfloat16* row, std::int64_t col, std::int64_t n, std::int64_t k,
                             float* y) {
   const float* xs[M];
 #pragma unroll
   for (int r = 0; r < M; ++r) xs[r] = x + (order[c0 + r < end ? c0 + r : c0] / x_row_div) * k;
-  float acc[M] = {};
-  uint4 packed[dot_unroll];
-  load_round(row, k, (threadIdx.x & 31) * weight_pack<__nv_bfloat16>::n, packed);
+  float acc[M] = {}, up[M] = {};
+  uint4 packed[dot_unroll], packed_up[Glu ? dot_unroll : 1];
+  const int first = (threadIdx.x & 31) * weight_pack<__nv_bfloat16>::n;
+  load_round(row, k, first, packed);
+  if constexpr (Glu) load_round(row + n * k, k, first, packed_up);
   warp_dot<M>(row, xs, k, packed, acc);
+  if constexpr (Glu) warp_dot<M>(row + n * k, xs, k, packed_up, up);
   if ((threadIdx.x & 31) == 0)
 #pragma unroll
     for (int r = 0; r < M; ++r)
-      if (c0 + r < end) y[static_cast<std::int64_t>(order[c0 + r]) * n + col] = acc[r];
+      if (c0 + r < end) y[static_cast<std::int64_t>(order[c0 + r]) * n + col] = Glu ? swiglu_value(acc[r], up[r]) : acc[r];
 }
 
-// y[s, :n] = W_e[n, k] . x[s / x_row_div] for every slot s of expert e = active[blockIdx.y]: a
-// warp per (output column, expert) reads the weight row once from memory for all of the
-// expert's slots, up to eight at a time (the row stays in L1 between them). MaxRows bounds a
-// group (an expert has at most one slot per row of the step), so a decode step compiles to the
-// one-slot dot alone: the wider instantiations' registers would cut the blocks an SM holds.
-template <int MaxRows>
+// y[s, :n] = W_e[n, k] . x[s / x_row_div] for every slot s of expert e = active[blockIdx.y] (with
+// Glu: SwiGLU of W_e's gate rows [0, n) and up rows [n, 2n)): a warp per (output column, expert)
+// reads the weight rows once from memory for all of the expert's slots, up to eight at a time
+// (they stay in L1 between them). MaxRows bounds a group (an expert has at most one slot per
+// row of the step), so a decode step compiles to the one-slot dot alone: the wider
+// instantiations' registers would cut the blocks an SM holds.
+template <int MaxRows, bool Glu>
 __global__ void grouped_expert_gemv_kernel(const float* x, std::int64_t x_row_div, const std::int32_t* offsets,
                                            const std::int32_t* order, const std::int32_t* active,
                                            const __nv_bfloat16* const* weights, std::int64_t n, std::int64_t k, float* y) {
@@ -356,13 +376,13 @@ __global__ void grouped_expert_gemv_kernel(const float* x, std::int64_t x_row_di
   for (std::int32_t c0 = begin; c0 < end; c0 += MaxRows) {
     const std::int32_t rows = end - c0;  // warp-uniform
     if (MaxRows == 1 || rows == 1)
-      expert_rows<1>(x, x_row_div, order, c0, end, row, col, n, k, y);
+      expert_rows<1, Glu>(x, x_row_div, order, c0, end, row, col, n, k, y);
     else if (MaxRows == 2 || rows == 2)
-      expert_rows<MaxRows < 2 ? 1 : 2>(x, x_row_div, order, c0, end, row, col, n, k, y);
+      expert_rows<MaxRows < 2 ? 1 : 2, Glu>(x, x_row_div, order, c0, end, row, col, n, k, y);
     else if (MaxRows == 4 || rows <= 4)
-      expert_rows<MaxRows < 4 ? 1 : 4>(x, x_row_div, order, c0, end, row, col, n, k, y);
+      expert_rows<MaxRows < 4 ? 1 : 4, Glu>(x, x_row_div, order, c0, end, row, col, n, k, y);
     else
-      expert_rows<MaxRows>(x, x_row_div, order, c0, end, row, col, n, k, y);
+      expert_rows<MaxRows, Glu>(x, x_row_div, order, c0, end, row, col, n, k, y);
   }
 }
 
@@ -751,14 +771,14 @@ void to_f32(dtype from, const void* src, float* dst, std::int64_t n, cudaStream_
 }
 
 namespace {
-template <typename W>
+template <typename W, bool Glu>
 void launch_gemv(const float* x, std::int64_t m, std::int64_t k, const W* w, std::int64_t n, float* y, bool accumulate,
                  cudaStream_t s) {
   static_assert(gemv_max_rows == 8, "one instantiation per row count below");
   const unsigned warps = threads / 32, grid = static_cast<unsigned>((n + warps - 1) / warps);
   switch (m) {
 #define TROUPE_GEMV_CASE(M) \
-  case M: launch(gemv_kernel<M, W>, grid, threads, 0, s, x, k, w, n, y, accumulate); break;
+  case M: launch(gemv_kernel<M, W, Glu>, grid, threads, 0, s, x, k, w, n, y, accumulate); break;
     TROUPE_GEMV_CASE(1) TROUPE_GEMV_CASE(2) TROUPE_GEMV_CASE(3) TROUPE_GEMV_CASE(4)
     TROUPE_GEMV_CASE(5) TROUPE_GEMV_CASE(6) TROUPE_GEMV_CASE(7) TROUPE_GEMV_CASE(8)
 #undef TROUPE_GEMV_CASE
@@ -771,11 +791,18 @@ void gemv(const float* x, std::int64_t m, std::int64_t k, dtype wt, const void* 
   if (m == 0 || n == 0) return;
   if (m > gemv_max_rows) throw std::logic_error("gemv: more rows than gemv_max_rows");
   if (wt == dtype::bf16)
-    launch_gemv(x, m, k, static_cast<const __nv_bfloat16*>(w), n, y, accumulate, s);
+    launch_gemv<__nv_bfloat16, false>(x, m, k, static_cast<const __nv_bfloat16*>(w), n, y, accumulate, s);
   else if (wt == dtype::f32)
-    launch_gemv(x, m, k, static_cast<const float*>(w), n, y, accumulate, s);
+    launch_gemv<float, false>(x, m, k, static_cast<const float*>(w), n, y, accumulate, s);
   else
     throw std::invalid_argument("gemv: weights must be bf16 or f32");
+}
+
+void gemv_swiglu_bf16(const float* x, std::int64_t m, std::int64_t k, const std::uint16_t* w, std::int64_t f, float* act,
+                      cudaStream_t s) {
+  if (m == 0 || f == 0) return;
+  if (m > gemv_max_rows) throw std::logic_error("gemv_swiglu_bf16: more rows than gemv_max_rows");
+  launch_gemv<__nv_bfloat16, true>(x, m, k, reinterpret_cast<const __nv_bfloat16*>(w), f, act, false, s);
 }
 
 void group_slots(const std::int32_t* idx, std::int64_t slots, std::int32_t n_routed, std::int32_t* offsets,
@@ -786,19 +813,26 @@ void group_slots(const std::int32_t* idx, std::int64_t slots, std::int32_t n_rou
 
 void grouped_expert_gemv_bf16(const float* x, std::int64_t x_row_div, std::int64_t max_group, const std::int32_t* offsets,
                               const std::int32_t* order, const std::int32_t* active, std::int32_t max_active,
-                              const std::uint16_t* const* weights, std::int64_t n, std::int64_t k, float* y, cudaStream_t s) {
+                              const std::uint16_t* const* weights, std::int64_t n, std::int64_t k, bool swiglu, float* y,
+                              cudaStream_t s) {
   if (n == 0 || max_active == 0) return;
   const unsigned warps = threads / 32;
   const dim3 grid(static_cast<unsigned>((n + warps - 1) / warps), static_cast<unsigned>(max_active));
   const auto* w = reinterpret_cast<const __nv_bfloat16* const*>(weights);
+#define TROUPE_GROUPED_CASE(MAX_ROWS)                                                                                \
+  (swiglu ? launch(grouped_expert_gemv_kernel<MAX_ROWS, true>, grid, threads, 0, s, x, x_row_div, offsets, order, active, \
+                   w, n, k, y)                                                                                         \
+          : launch(grouped_expert_gemv_kernel<MAX_ROWS, false>, grid, threads, 0, s, x, x_row_div, offsets, order, active, \
+                   w, n, k, y))
   if (max_group <= 1)
-    launch(grouped_expert_gemv_kernel<1>, grid, threads, 0, s, x, x_row_div, offsets, order, active, w, n, k, y);
+    TROUPE_GROUPED_CASE(1);
   else if (max_group <= 2)
-    launch(grouped_expert_gemv_kernel<2>, grid, threads, 0, s, x, x_row_div, offsets, order, active, w, n, k, y);
+    TROUPE_GROUPED_CASE(2);
   else if (max_group <= 4)
-    launch(grouped_expert_gemv_kernel<4>, grid, threads, 0, s, x, x_row_div, offsets, order, active, w, n, k, y);
+    TROUPE_GROUPED_CASE(4);
   else
-    launch(grouped_expert_gemv_kernel<8>, grid, threads, 0, s, x, x_row_div, offsets, order, active, w, n, k, y);
+    TROUPE_GROUPED_CASE(8);
+#undef TROUPE_GROUPED_CASE
 }
 
 void moe_combine(const float* u, const float* y, const std::int32_t* idx, const float* gates, std::int64_t rows, int k,

@@ -27,6 +27,11 @@ constexpr std::int64_t gemv_max_rows = 8;
 void gemv(const float* x, std::int64_t m, std::int64_t k, dtype wt, const void* w, std::int64_t n, float* y, bool accumulate,
           cudaStream_t s);
 
+/// act[M,F] = SwiGLU(x . w[0:F]^T, x . w[F:2F]^T) for bf16 w [2F, K], M <= gemv_max_rows: the
+/// SwiGLU MLP's gate/up projection and activation in one pass (gemv's rules on w hold).
+void gemv_swiglu_bf16(const float* x, std::int64_t m, std::int64_t k, const std::uint16_t* w, std::int64_t f, float* act,
+                      cudaStream_t s);
+
 /// Most rows the MoE takes on the device (decode batches, verification); larger steps route on
 /// the host, where each expert's rows go through a tensor-core GEMM. 8 for now: at 16 and 64
 /// rows the device path measured slower than the host's (bench/RESULTS.md) until profiled.
@@ -37,13 +42,14 @@ constexpr std::int64_t routed_moe_max_rows = 8;
 void group_slots(const std::int32_t* idx, std::int64_t slots, std::int32_t n_routed, std::int32_t* offsets,
                  std::int32_t* order, std::int32_t* active, cudaStream_t s);
 /// The expert GEMVs of routed_moe: y[s, :n] = W_e[n, k] . x[s / x_row_div, :k] for each slot s
-/// grouped under expert e (group_slots); each weight row is read from memory once per call.
-/// Blocks go to active[0 .. max_active) (max_active >= the experts with slots); no expert has
-/// more than max_group slots (<= 8 is fastest); `weights` holds n_routed device pointers to
-/// bf16 matrices.
+/// grouped under expert e (group_slots), or with `swiglu` SwiGLU of W_e's gate rows [0, n) and up
+/// rows [n, 2n); each weight row is read from memory once per call. Blocks go to
+/// active[0 .. max_active) (max_active >= the experts with slots); no expert has more than
+/// max_group slots (<= 8 is fastest); `weights` holds n_routed device pointers to bf16 matrices.
 void grouped_expert_gemv_bf16(const float* x, std::int64_t x_row_div, std::int64_t max_group, const std::int32_t* offsets,
                               const std::int32_t* order, const std::int32_t* active, std::int32_t max_active,
-                              const std::uint16_t* const* weights, std::int64_t n, std::int64_t k, float* y, cudaStream_t s);
+                              const std::uint16_t* const* weights, std::int64_t n, std::int64_t k, bool swiglu, float* y,
+                              cudaStream_t s);
 /// out[t, c] = sum_j gates[t, j] * (idx[t, j] < n_routed ? y[t * k + j, c] : u[t, c]).
 void moe_combine(const float* u, const float* y, const std::int32_t* idx, const float* gates, std::int64_t rows, int k,
                  std::int32_t n_routed, std::int64_t h, float* out, cudaStream_t s);

@@ -75,6 +75,20 @@ TEST(cuda_backend, linear_with_bf16_and_f32_weights) {
     }
 }
 
+TEST(cuda_backend, linear_swiglu_fuses_the_mlp_first_half) {
+  SKIP_WITHOUT_GPU();
+  backends b;
+  const std::int64_t f = 40;
+  for (std::int64_t m : {1, 3, 8, 12})  // up to 8 rows: the fused GEMV; 12: cuBLAS, then SwiGLU
+    for (std::int64_t k : {200, 203}) {
+      const tensor x = random({m, k}, 80 + m), w = random({2 * f, k}, 81 + m, 0.1f);
+      tensor ac = tensor::empty({m, f}, dtype::f32), ag = poisoned(b.gpu, {m, f});
+      b.cpu.linear_swiglu(x, b.cpu.upload(w, dtype::bf16), ac);
+      b.gpu.linear_swiglu(b.gpu.upload(x, dtype::f32), b.gpu.upload(w, dtype::bf16), ag);
+      EXPECT_LT(rel(b, ag, ac), m > 8 ? 1e-2 : 1e-5) << "m " << m << " k " << k;
+    }
+}
+
 TEST(cuda_backend, norms_and_elementwise_ops) {
   SKIP_WITHOUT_GPU();
   backends b;
