@@ -70,6 +70,16 @@ struct mla_dims {
   std::int64_t num_heads, nope_dim, rope_dim, v_dim, kv_lora_rank;
 };
 
+/// One MoE layer as routed_moe reads it: the router (routed experts first, then zero experts)
+/// and the routed experts' matrices.
+struct moe_layer {
+  tensor router;  // f32 [E, H]
+  tensor bias;    // f32 [E]
+  int top_k = 0;
+  float scaling = 1.0f;
+  std::span<const tensor> gate_up, down;
+};
+
 /// Interleaved RoPE as the ops apply it: the pair (2i, 2i + 1) of a head's rope columns turns by
 /// position * inv_freq[i] (float32 angle), with cos and sin scaled by attention_factor (YaRN).
 struct rope_table {
@@ -156,11 +166,11 @@ class backend {
   /// Up to how many rows the model should call routed_moe() instead of routing on the host
   /// (0: never). Decode on a GPU: no host round trip for the routing, no launch per expert.
   virtual std::int64_t routed_moe_rows() const = 0;
-  /// The MoE of rows u[T,H] from router_topk's idx and gates [T,k] (on this device):
-  /// out[t] = sum_j gates[t,j] * (idx[t,j] < n_routed ? SwiGLU_idx(u[t]) : u[t]), j in order,
+  /// The MoE of rows u[T,H], routed on this device: logits = u . router^T, idx and gates as
+  /// router_topk(logits, bias, top_k, scaling) gives them, then
+  /// out[t] (=|+=) sum_j gates[t,j] * (idx[t,j] < n_routed ? SwiGLU_idx(u[t]) : u[t]), j in order,
   /// with n_routed = gate_up.size(); expert e's gate_up [2F,H] and down [H,F] in weight_type().
-  virtual void routed_moe(const tensor& u, const tensor& idx, const tensor& gates, std::span<const tensor> gate_up,
-                          std::span<const tensor> down, tensor& out) = 0;
+  virtual void routed_moe(const tensor& u, const moe_layer& moe, tensor& out, write_mode mode) = 0;
 
   /// An N-gram cache of `slots` slots on this device for `config`'s tables; nullptr where the
   /// backend has none (the CPU hashes on the host).

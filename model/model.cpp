@@ -255,9 +255,8 @@ tensor model::back_half(std::int64_t block, const block_front& front, const page
 tensor model::blocks(tensor h, const std::function<paged_latents(std::int64_t)>& pages) {
   for (std::int64_t l = 0; l < config_.num_layers; ++l) {
     const block_front front = front_half(l, h, pages(2 * l));
-    const tensor shortcut = moe(l, front.u);  // added at the end of the block
     h = back_half(l, front, pages(2 * l + 1));
-    be_.add(h, shortcut);  // out = (c + MLP_1(v)) + moe
+    moe(l, front.u, h, write_mode::accumulate);  // out = (c + MLP_1(v)) + moe(u): the shortcut MoE adds in last
   }
   return h;
 }
@@ -312,31 +311,31 @@ void model::combine(const moe_routing& routing, std::int64_t expert, const tenso
 }
 
 tensor model::moe(std::int64_t block, const tensor& u) {
+  tensor out = be_.empty({u.dim(0), config_.hidden_size}, dtype::f32);
+  moe(block, u, out, write_mode::overwrite);
+  return out;
+}
+
+void model::moe(std::int64_t block, const tensor& u, tensor& out, write_mode mode) {
+  const auto& c = config_;
+  const auto& w = weights_.blocks.at(static_cast<std::size_t>(block));
   if (u.dim(0) <= be_.routed_moe_rows()) {  // a few rows on a GPU: route and run the experts there
-    const auto& c = config_;
-    const auto& w = weights_.blocks.at(static_cast<std::size_t>(block));
-    const auto t = u.dim(0), k = c.moe_topk;
-    tensor logits = be_.empty({t, c.num_router_experts()}, dtype::f32);
-    be_.linear(u, w.router, logits, write_mode::overwrite);
-    tensor idx = be_.empty({t, k}, dtype::i32), gate = be_.empty({t, k}, dtype::f32);
-    be_.router_topk(logits, w.router_bias, static_cast<int>(k), static_cast<float>(c.routed_scaling_factor), idx, gate);
     std::vector<tensor> gate_up, down;
     for (const auto& e : w.experts) gate_up.push_back(e.gate_up), down.push_back(e.down);
-    tensor out = be_.empty({t, c.hidden_size}, dtype::f32);
-    be_.routed_moe(u, idx, gate, gate_up, down, out);
-    return out;
+    be_.routed_moe(u, {w.router, w.router_bias, static_cast<int>(c.moe_topk), static_cast<float>(c.routed_scaling_factor),
+                       gate_up, down},
+                   out, mode);
+    return;
   }
   const moe_routing routing = route(block, u);
-  tensor out = be_.empty({u.dim(0), config_.hidden_size}, dtype::f32);
-  be_.zero(out);
+  if (mode == write_mode::overwrite) be_.zero(out);
   // In expert order; zero (identity) experts add their gated input and cost no GEMM.
-  for (std::int64_t e = 0; e < config_.num_router_experts(); ++e) {
+  for (std::int64_t e = 0; e < c.num_router_experts(); ++e) {
     const auto& rows = routing.rows[static_cast<std::size_t>(e)];
     if (rows.empty()) continue;
     const tensor x = gather(u, rows);
-    combine(routing, e, e < config_.n_routed_experts ? expert_forward(block, e, x) : x, out);
+    combine(routing, e, e < c.n_routed_experts ? expert_forward(block, e, x) : x, out);
   }
-  return out;
 }
 
 tensor model::head(const tensor& h) {

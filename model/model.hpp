@@ -117,6 +117,8 @@ class model {
   void combine(const moe_routing& routing, std::int64_t expert, const tensor& y, tensor& out);
   /// The whole MoE of a block in this process: route, every expert, combine.
   tensor moe(std::int64_t block, const tensor& u);
+  /// out (=|+=) the MoE of u.
+  void moe(std::int64_t block, const tensor& u, tensor& out, write_mode mode);
   /// Final norm and lm_head over rows of hidden states: device logits [rows, V].
   tensor head(const tensor& h);
   /// Whether the checkpoint has an MTP head (model.mtp.*).

@@ -342,13 +342,18 @@ void cpu_backend::router_topk(const tensor& logits, const tensor& bias, int k, f
   }
 }
 
-void cpu_backend::routed_moe(const tensor& u, const tensor& idx, const tensor& gates, std::span<const tensor> gate_up,
-                             std::span<const tensor> down, tensor& out) {
-  const auto t = u.dim(0), h = u.dim(1), k = idx.dim(1);
-  const auto n_routed = static_cast<std::int32_t>(gate_up.size());
-  TROUPE_EXPECT(idx.dim(0) == t && gates.shape() == idx.shape() && out.shape() == u.shape() && gate_up.size() == down.size(),
-                "routed_moe", "u " + shape_to_string(u.shape()) + ", idx " + shape_to_string(idx.shape()));
-  zero(out);
+void cpu_backend::routed_moe(const tensor& u, const moe_layer& moe, tensor& out, write_mode mode) {
+  const auto t = u.dim(0), h = u.dim(1), k = static_cast<std::int64_t>(moe.top_k);
+  const auto n_routed = static_cast<std::int32_t>(moe.gate_up.size());
+  TROUPE_EXPECT(out.shape() == u.shape() && moe.gate_up.size() == moe.down.size() && moe.router.dim(1) == h, "routed_moe",
+                "u " + shape_to_string(u.shape()) + ", router " + shape_to_string(moe.router.shape()));
+  tensor logits = tensor::empty({t, moe.router.dim(0)}, dtype::f32);
+  linear(u, moe.router, logits, write_mode::overwrite);
+  tensor idx = tensor::empty({t, k}, dtype::i32), gates = tensor::empty({t, k}, dtype::f32);
+  router_topk(logits, moe.bias, moe.top_k, moe.scaling, idx, gates);
+  const auto& gate_up = moe.gate_up;
+  const auto& down = moe.down;
+  if (mode == write_mode::overwrite) zero(out);
   for (std::int64_t r = 0; r < t; ++r) {
     const tensor x = u.rows(r, r + 1);
     tensor o = out.rows(r, r + 1);

@@ -46,8 +46,7 @@ class cpu_backend final : public backend {
   void router_topk(const tensor& logits, const tensor& bias, int k, float scaling, tensor& idx,
                    tensor& weights) override;
   std::int64_t routed_moe_rows() const override { return 0; }  // batched host routing is as fast here
-  void routed_moe(const tensor& u, const tensor& idx, const tensor& gates, std::span<const tensor> gate_up,
-                  std::span<const tensor> down, tensor& out) override;
+  void routed_moe(const tensor& u, const moe_layer& moe, tensor& out, write_mode mode) override;
 
  private:
   std::shared_ptr<host_allocator> alloc_;

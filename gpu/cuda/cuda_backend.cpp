@@ -470,12 +470,15 @@ void cuda_backend::router_topk(const tensor& logits, const tensor& bias, int k, 
 
 std::int64_t cuda_backend::routed_moe_rows() const { return cuda::routed_moe_max_rows; }
 
-void cuda_backend::routed_moe(const tensor& u, const tensor& idx, const tensor& gates, std::span<const tensor> gate_up,
-                              std::span<const tensor> down, tensor& out) {
-  const auto t = u.dim(0), h = u.dim(1), k = idx.dim(1);
-  TROUPE_EXPECT(idx.dim(0) == t && gates.shape() == idx.shape() && out.shape() == u.shape() && gate_up.size() == down.size() &&
-                    !gate_up.empty(),
-                "routed_moe", "u " + shape_to_string(u.shape()) + ", idx " + shape_to_string(idx.shape()));
+void cuda_backend::routed_moe(const tensor& u, const moe_layer& moe, tensor& out, write_mode mode) {
+  const auto t = u.dim(0), h = u.dim(1), k = static_cast<std::int64_t>(moe.top_k), experts = moe.router.dim(0);
+  const auto& gate_up = moe.gate_up;
+  const auto& down = moe.down;
+  TROUPE_EXPECT(out.shape() == u.shape() && gate_up.size() == down.size() && !gate_up.empty() && moe.router.dim(1) == h &&
+                    moe.router.type() == dtype::f32 && moe.bias.numel() == experts && k > 0 && k <= experts &&
+                    t <= cuda::routed_moe_max_rows,
+                "routed_moe", "u " + shape_to_string(u.shape()) + ", router " + shape_to_string(moe.router.shape()) +
+                                  ", top-" + std::to_string(k));
   const auto n_routed = static_cast<std::int32_t>(gate_up.size());
   const auto f = down[0].dim(1);
   std::vector<std::int64_t> addresses;
@@ -498,10 +501,14 @@ void cuda_backend::routed_moe(const tensor& u, const tensor& idx, const tensor& 
   const tensor d_gu = table.gate_up, d_down = table.down;
   lock.unlock();
   const std::int64_t slots = t * k;
+  tensor idx = empty({t, k}, dtype::i32), gates = empty({t, k}, dtype::f32);
   tensor act = empty({slots, f}, dtype::f32), y = empty({slots, h}, dtype::f32);
   tensor offsets = empty({n_routed + 1}, dtype::i32), order = empty({slots}, dtype::i32), active = empty({n_routed}, dtype::i32);
-  cuda::group_slots(idx.data<std::int32_t>(), slots, n_routed, offsets.data<std::int32_t>(), order.data<std::int32_t>(),
-                    active.data<std::int32_t>(), as_stream(stream_));
+  tensor logits = empty({t, experts}, dtype::f32);
+  cuda::gemv(u.data<float>(), t, h, dtype::f32, moe.router.raw(), experts, logits.data<float>(), false, as_stream(stream_));
+  cuda::moe_route(logits.data<float>(), t, moe.bias.data<float>(), experts, moe.top_k, moe.scaling, n_routed,
+                  idx.data<std::int32_t>(), gates.data<float>(), offsets.data<std::int32_t>(), order.data<std::int32_t>(),
+                  active.data<std::int32_t>(), as_stream(stream_));
   // Each row picks k distinct experts: an expert has at most t slots, and at most t * k experts have any.
   const auto max_active = static_cast<std::int32_t>(std::min<std::int64_t>(n_routed, slots));
   cuda::grouped_expert_gemv_bf16(u.data<float>(), k, t, offsets.data<std::int32_t>(), order.data<std::int32_t>(),
@@ -510,8 +517,8 @@ void cuda_backend::routed_moe(const tensor& u, const tensor& idx, const tensor& 
   cuda::grouped_expert_gemv_bf16(act.data<float>(), 1, t, offsets.data<std::int32_t>(), order.data<std::int32_t>(),
                                  active.data<std::int32_t>(), max_active, static_cast<const std::uint16_t* const*>(d_down.raw()),
                                  h, f, false, y.data<float>(), as_stream(stream_));
-  cuda::moe_combine(u.data<float>(), y.data<float>(), idx.data<std::int32_t>(), gates.data<float>(), t,
-                    static_cast<int>(k), n_routed, h, out.data<float>(), as_stream(stream_));
+  cuda::moe_combine(u.data<float>(), y.data<float>(), idx.data<std::int32_t>(), gates.data<float>(), t, static_cast<int>(k),
+                    n_routed, h, mode == write_mode::accumulate, out.data<float>(), as_stream(stream_));
 }
 
 }  // namespace troupe

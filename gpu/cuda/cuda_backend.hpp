@@ -62,8 +62,7 @@ class cuda_backend final : public backend {
   void router_topk(const tensor& logits, const tensor& bias, int k, float scaling, tensor& idx,
                    tensor& weights) override;
   std::int64_t routed_moe_rows() const override;
-  void routed_moe(const tensor& u, const tensor& idx, const tensor& gates, std::span<const tensor> gate_up,
-                  std::span<const tensor> down, tensor& out) override;
+  void routed_moe(const tensor& u, const moe_layer& moe, tensor& out, write_mode mode) override;
 
   std::unique_ptr<device_ngram> make_device_ngram(const model_config& config, int slots) override;
 

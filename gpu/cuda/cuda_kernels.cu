@@ -305,14 +305,13 @@ __global__ void gemv_kernel(const float* x, std::int64_t k, const W* w, std::int
       y[r * n + col] = accumulate ? y[r * n + col] + acc[r] : acc[r];
 }
 
-// The routed slots grouped by expert, in one block: order[offsets[e] .. offsets[e + 1]) are the
+// The routed slots grouped by expert, by one block: order[offsets[e] .. offsets[e + 1]) are the
 // slots whose expert is e (< n_routed; zero experts have no GEMVs), and active[] lists the
-// experts with slots (then -1s), so the GEMVs launch blocks only for those. Counting sort in
-// shared memory; the order within an expert does not matter (each slot's output is its own).
-__global__ void group_slots_kernel(const std::int32_t* idx, std::int64_t slots, std::int32_t n_routed, std::int32_t* offsets,
-                                   std::int32_t* order, std::int32_t* active) {
-  follow_previous();
-  extern __shared__ std::int32_t next[];  // [n_routed]
+// experts with slots (then -1s), so the GEMVs launch blocks only for those. Counting sort with
+// `next` [n_routed] in shared memory; the order within an expert does not matter (each slot's
+// output is its own).
+__device__ void group_slots_block(const std::int32_t* idx, std::int64_t slots, std::int32_t n_routed, std::int32_t* next,
+                                  std::int32_t* offsets, std::int32_t* order, std::int32_t* active) {
   for (std::int32_t e = threadIdx.x; e < n_routed; e += blockDim.x) next[e] = 0;
   __syncthreads();
   for (std::int64_t s = threadIdx.x; s < slots; s += blockDim.x)
@@ -387,7 +386,7 @@ __global__ void grouped_expert_gemv_kernel(const float* x, std::int64_t x_row_di
 }
 
 __global__ void moe_combine_kernel(const float* u, const float* y, const std::int32_t* idx, const float* gates,
-                                   std::int64_t rows, int k, std::int32_t n_routed, std::int64_t h, float* out) {
+                                   std::int64_t rows, int k, std::int32_t n_routed, std::int64_t h, bool accumulate, float* out) {
   follow_previous();
   const std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
   if (i >= rows * h) return;
@@ -397,7 +396,7 @@ __global__ void moe_combine_kernel(const float* u, const float* y, const std::in
     const std::int64_t slot = t * k + j;
     sum += gates[slot] * (idx[slot] < n_routed ? y[slot * h + c] : u[i]);
   }
-  out[i] = sum;
+  out[i] = accumulate ? out[i] + sum : sum;
 }
 
 // The latent row of sequence `seq` at position `pos` in a paged cache.
@@ -689,17 +688,14 @@ __global__ void mla_expand_kernel(mla_args a, const float* out_lat) {
     for (int r = 0; r < rows; ++r) a.out[(r0 + r) * a.heads * a.v + h * a.v + c] = acc[r];
 }
 
-// One warp per row, in registers: lane l holds experts l, l + 32, ...; softmax across the lanes,
-// then k rounds of a warp-wide argmax of the biased scores not yet taken (ties: the lower id).
+// Router top-k of one row by one warp, in registers: lane l holds experts l, l + 32, ...;
+// softmax across the lanes, then k rounds of a warp-wide argmax of the biased scores not yet
+// taken (ties: the lower id). Lane 0 writes idx[0..k) and weights[0..k).
 constexpr int router_max_per_lane = 8;  // up to 256 experts
 
-__global__ void router_topk_kernel(const float* logits, const float* bias, std::int64_t rows, std::int64_t experts, int k,
-                                   float scaling, std::int32_t* idx, float* weights) {
-  follow_previous();
+__device__ void warp_topk(const float* l, const float* bias, std::int64_t experts, int k, float scaling, std::int32_t* idx,
+                          float* weights) {
   const int lane = threadIdx.x & 31;
-  const std::int64_t r = blockIdx.x * static_cast<std::int64_t>(blockDim.x >> 5) + (threadIdx.x >> 5);
-  if (r >= rows) return;  // whole warps leave together
-  const float* l = logits + r * experts;
   float p[router_max_per_lane], choice[router_max_per_lane];
   float mx = -FLT_MAX;
 #pragma unroll
@@ -734,11 +730,33 @@ __global__ void router_topk_kernel(const float* logits, const float* bias, std::
       if (oe >= 0 && (best_e < 0 || ob > best || (ob == best && oe < best_e))) best = ob, best_p = op, best_e = oe;
     }
     if (best_e < 0) best_e = 0, best_p = 0.0f;  // NaN logits: no score compares; keep the index in range
-    if (lane == 0) idx[r * k + j] = best_e, weights[r * k + j] = best_p * scaling;
+    if (lane == 0) idx[j] = best_e, weights[j] = best_p * scaling;
 #pragma unroll
     for (int i = 0; i < router_max_per_lane; ++i)  // the owner marks it taken (a constant index keeps choice in registers)
       if (lane + 32 * i == best_e) choice[i] = -INFINITY;
   }
+}
+
+__global__ void router_topk_kernel(const float* logits, const float* bias, std::int64_t rows, std::int64_t experts, int k,
+                                   float scaling, std::int32_t* idx, float* weights) {
+  follow_previous();
+  const std::int64_t r = blockIdx.x * static_cast<std::int64_t>(blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (r >= rows) return;  // whole warps leave together
+  warp_topk(logits + r * experts, bias, experts, k, scaling, idx + r * k, weights + r * k);
+}
+
+// The routing of routed_moe in one block: each row's top-k of the router's logits (a warp per
+// row), then the slots grouped by expert (group_slots_block). (The router's GEMV stays a kernel
+// of its own: read by one block, its matrix took longer than the launch it saves.)
+__global__ void moe_route_kernel(const float* logits, std::int64_t rows, const float* bias, std::int64_t experts, int k,
+                                 float scaling, std::int32_t n_routed, std::int32_t* idx, float* gates, std::int32_t* offsets,
+                                 std::int32_t* order, std::int32_t* active) {
+  extern __shared__ std::int32_t next[];  // [n_routed]
+  follow_previous();
+  const int warp = threadIdx.x >> 5;
+  if (warp < rows) warp_topk(logits + warp * experts, bias, experts, k, scaling, idx + warp * k, gates + warp * k);
+  __syncthreads();  // idx written by this block: visible to all of its threads now
+  group_slots_block(idx, rows * k, n_routed, next, offsets, order, active);
 }
 
 // Launches `kernel` with programmatic stream serialisation (see follow_previous()); the launch
@@ -805,10 +823,15 @@ void gemv_swiglu_bf16(const float* x, std::int64_t m, std::int64_t k, const std:
   launch_gemv<__nv_bfloat16, true>(x, m, k, reinterpret_cast<const __nv_bfloat16*>(w), f, act, false, s);
 }
 
-void group_slots(const std::int32_t* idx, std::int64_t slots, std::int32_t n_routed, std::int32_t* offsets,
-                 std::int32_t* order, std::int32_t* active, cudaStream_t s) {
-  launch(group_slots_kernel, 1, 1024, static_cast<std::size_t>(n_routed) * sizeof(std::int32_t), s, idx, slots, n_routed,
-                                                                                               offsets, order, active);
+void moe_route(const float* logits, std::int64_t rows, const float* bias, std::int64_t experts, int k, float scaling,
+               std::int32_t n_routed, std::int32_t* idx, float* gates, std::int32_t* offsets, std::int32_t* order,
+               std::int32_t* active, cudaStream_t s) {
+  if (rows == 0) return;
+  if (experts > 32 * router_max_per_lane || rows > 32)
+    throw std::invalid_argument("moe_route: " + std::to_string(rows) + " rows of " + std::to_string(experts) +
+                                " experts (at most 32 rows and " + std::to_string(32 * router_max_per_lane) + " experts)");
+  launch(moe_route_kernel, 1, 1024, static_cast<std::size_t>(n_routed) * sizeof(std::int32_t), s, logits, rows, bias, experts,
+         k, scaling, n_routed, idx, gates, offsets, order, active);
 }
 
 void grouped_expert_gemv_bf16(const float* x, std::int64_t x_row_div, std::int64_t max_group, const std::int32_t* offsets,
@@ -836,9 +859,9 @@ void grouped_expert_gemv_bf16(const float* x, std::int64_t x_row_div, std::int64
 }
 
 void moe_combine(const float* u, const float* y, const std::int32_t* idx, const float* gates, std::int64_t rows, int k,
-                 std::int32_t n_routed, std::int64_t h, float* out, cudaStream_t s) {
+                 std::int32_t n_routed, std::int64_t h, bool accumulate, float* out, cudaStream_t s) {
   if (rows * h == 0) return;
-  launch(moe_combine_kernel, blocks_for(rows * h), threads, 0, s, u, y, idx, gates, rows, k, n_routed, h, out);
+  launch(moe_combine_kernel, blocks_for(rows * h), threads, 0, s, u, y, idx, gates, rows, k, n_routed, h, accumulate, out);
 }
 
 namespace {

@@ -36,11 +36,14 @@ void gemv_swiglu_bf16(const float* x, std::int64_t m, std::int64_t k, const std:
 /// the host, where each expert's rows go through a tensor-core GEMM. 8 for now: at 16 and 64
 /// rows the device path measured slower than the host's (bench/RESULTS.md) until profiled.
 constexpr std::int64_t routed_moe_max_rows = 8;
-/// Groups routed_moe's slots by expert: order[offsets[e] .. offsets[e + 1]) are the slots s with
-/// idx[s] == e < n_routed (offsets [n_routed + 1], order [slots]); active [n_routed] lists the
-/// experts that have slots, in order, then -1s.
-void group_slots(const std::int32_t* idx, std::int64_t slots, std::int32_t n_routed, std::int32_t* offsets,
-                 std::int32_t* order, std::int32_t* active, cudaStream_t s);
+/// The routing of routed_moe in one launch (rows <= 32): router_topk's idx and gates [rows, k]
+/// from the router's logits [rows, experts], then the slots grouped by expert:
+/// order[offsets[e] .. offsets[e + 1]) are the slots s with idx[s] == e < n_routed (offsets
+/// [n_routed + 1], order [rows * k]); active [n_routed] lists the experts that have slots, in
+/// order, then -1s.
+void moe_route(const float* logits, std::int64_t rows, const float* bias, std::int64_t experts, int k, float scaling,
+               std::int32_t n_routed, std::int32_t* idx, float* gates, std::int32_t* offsets, std::int32_t* order,
+               std::int32_t* active, cudaStream_t s);
 /// The expert GEMVs of routed_moe: y[s, :n] = W_e[n, k] . x[s / x_row_div, :k] for each slot s
 /// grouped under expert e (group_slots), or with `swiglu` SwiGLU of W_e's gate rows [0, n) and up
 /// rows [n, 2n); each weight row is read from memory once per call. Blocks go to
@@ -50,9 +53,9 @@ void grouped_expert_gemv_bf16(const float* x, std::int64_t x_row_div, std::int64
                               const std::int32_t* order, const std::int32_t* active, std::int32_t max_active,
                               const std::uint16_t* const* weights, std::int64_t n, std::int64_t k, bool swiglu, float* y,
                               cudaStream_t s);
-/// out[t, c] = sum_j gates[t, j] * (idx[t, j] < n_routed ? y[t * k + j, c] : u[t, c]).
+/// out[t, c] (=|+=) sum_j gates[t, j] * (idx[t, j] < n_routed ? y[t * k + j, c] : u[t, c]).
 void moe_combine(const float* u, const float* y, const std::int32_t* idx, const float* gates, std::int64_t rows, int k,
-                 std::int32_t n_routed, std::int64_t h, float* out, cudaStream_t s);
+                 std::int32_t n_routed, std::int64_t h, bool accumulate, float* out, cudaStream_t s);
 
 /// y[r, :cols] = x[r, :cols] / rms(x[r, :cols]) * w * post_scale; rows `x_stride` / `y_stride` apart.
 void rms_norm(const float* x, std::int64_t x_stride, const float* w, float* y, std::int64_t y_stride, std::int64_t rows,

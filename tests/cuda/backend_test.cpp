@@ -275,19 +275,21 @@ TEST(cuda_backend, routed_moe_on_the_device) {
     gu_g.push_back(b.gpu.upload(gu, dtype::bf16));
     down_g.push_back(b.gpu.upload(d, dtype::bf16));
   }
-  // 1, 2 and 3 rows (decode, verification: each width of the grouped GEMV), then 64 (every expert
-  // takes many slots: several groups of eight, a ragged tail).
-  for (const std::int64_t t : {std::int64_t{1}, std::int64_t{2}, std::int64_t{3}, std::int64_t{64}}) {
-    const tensor u = random({t, h}, 70 + t), gates = random({t, k}, 71 + t);
-    tensor idx = tensor::empty({t, k}, dtype::i32);
-    for (std::int64_t r = 0; r < t; ++r)  // distinct ids per row; ids >= 5 are zero experts
-      for (int j = 0; j < k; ++j) idx.data<std::int32_t>()[r * k + j] = static_cast<std::int32_t>((r * 3 + j * 2) % 8);
-    tensor yc = tensor::empty({t, h}, dtype::f32), yg = poisoned(b.gpu, {t, h});
-    b.cpu.routed_moe(u, idx, gates, gu_c, down_c, yc);
-    b.gpu.routed_moe(b.gpu.upload(u, dtype::f32), b.gpu.upload(idx, dtype::i32), b.gpu.upload(gates, dtype::f32), gu_g,
-                     down_g, yg);
-    EXPECT_LT(rel(b, yg, yc), 1e-5) << "routed_moe, " << t << " rows";
-  }
+  // 1, 2, 3 and 8 rows (decode, verification: each width of the grouped GEMV; at 8 rows experts
+  // take up to eight slots), routed on the device from a float32 router over 5 routed and 3 zero
+  // experts; then the same added into an output that holds values.
+  const tensor router = random({8, h}, 72, 0.5f), bias = random({8}, 73, 0.05f);
+  const moe_layer layer_c{router, bias, k, 2.5f, gu_c, down_c};
+  const moe_layer layer_g{b.gpu.upload(router, dtype::f32), b.gpu.upload(bias, dtype::f32), k, 2.5f, gu_g, down_g};
+  for (const std::int64_t t : {std::int64_t{1}, std::int64_t{2}, std::int64_t{3}, std::int64_t{8}})
+    for (const auto mode : {write_mode::overwrite, write_mode::accumulate}) {
+      const tensor u = random({t, h}, 70 + t), y0 = random({t, h}, 74 + t);
+      tensor yc = b.cpu.upload(y0, dtype::f32);
+      tensor yg = mode == write_mode::overwrite ? poisoned(b.gpu, {t, h}) : b.gpu.upload(y0, dtype::f32);
+      b.cpu.routed_moe(u, layer_c, yc, mode);
+      b.gpu.routed_moe(b.gpu.upload(u, dtype::f32), layer_g, yg, mode);
+      EXPECT_LT(rel(b, yg, yc), 1e-5) << "routed_moe, " << t << " rows" << (mode == write_mode::accumulate ? ", added" : "");
+    }
 }
 
 TEST(cuda_backend, the_whole_model_matches_the_cpu) {
