@@ -5,9 +5,11 @@ computed, incremental n-gram hashing), timed like troupe_bench_model and printin
 On the CPU the weights are float32; with --device cuda they are bfloat16 on the GPU (the router
 stays float32), and --compile runs the forward through torch.compile. --batch B decodes B
 sequences together (distinct prompts of the same length, so they share positions); tokens/s
-are then totals over the batch.
+are then totals over the batch. --static decodes one sequence with StaticDecoder (static
+shapes; with --compile, torch.compile(mode="reduce-overhead"): the step one CUDA graph), the
+baseline a tuned compiled decoder sets; its prompt goes through the same one-token step.
 
-    pytorch_decoder.py MODEL_DIR PROMPT_TOKENS DECODE_TOKENS THREADS [--device cuda] [--compile] [--batch B]
+    pytorch_decoder.py MODEL_DIR PROMPT_TOKENS DECODE_TOKENS THREADS [--device cuda] [--compile] [--batch B | --static]
 """
 import json
 import math
@@ -145,10 +147,120 @@ class Decoder:
         return self.rms(h.view(B, T, -1)[:, -1], w["model.norm.weight"]) @ w["lm_head.weight"].T
 
 
+class StaticDecoder(Decoder):
+    """Batch-1 decode written the way a tuned torch.compile decoder is (gpt-fast style), for
+    --static: one token per step with static shapes, so torch.compile(mode="reduce-overhead")
+    captures the whole step as a CUDA graph: latent caches preallocated as buffers and written at
+    a position held in a tensor, attention masked over the full cache, the MoE routed without a
+    host sync (the selected experts' weights indexed on the device), n-gram ids hashed on the
+    host and passed in."""
+
+    def __init__(self, model_dir, device, max_len):
+        super().__init__(model_dir, device)
+        c, w = self.cfg, self.w
+        low = next(iter(w.values())).dtype if device == "cpu" else torch.bfloat16
+        self.caches = torch.nn.Module()
+        self.attn = []
+        for l in range(c["num_layers"]):
+            for j in (0, 1):
+                name = f"l{l}a{j}"
+                self.caches.register_buffer(name + "_lat", torch.zeros(1, max_len, self.lora, device=device, dtype=low))
+                self.caches.register_buffer(name + "_rope", torch.zeros(1, max_len, self.rope_dim, device=device, dtype=low))
+                self.attn.append(name)
+        self.max_len = max_len
+        n = c["n_routed_experts"]
+        self.experts = []
+        for l in range(c["num_layers"]):
+            p = f"model.layers.{l}.mlp.experts."
+            self.experts.append(tuple(torch.stack([w[f"{p}{e}.{m}_proj.weight"] for e in range(n)]) for m in ("gate", "up", "down")))
+
+    def mla_static(self, p, name, x, pos):
+        w, c = self.w, self.cfg
+        if c.get("q_lora_rank"):
+            q = self.rms(x @ w[p + "q_a_proj.weight"].T, w[p + "q_a_layernorm.weight"]) @ w[p + "q_b_proj.weight"].T
+            if c.get("mla_scale_q_lora", True):
+                q = q * math.sqrt(c["hidden_size"] / c["q_lora_rank"])
+        else:
+            q = x @ w[p + "q_proj.weight"].T
+        q = q.view(1, 1, self.nh, self.nope + self.rope_dim)
+        q_nope, q_rope = q[..., : self.nope], self.apply_rope(q[..., self.nope :], pos)
+        kv = (x @ w[p + "kv_a_proj_with_mqa.weight"].T).view(1, 1, -1)
+        lat = self.rms(kv[..., : self.lora], w[p + "kv_a_layernorm.weight"])
+        if c.get("mla_scale_kv_lora", True):
+            lat = lat * math.sqrt(c["hidden_size"] / self.lora)
+        cache_lat, cache_rope = getattr(self.caches, name + "_lat"), getattr(self.caches, name + "_rope")
+        cache_lat.index_copy_(1, pos, lat)
+        cache_rope.index_copy_(1, pos, self.apply_rope(kv[..., self.lora :], pos))
+        wk, wv = self.absorbed[p]
+        q_lat = torch.einsum("btkn,knl->bktl", q_nope, wk)
+        scores = (q_lat @ cache_lat.unsqueeze(1).transpose(-1, -2) +
+                  torch.einsum("btkr,bsr->bkts", q_rope, cache_rope)) * self.scale
+        mask = torch.arange(self.max_len, device=self.dev)[None, :] > pos[:, None]
+        probs = scores.masked_fill(mask, float("-inf")).softmax(-1)
+        out = torch.einsum("bktl,kvl->btkv", probs @ cache_lat.unsqueeze(1), wv).reshape(1, self.nh * self.vd)
+        return out @ w[p + "o_proj.weight"].T
+
+    def moe_static(self, p, l, x):
+        c, w = self.cfg, self.w
+        probs = (x.float() @ w[p + "router.classifier.weight"].T).softmax(-1)
+        idx = torch.topk(probs + w[p + "router.e_score_correction_bias"], c["moe_topk"], dim=-1).indices[0]  # [k]
+        gate = (probs[0, idx] * c["routed_scaling_factor"]).to(x.dtype)
+        routed = idx < c["n_routed_experts"]
+        e = idx.clamp(max=c["n_routed_experts"] - 1)
+        wg, wu, wd = self.experts[l]
+        act = torch.nn.functional.silu(torch.einsum("h,kfh->kf", x[0], wg[e])) * torch.einsum("h,kfh->kf", x[0], wu[e])
+        y = torch.where(routed[:, None], torch.einsum("kf,khf->kh", act, wd[e]), x)  # zero experts: the input
+        return (gate[:, None] * y).sum(0, keepdim=True)
+
+    def step(self, tok, ngram_ids, pos):  # tok [1], ngram_ids [1, E], pos [1]: logits [1, V]
+        w, c = self.w, self.cfg
+        h = w["model.embed_tokens.weight"][tok]
+        if self.ngram:
+            for i in range(ngram_ids.shape[1]):
+                h = h + w[f"model.ngram_embeddings.embedders.{i}.weight"][ngram_ids[:, i]] @ w[f"model.ngram_embeddings.post_projs.{i}.weight"].T
+            h = h / (1 + ngram_ids.shape[1])
+        for l in range(c["num_layers"]):
+            p = f"model.layers.{l}."
+            a = h + self.mla_static(p + "self_attn.0.", self.attn[2 * l], self.rms(h, w[p + "input_layernorm.0.weight"]), pos)
+            u = self.rms(a, w[p + "post_attention_layernorm.0.weight"])
+            b = a + self.swiglu(p + "mlps.0.", u)
+            cc = b + self.mla_static(p + "self_attn.1.", self.attn[2 * l + 1], self.rms(b, w[p + "input_layernorm.1.weight"]), pos)
+            h = cc + self.swiglu(p + "mlps.1.", self.rms(cc, w[p + "post_attention_layernorm.1.weight"])) + self.moe_static(p + "mlp.", l, u)
+        return self.rms(h, w["model.norm.weight"]) @ w["lm_head.weight"].T
+
+
+def run_static(model_dir, prompt_len, decode_len, device, compile_step):
+    dec = StaticDecoder(model_dir, device, prompt_len + decode_len)
+    step = torch.compile(dec.step, mode="reduce-overhead", fullgraph=True) if compile_step else dec.step
+    V, E = dec.cfg["vocab_size"], len(dec.tables) if dec.ngram else 0
+    prompt = [3 + (i * 7919) % (V - 3) for i in range(prompt_len)]
+
+    def run():
+        ctx, out = [], []
+        t0 = time.perf_counter()
+        for n in range(prompt_len + decode_len - 1):  # the prompt a token per step, then decode
+            x = prompt[n] if n < prompt_len else out[-1]
+            ids = dec.hash_ids([x], ctx) if E else torch.zeros(1, 0, dtype=torch.long, device=device)
+            logits = step(torch.tensor([x], device=device), ids, torch.tensor([n], device=device))
+            if n >= prompt_len - 1:
+                out.append(int(logits.argmax(-1)))
+            if n == prompt_len - 1:
+                t1 = time.perf_counter()
+        return out, t1 - t0, time.perf_counter() - t1
+
+    run()  # warm-up (and compilation, and the CUDA graph's recording)
+    run()
+    tokens, prefill_s, decode_s = run()
+    print(json.dumps({"batch": 1, "static": True, "prefill_tok_s": round(prompt_len / prefill_s, 2),
+                      "decode_tok_s": round((decode_len - 1) / decode_s, 2), "tokens": tokens}))
+
+
 def main():
     model_dir, prompt_len, decode_len, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     device = sys.argv[sys.argv.index("--device") + 1] if "--device" in sys.argv else "cpu"
     torch.set_num_threads(threads)
+    if "--static" in sys.argv:
+        return run_static(model_dir, prompt_len, decode_len, device, "--compile" in sys.argv)
     dec = Decoder(model_dir, device)
     if "--compile" in sys.argv:
         dec.forward = torch.compile(dec.forward, dynamic=True)
