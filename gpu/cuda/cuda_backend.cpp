@@ -475,8 +475,7 @@ void cuda_backend::routed_moe(const tensor& u, const moe_layer& moe, tensor& out
   const auto& gate_up = moe.gate_up;
   const auto& down = moe.down;
   TROUPE_EXPECT(out.shape() == u.shape() && gate_up.size() == down.size() && !gate_up.empty() && moe.router.dim(1) == h &&
-                    moe.router.type() == dtype::f32 && moe.bias.numel() == experts && k > 0 && k <= experts &&
-                    t <= cuda::routed_moe_max_rows,
+                    moe.router.type() == dtype::f32 && moe.bias.numel() == experts && k > 0 && k <= experts,
                 "routed_moe", "u " + shape_to_string(u.shape()) + ", router " + shape_to_string(moe.router.shape()) +
                                   ", top-" + std::to_string(k));
   const auto n_routed = static_cast<std::int32_t>(gate_up.size());
@@ -505,7 +504,7 @@ void cuda_backend::routed_moe(const tensor& u, const moe_layer& moe, tensor& out
   tensor act = empty({slots, f}, dtype::f32), y = empty({slots, h}, dtype::f32);
   tensor offsets = empty({n_routed + 1}, dtype::i32), order = empty({slots}, dtype::i32), active = empty({n_routed}, dtype::i32);
   tensor logits = empty({t, experts}, dtype::f32);
-  cuda::gemv(u.data<float>(), t, h, dtype::f32, moe.router.raw(), experts, logits.data<float>(), false, as_stream(stream_));
+  linear(u, moe.router, logits, write_mode::overwrite);
   cuda::moe_route(logits.data<float>(), t, moe.bias.data<float>(), experts, moe.top_k, moe.scaling, n_routed,
                   idx.data<std::int32_t>(), gates.data<float>(), offsets.data<std::int32_t>(), order.data<std::int32_t>(),
                   active.data<std::int32_t>(), as_stream(stream_));

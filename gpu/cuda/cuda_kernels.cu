@@ -753,8 +753,8 @@ __global__ void moe_route_kernel(const float* logits, std::int64_t rows, const f
                                  std::int32_t* order, std::int32_t* active) {
   extern __shared__ std::int32_t next[];  // [n_routed]
   follow_previous();
-  const int warp = threadIdx.x >> 5;
-  if (warp < rows) warp_topk(logits + warp * experts, bias, experts, k, scaling, idx + warp * k, gates + warp * k);
+  for (std::int64_t r = threadIdx.x >> 5; r < rows; r += blockDim.x >> 5)
+    warp_topk(logits + r * experts, bias, experts, k, scaling, idx + r * k, gates + r * k);
   __syncthreads();  // idx written by this block: visible to all of its threads now
   group_slots_block(idx, rows * k, n_routed, next, offsets, order, active);
 }
@@ -827,9 +827,9 @@ void moe_route(const float* logits, std::int64_t rows, const float* bias, std::i
                std::int32_t n_routed, std::int32_t* idx, float* gates, std::int32_t* offsets, std::int32_t* order,
                std::int32_t* active, cudaStream_t s) {
   if (rows == 0) return;
-  if (experts > 32 * router_max_per_lane || rows > 32)
-    throw std::invalid_argument("moe_route: " + std::to_string(rows) + " rows of " + std::to_string(experts) +
-                                " experts (at most 32 rows and " + std::to_string(32 * router_max_per_lane) + " experts)");
+  if (experts > 32 * router_max_per_lane)
+    throw std::invalid_argument("moe_route: " + std::to_string(experts) + " experts (at most " +
+                                std::to_string(32 * router_max_per_lane) + ")");
   launch(moe_route_kernel, 1, 1024, static_cast<std::size_t>(n_routed) * sizeof(std::int32_t), s, logits, rows, bias, experts,
          k, scaling, n_routed, idx, gates, offsets, order, active);
 }

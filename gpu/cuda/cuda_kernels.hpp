@@ -32,11 +32,12 @@ void gemv(const float* x, std::int64_t m, std::int64_t k, dtype wt, const void* 
 void gemv_swiglu_bf16(const float* x, std::int64_t m, std::int64_t k, const std::uint16_t* w, std::int64_t f, float* act,
                       cudaStream_t s);
 
-/// Most rows the MoE takes on the device (decode batches, verification); larger steps route on
-/// the host, where each expert's rows go through a tensor-core GEMM. 8 for now: at 16 and 64
-/// rows the device path measured slower than the host's (bench/RESULTS.md) until profiled.
+/// Most rows the model gives the MoE on the device (decode batches, verification): such a step
+/// needs no host round trip, so it can be recorded as a CUDA graph. Larger steps route on the
+/// host, where each expert's rows go through a tensor-core GEMM: the grouped expert GEMVs run
+/// on CUDA cores, and at 64 rows they measured slower (2462 against 3265 tok/s, bench/RESULTS.md).
 constexpr std::int64_t routed_moe_max_rows = 8;
-/// The routing of routed_moe in one launch (rows <= 32): router_topk's idx and gates [rows, k]
+/// The routing of routed_moe in one launch: router_topk's idx and gates [rows, k]
 /// from the router's logits [rows, experts], then the slots grouped by expert:
 /// order[offsets[e] .. offsets[e + 1]) are the slots s with idx[s] == e < n_routed (offsets
 /// [n_routed + 1], order [rows * k]); active [n_routed] lists the experts that have slots, in

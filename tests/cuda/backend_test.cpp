@@ -275,13 +275,14 @@ TEST(cuda_backend, routed_moe_on_the_device) {
     gu_g.push_back(b.gpu.upload(gu, dtype::bf16));
     down_g.push_back(b.gpu.upload(d, dtype::bf16));
   }
-  // 1, 2, 3 and 8 rows (decode, verification: each width of the grouped GEMV; at 8 rows experts
-  // take up to eight slots), routed on the device from a float32 router over 5 routed and 3 zero
-  // experts; then the same added into an output that holds values.
+  // 1, 2, 3, 8 and 64 rows (decode, verification: each width of the grouped GEMV; at 64 rows
+  // experts take many slots: several groups of eight, a ragged tail), routed on the device from
+  // a float32 router over 5 routed and 3 zero experts; then the same added into an output that
+  // holds values.
   const tensor router = random({8, h}, 72, 0.5f), bias = random({8}, 73, 0.05f);
   const moe_layer layer_c{router, bias, k, 2.5f, gu_c, down_c};
   const moe_layer layer_g{b.gpu.upload(router, dtype::f32), b.gpu.upload(bias, dtype::f32), k, 2.5f, gu_g, down_g};
-  for (const std::int64_t t : {std::int64_t{1}, std::int64_t{2}, std::int64_t{3}, std::int64_t{8}})
+  for (const std::int64_t t : {std::int64_t{1}, std::int64_t{2}, std::int64_t{3}, std::int64_t{8}, std::int64_t{64}})
     for (const auto mode : {write_mode::overwrite, write_mode::accumulate}) {
       const tensor u = random({t, h}, 70 + t), y0 = random({t, h}, 74 + t);
       tensor yc = b.cpu.upload(y0, dtype::f32);
