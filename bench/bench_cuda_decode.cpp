@@ -1,8 +1,8 @@
 // Batch-1 greedy decode on the CUDA backend against the memory-bandwidth roofline of the same
 // GPU, measured in the same run:
 //   bandwidth   a 1 GiB device-to-device copy (bytes read + written per second);
-//   bytes/token every weight a decode step reads (bf16 matrices, float32 norms, router and
-//               kv_b), the expected routed experts (moe_topk x n_routed / (n_routed + zero):
+//   bytes/token every weight a decode step reads (bf16 matrices and kv_b, float32 norms and
+//               router), the expected routed experts (moe_topk x n_routed / (n_routed + zero):
 //               zero experts cost nothing), the n-gram rows gathered, and the latent KV cache
 //               read at the mean position of the run;
 //   roofline    bandwidth / bytes per token.
@@ -68,7 +68,7 @@ double bytes_per_token(const model_config& c, double position) {
       tables += static_cast<double>(s.shape.back()) * 2;  // one bf16 row per table per token
     } else if (expert) {
       matrices += n * 2 * routed / static_cast<double>(c.n_routed_experts);
-    } else if (s.keep_f32 || s.shape.size() == 1 || s.name.find("kv_b_proj") != std::string::npos) {
+    } else if (s.keep_f32 || s.shape.size() == 1) {
       f32 += n * 4;
     } else {
       matrices += n * 2;

@@ -106,8 +106,11 @@ class backend {
   /// Copies a host tensor to this device, converting floats to `type` (weights at load time).
   virtual tensor upload(const tensor& host, dtype type) = 0;
   /// The dtype this backend keeps a matrix in when the checkpoint stores it as `stored`
-  /// (what linear() reads); other weights (norms, router, kv_b) are always float32.
+  /// (what linear() reads); norms and the router are always float32.
   virtual dtype weight_type(dtype stored) const = 0;
+  /// The dtype mla_attention() reads kv_b in, for a checkpoint's `stored` dtype: float32 unless a
+  /// backend reads bf16 there (a GPU: decode's attention reads kv_b every step).
+  virtual dtype kv_b_type(dtype) const { return dtype::f32; }
   /// Host copy of a tensor of this device (waits for pending work).
   virtual tensor download(const tensor& t) = 0;
   /// Copies rows of `src` into `dst` starting at row `dst_row` (same row width and dtype).
@@ -153,7 +156,7 @@ class backend {
   /// place in the paged cache (`where`).
   virtual void write_latents(tensor& kv, const latent_norm& norm, const rope_table& rope, const paged_latents& where) = 0;
   /// Causal MLA attention over the compressed latent cache with kv_b absorbed:
-  /// q[T, heads*(nope+rope)] -> out[T, heads*v], kv_b[heads*(nope+v), kv_lora]. q's rope columns
+  /// q[T, heads*(nope+rope)] -> out[T, heads*v], kv_b[heads*(nope+v), kv_lora] in kv_b_type(). q's rope columns
   /// come un-rotated: each head's are rotated at its row's position (`rope`) as q is absorbed.
   virtual void mla_attention(const tensor& q, const tensor& kv_b, const paged_latents& cache, const mla_dims& dims,
                              const rope_table& rope, float softmax_scale, tensor& out) = 0;

@@ -82,7 +82,7 @@ struct loader {
     tensor t = host(name);
     return be.upload(t, be.weight_type(t.type()));
   }
-  /// Norm weights, the router, kv_b: always float32.
+  /// Norm weights and the router: always float32.
   tensor f32(const std::string& name) const { return be.upload(host(name), dtype::f32); }
   swiglu_weights swiglu(const std::string& prefix) const {
     tensor gate = host(prefix + "gate_proj.weight");
@@ -104,7 +104,8 @@ struct loader {
     }
     att.kv_a = matrix(a + "kv_a_proj_with_mqa.weight");
     att.kv_a_norm = f32(a + "kv_a_layernorm.weight");
-    att.kv_b = f32(a + "kv_b_proj.weight");
+    const tensor kv_b = host(a + "kv_b_proj.weight");
+    att.kv_b = be.upload(kv_b, be.kv_b_type(kv_b.type()));
     att.o = matrix(a + "o_proj.weight");
     return att;
   }

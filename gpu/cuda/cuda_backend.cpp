@@ -444,15 +444,16 @@ void cuda_backend::mla_attention(const tensor& q, const tensor& kv_b, const page
   const std::int64_t qk = d.nope_dim + d.rope_dim, rows = q.dim(0);
   TROUPE_EXPECT(q.dim(1) == d.num_heads * qk && out.dim(1) == d.num_heads * d.v_dim && out.dim(0) == rows,
                 "mla_attention", "q " + shape_to_string(q.shape()) + ", out " + shape_to_string(out.shape()));
-  TROUPE_EXPECT(kv_b.dim(0) == d.num_heads * (d.nope_dim + d.v_dim) && kv_b.dim(1) == d.kv_lora_rank, "mla_attention",
-                "kv_b " + shape_to_string(kv_b.shape()));
+  TROUPE_EXPECT(kv_b.dim(0) == d.num_heads * (d.nope_dim + d.v_dim) && kv_b.dim(1) == d.kv_lora_rank &&
+                    (kv_b.type() == dtype::f32 || kv_b.type() == dtype::bf16),
+                "mla_attention", "kv_b " + shape_to_string(kv_b.shape()) + " (bf16 or f32)");
   TROUPE_EXPECT(cache.max_keys > 0 && cache.max_keys <= cache.block_table.dim(1) * cache.block_tokens, "mla_attention",
                 std::to_string(cache.max_keys) + " keys in " + std::to_string(cache.block_table.dim(1)) + " blocks");
   if (rows == 0) return;
   tensor q_full = empty({rows, d.num_heads, d.kv_lora_rank + d.rope_dim}, dtype::f32);
   tensor out_lat = empty({rows, d.num_heads, d.kv_lora_rank}, dtype::f32);
   TROUPE_EXPECT(2 * rope.inv_freq.numel() == d.rope_dim, "mla_attention", "RoPE for " + std::to_string(d.rope_dim) + " columns");
-  cuda::mla_args a{q.data<float>(), kv_b.data<float>(), rope_freqs(rope), rope.attention_factor, paged(cache, rows, d.kv_lora_rank + d.rope_dim), rows,
+  cuda::mla_args a{q.data<float>(), kv_b.raw(), kv_b.type(), rope_freqs(rope), rope.attention_factor, paged(cache, rows, d.kv_lora_rank + d.rope_dim), rows,
                    d.num_heads, d.nope_dim, d.rope_dim, d.v_dim, d.kv_lora_rank, cache.rows_per_sequence, softmax_scale,
                    q_full.data<float>(),
                    out_lat.data<float>(), out.data<float>()};

@@ -41,6 +41,7 @@ class cuda_backend final : public backend {
   tensor empty(shape_t shape, dtype type) override;
   tensor upload(const tensor& host, dtype type) override;
   dtype weight_type(dtype) const override { return dtype::bf16; }
+  dtype kv_b_type(dtype) const override { return dtype::bf16; }  // as the checkpoints store it: half the bytes
   tensor download(const tensor& t) override;
   void copy_rows(const tensor& src, tensor& dst, std::int64_t dst_row) override;
   void synchronize() override;

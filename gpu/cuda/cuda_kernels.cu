@@ -441,6 +441,7 @@ constexpr int mla_max_lane_values = 18;  // latent row values per lane: kv_lora 
 // q_full[r, h] = [q_nope[r, h] . W_k[h] | RoPE(q_rope[r, h])]: the query as a latent row. A block per
 // (head, 32 columns, up to eight rows): lanes take the columns, the eight warps split nope, so
 // each lane has all its loads of W_k in flight at once; the warps' sums meet in shared memory.
+template <typename KV>
 __global__ void mla_absorb_kernel(mla_args a, float* q_full) {
   follow_previous();
   __shared__ float partial[8][mla_rows_per_block][32];
@@ -452,11 +453,11 @@ __global__ void mla_absorb_kernel(mla_args a, float* q_full) {
   const float* q = a.q + r0 * q_stride + h * (a.nope + a.rope);
   float acc[mla_rows_per_block] = {};
   if (c < a.kv_lora) {
-    const float* w_k = a.kv_b + h * (a.nope + a.v) * a.kv_lora + c;  // column c of [nope, kv_lora]
+    const KV* w_k = static_cast<const KV*>(a.kv_b) + h * (a.nope + a.v) * a.kv_lora + c;  // column c of [nope, kv_lora]
     const std::int64_t per_warp = (a.nope + 7) / 8, n0 = warp * per_warp, n1 = min(a.nope, n0 + per_warp);
 #pragma unroll 16
     for (std::int64_t n = n0; n < n1; ++n) {
-      const float w = w_k[n * a.kv_lora];
+      const float w = to_float(w_k[n * a.kv_lora]);
 #pragma unroll
       for (int r = 0; r < mla_rows_per_block; ++r)
         if (r < rows) acc[r] += q[r * q_stride + n] * w;
@@ -489,6 +490,7 @@ __global__ void mla_absorb_kernel(mla_args a, float* q_full) {
 //  3. expand: out[r, h] = out_lat . W_v[h]^T, a warp per output column.
 constexpr int mla_decode_threads = 512;
 
+template <typename KV>
 __global__ void __launch_bounds__(mla_decode_threads) mla_decode_kernel(mla_args a) {
   extern __shared__ float smem[];
   const std::int64_t r = blockIdx.x, h = blockIdx.y, width = a.kv_lora + a.rope, qk = a.nope + a.rope;
@@ -498,10 +500,12 @@ __global__ void __launch_bounds__(mla_decode_threads) mla_decode_kernel(mla_args
   float* part_m = q_in + qk;        // [warps]
   float* part_l = part_m + warps;   // [warps]
   float* part = part_l + warps;     // [warps, kv_lora]; then out_lat in its first kv_lora
-  const float* w_k = a.kv_b + h * (a.nope + a.v) * a.kv_lora;  // [nope, kv_lora]
-  const float* w_v = w_k + a.nope * a.kv_lora;                 // [v, kv_lora]
+  const KV* w_k = static_cast<const KV*>(a.kv_b) + h * (a.nope + a.v) * a.kv_lora;  // [nope, kv_lora]
+  const KV* w_v = w_k + a.nope * a.kv_lora;                                         // [v, kv_lora]
   // The head's weights are one block of kv_b: into L2 while the previous kernel finishes.
-  for (std::int64_t i = threadIdx.x * 32; i < (a.nope + a.v) * a.kv_lora; i += blockDim.x * 32) prefetch_l2(w_k + i);
+  constexpr std::int64_t per_line = 128 / sizeof(KV);
+  for (std::int64_t i = threadIdx.x * per_line; i < (a.nope + a.v) * a.kv_lora; i += blockDim.x * per_line)
+    prefetch_l2(w_k + i);
   follow_previous();
   const std::int64_t pos = a.cache.positions[r];
   for (std::int64_t i = threadIdx.x; i < qk; i += blockDim.x) q_in[i] = a.q[(r * a.heads + h) * qk + i];
@@ -509,7 +513,7 @@ __global__ void __launch_bounds__(mla_decode_threads) mla_decode_kernel(mla_args
   for (std::int64_t c = threadIdx.x; c < a.kv_lora; c += blockDim.x) {
     float sum = 0.0f;
 #pragma unroll 32
-    for (std::int64_t n = 0; n < a.nope; ++n) sum += q_in[n] * w_k[n * a.kv_lora + c];
+    for (std::int64_t n = 0; n < a.nope; ++n) sum += q_in[n] * to_float(w_k[n * a.kv_lora + c]);
     q[c] = sum;
   }
   for (std::int64_t j = threadIdx.x; j < a.rope; j += blockDim.x)
@@ -566,10 +570,10 @@ __global__ void __launch_bounds__(mla_decode_threads) mla_decode_kernel(mla_args
   __syncthreads();
 
   for (std::int64_t c = warp; c < a.v; c += warps) {
-    const float* row = w_v + c * a.kv_lora;
+    const KV* row = w_v + c * a.kv_lora;
     float sum = 0.0f;
 #pragma unroll 16
-    for (std::int64_t k = lane; k < a.kv_lora; k += 32) sum += out_lat[k] * row[k];
+    for (std::int64_t k = lane; k < a.kv_lora; k += 32) sum += out_lat[k] * to_float(row[k]);
     sum = warp_reduce<false>(sum);
     if (lane == 0) a.out[(r * a.heads + h) * a.v + c] = sum;
   }
@@ -664,6 +668,7 @@ __global__ void mla_prefill_kernel(mla_args a, const float* q_full, float* out_l
 
 // out[r, h*v + c] = out_lat[r, h] . W_v[h][c]: a warp per output column, lanes across kv_lora,
 // up to eight rows per block.
+template <typename KV>
 __global__ void mla_expand_kernel(mla_args a, const float* out_lat) {
   follow_previous();
   const int lane = threadIdx.x & 31;
@@ -672,12 +677,12 @@ __global__ void mla_expand_kernel(mla_args a, const float* out_lat) {
   const std::int64_t r0 = blockIdx.z * static_cast<std::int64_t>(mla_rows_per_block);
   const int rows = static_cast<int>(min(static_cast<std::int64_t>(mla_rows_per_block), a.rows - r0));
   if (c >= a.v) return;
-  const float* w_v = a.kv_b + (h * (a.nope + a.v) + a.nope + c) * a.kv_lora;  // row c of [v, kv_lora]
+  const KV* w_v = static_cast<const KV*>(a.kv_b) + (h * (a.nope + a.v) + a.nope + c) * a.kv_lora;  // row c of [v, kv_lora]
   const float* x = out_lat + (r0 * a.heads + h) * a.kv_lora;
   float acc[mla_rows_per_block] = {};
 #pragma unroll 16
   for (std::int64_t k = lane; k < a.kv_lora; k += 32) {
-    const float w = w_v[k];
+    const float w = to_float(w_v[k]);
 #pragma unroll
     for (int r = 0; r < mla_rows_per_block; ++r)
       if (r < rows) acc[r] += x[r * a.heads * a.kv_lora + k] * w;
@@ -936,13 +941,20 @@ void mla_attention(const mla_args& a, cudaStream_t s) {
     const std::size_t shared =
         static_cast<std::size_t>(width + a.nope + a.rope + 2 * warps + warps * a.kv_lora) * sizeof(float);
     if (shared > 48 * 1024) throw std::invalid_argument("mla_attention: kv_lora_rank " + std::to_string(a.kv_lora) + " too large");
-    launch(mla_decode_kernel, dim3(static_cast<unsigned>(a.rows), heads), mla_decode_threads, shared, s, a);
+    if (a.kv_b_type == dtype::bf16)
+      launch(mla_decode_kernel<__nv_bfloat16>, dim3(static_cast<unsigned>(a.rows), heads), mla_decode_threads, shared, s, a);
+    else
+      launch(mla_decode_kernel<float>, dim3(static_cast<unsigned>(a.rows), heads), mla_decode_threads, shared, s, a);
     return;
   }
   // Prefill: the absorbed queries, a tiled flash kernel per (16 rows, head), the expansion.
   const auto row_blocks = static_cast<unsigned>((a.rows + mla_rows_per_block - 1) / mla_rows_per_block);
   static_assert(threads == 256 && mla_rows_per_block == 8, "mla_absorb_kernel: eight warps, a row each at the end");
-  launch(mla_absorb_kernel, dim3(heads, static_cast<unsigned>((width + 31) / 32), row_blocks), threads, 0, s, a, a.q_full);
+  const dim3 absorb_grid(heads, static_cast<unsigned>((width + 31) / 32), row_blocks);
+  if (a.kv_b_type == dtype::bf16)
+    launch(mla_absorb_kernel<__nv_bfloat16>, absorb_grid, threads, 0, s, a, a.q_full);
+  else
+    launch(mla_absorb_kernel<float>, absorb_grid, threads, 0, s, a, a.q_full);
   static_assert(prefill_rows == prefill_rows_per_warp * threads / 32, "every row has a warp");
   const std::size_t shared = static_cast<std::size_t>(prefill_rows * width + prefill_keys * (width + 1)) * sizeof(float);
   cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
@@ -954,7 +966,10 @@ void mla_attention(const mla_args& a, cudaStream_t s) {
   launch(mla_prefill_kernel, dim3(tiles, heads), threads, shared, s, a, a.q_full, a.out_lat);
   const int warps = threads / 32;
   const auto col_blocks = static_cast<unsigned>((a.v + warps - 1) / warps);
-  launch(mla_expand_kernel, dim3(heads, col_blocks, row_blocks), threads, 0, s, a, a.out_lat);
+  if (a.kv_b_type == dtype::bf16)
+    launch(mla_expand_kernel<__nv_bfloat16>, dim3(heads, col_blocks, row_blocks), threads, 0, s, a, a.out_lat);
+  else
+    launch(mla_expand_kernel<float>, dim3(heads, col_blocks, row_blocks), threads, 0, s, a, a.out_lat);
 }
 
 void router_topk(const float* logits, const float* bias, std::int64_t rows, std::int64_t experts, int k, float scaling,

@@ -106,7 +106,8 @@ void write_latents(float* kv, std::int64_t rows, const latent_args& l, const pag
 /// [rows, heads, kv_lora] are scratch (prefill's; decode needs none). Latent rows of at most 576 values (kv_lora + rope).
 struct mla_args {
   const float* q;  // [rows, heads * (nope + rope)]
-  const float* kv_b;
+  const void* kv_b;
+  dtype kv_b_type;  // bf16 or f32
   const float* inv_freq;  // RoPE of q's rope columns
   float attention_factor;
   paged_args cache;

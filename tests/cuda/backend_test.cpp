@@ -238,6 +238,16 @@ TEST(cuda_backend, latents_attention_and_router) {
     decode.rows_per_sequence = 5;  // the same rows through the decode kernel
     b.gpu.mla_attention(b.gpu.upload(q, dtype::f32), b.gpu.upload(kv_b, dtype::f32), decode, d, rope_g, 0.11f, yd);
     EXPECT_LT(rel(b, yd, yc), 1e-5) << "mla_attention, " << row << " rows (the decode kernel)";
+    {  // kv_b in bf16, as the CUDA backend keeps it: against the CPU on the same rounded values
+      const tensor kv_b16 = b.cpu.upload(kv_b, dtype::bf16).to_f32(), kv_b16g = b.gpu.upload(kv_b, dtype::bf16);
+      tensor yc16 = tensor::empty({row, d.num_heads * d.v_dim}, dtype::f32);
+      b.cpu.mla_attention(q, kv_b16, pc, d, rope_c, 0.11f, yc16);
+      for (const auto& cache : {pg, decode}) {  // the prefill kernels, then the decode kernel
+        tensor yg16 = poisoned(b.gpu, {row, d.num_heads * d.v_dim});
+        b.gpu.mla_attention(b.gpu.upload(q, dtype::f32), kv_b16g, cache, d, rope_g, 0.11f, yg16);
+        EXPECT_LT(rel(b, yg16, yc16), 1e-5) << "mla_attention with bf16 kv_b, rows per sequence " << cache.rows_per_sequence;
+      }
+    }
     // The first six rows alone.
     const std::int64_t few = 6;
     const paged_latents pc6{table_c, seq_t.rows(0, few), pos_t.rows(0, few), block, max_keys, 2};
