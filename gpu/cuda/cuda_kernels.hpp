@@ -46,7 +46,7 @@ void moe_route(const float* logits, std::int64_t rows, const float* bias, std::i
                std::int32_t n_routed, std::int32_t* idx, float* gates, std::int32_t* offsets, std::int32_t* order,
                std::int32_t* active, cudaStream_t s);
 /// The expert GEMVs of routed_moe: y[s, :n] = W_e[n, k] . x[s / x_row_div, :k] for each slot s
-/// grouped under expert e (group_slots), or with `swiglu` SwiGLU of W_e's gate rows [0, n) and up
+/// grouped under expert e (moe_route), or with `swiglu` SwiGLU of W_e's gate rows [0, n) and up
 /// rows [n, 2n); each weight row is read from memory once per call. Blocks go to
 /// active[0 .. max_active) (max_active >= the experts with slots); no expert has more than
 /// max_group slots (<= 8 is fastest); `weights` holds n_routed device pointers to bf16 matrices.
