@@ -199,11 +199,16 @@ double cross_entropy(std::span<const T> logits, std::span<const std::int32_t> ta
     }
     const T mx = *std::max_element(l, l + vocab);
     T sum = 0;
-    for (std::int64_t v = 0; v < vocab; ++v) sum += std::exp(l[v] - mx);
+    if (d) {  // one exp per logit: kept in dlogits, then scaled into the softmax
+      for (std::int64_t v = 0; v < vocab; ++v) sum += (d[v] = std::exp(l[v] - mx));
+    } else {
+      for (std::int64_t v = 0; v < vocab; ++v) sum += std::exp(l[v] - mx);
+    }
     const T lse = mx + std::log(sum);
     total += static_cast<double>((lse - l[target]) * weight);
     if (d) {
-      for (std::int64_t v = 0; v < vocab; ++v) d[v] = std::exp(l[v] - lse) * weight;
+      const T scale = weight / sum;
+      for (std::int64_t v = 0; v < vocab; ++v) d[v] *= scale;
       d[target] -= weight;
     }
   }
