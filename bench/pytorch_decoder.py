@@ -86,9 +86,8 @@ class Decoder:
         a, b = x[..., 0::2], x[..., 1::2]
         return torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(-2)
 
-    def mla(self, p, x, pos, state, B):
+    def mla_inputs(self, p, x, pos, B, T):  # q_nope, roped q_rope [B, T, heads, .]; latent, roped k_rope [B, T, .]
         w, c = self.w, self.cfg
-        T = x.shape[0] // B
         if c.get("q_lora_rank"):
             q = self.rms(x @ w[p + "q_a_proj.weight"].T, w[p + "q_a_layernorm.weight"]) @ w[p + "q_b_proj.weight"].T
             if c.get("mla_scale_q_lora", True):
@@ -96,24 +95,29 @@ class Decoder:
         else:
             q = x @ w[p + "q_proj.weight"].T
         q = q.view(B, T, self.nh, self.nope + self.rope_dim)
-        q_nope, q_rope = q[..., : self.nope], self.apply_rope(q[..., self.nope :], pos)
         kv = (x @ w[p + "kv_a_proj_with_mqa.weight"].T).view(B, T, -1)
         lat = self.rms(kv[..., : self.lora], w[p + "kv_a_layernorm.weight"])
         if c.get("mla_scale_kv_lora", True):
             lat = lat * math.sqrt(c["hidden_size"] / self.lora)
-        k_rope = self.apply_rope(kv[..., self.lora :], pos)
+        return q[..., : self.nope], self.apply_rope(q[..., self.nope :], pos), lat, self.apply_rope(kv[..., self.lora :], pos)
+
+    def attend(self, p, q_nope, q_rope, lat, k_rope, pos):  # over the cached latents [B, S, .]: [B * T, H]
+        B, T = q_nope.shape[:2]
+        wk, wv = self.absorbed[p]
+        q_lat = torch.einsum("btkn,knl->bktl", q_nope, wk)
+        scores = (q_lat @ lat.unsqueeze(1).transpose(-1, -2) + torch.einsum("btkr,bsr->bkts", q_rope, k_rope)) * self.scale
+        mask = torch.arange(lat.shape[1], device=self.dev)[None, :] > pos[:, None]
+        probs = scores.masked_fill(mask, float("-inf")).softmax(-1)
+        out = probs @ lat.unsqueeze(1)  # [B, heads, T, lora]
+        out = torch.einsum("bktl,kvl->btkv", out, wv).reshape(B * T, self.nh * self.vd)
+        return out @ self.w[p + "o_proj.weight"].T
+
+    def mla(self, p, x, pos, state, B):
+        q_nope, q_rope, lat, k_rope = self.mla_inputs(p, x, pos, B, x.shape[0] // B)
         cache = state["cache"].setdefault(p, [None, None])
         cache[0] = lat if cache[0] is None else torch.cat([cache[0], lat], dim=1)
         cache[1] = k_rope if cache[1] is None else torch.cat([cache[1], k_rope], dim=1)
-        wk, wv = self.absorbed[p]
-        q_lat = torch.einsum("btkn,knl->bktl", q_nope, wk)
-        scores = (q_lat @ cache[0].unsqueeze(1).transpose(-1, -2) + torch.einsum("btkr,bsr->bkts", q_rope, cache[1])) * self.scale
-        S = cache[0].shape[1]
-        mask = torch.arange(S, device=self.dev)[None, :] > (pos[:, None])
-        probs = scores.masked_fill(mask, float("-inf")).softmax(-1)
-        out = probs @ cache[0].unsqueeze(1)  # [B, heads, T, lora]
-        out = torch.einsum("bktl,kvl->btkv", out, wv).reshape(B * T, self.nh * self.vd)
-        return out @ w[p + "o_proj.weight"].T
+        return self.attend(p, q_nope, q_rope, cache[0], cache[1], pos)
 
     def swiglu(self, p, x):
         w = self.w
@@ -174,31 +178,12 @@ class StaticDecoder(Decoder):
             p = f"model.layers.{l}.mlp.experts."
             self.experts.append(tuple(torch.stack([w[f"{p}{e}.{m}_proj.weight"] for e in range(n)]) for m in ("gate", "up", "down")))
 
-    def mla_static(self, p, name, x, pos):
-        w, c = self.w, self.cfg
-        if c.get("q_lora_rank"):
-            q = self.rms(x @ w[p + "q_a_proj.weight"].T, w[p + "q_a_layernorm.weight"]) @ w[p + "q_b_proj.weight"].T
-            if c.get("mla_scale_q_lora", True):
-                q = q * math.sqrt(c["hidden_size"] / c["q_lora_rank"])
-        else:
-            q = x @ w[p + "q_proj.weight"].T
-        q = q.view(1, 1, self.nh, self.nope + self.rope_dim)
-        q_nope, q_rope = q[..., : self.nope], self.apply_rope(q[..., self.nope :], pos)
-        kv = (x @ w[p + "kv_a_proj_with_mqa.weight"].T).view(1, 1, -1)
-        lat = self.rms(kv[..., : self.lora], w[p + "kv_a_layernorm.weight"])
-        if c.get("mla_scale_kv_lora", True):
-            lat = lat * math.sqrt(c["hidden_size"] / self.lora)
+    def mla_static(self, p, name, x, pos):  # the whole preallocated cache, masked past pos
+        q_nope, q_rope, lat, k_rope = self.mla_inputs(p, x, pos, 1, 1)
         cache_lat, cache_rope = getattr(self.caches, name + "_lat"), getattr(self.caches, name + "_rope")
         cache_lat.index_copy_(1, pos, lat)
-        cache_rope.index_copy_(1, pos, self.apply_rope(kv[..., self.lora :], pos))
-        wk, wv = self.absorbed[p]
-        q_lat = torch.einsum("btkn,knl->bktl", q_nope, wk)
-        scores = (q_lat @ cache_lat.unsqueeze(1).transpose(-1, -2) +
-                  torch.einsum("btkr,bsr->bkts", q_rope, cache_rope)) * self.scale
-        mask = torch.arange(self.max_len, device=self.dev)[None, :] > pos[:, None]
-        probs = scores.masked_fill(mask, float("-inf")).softmax(-1)
-        out = torch.einsum("bktl,kvl->btkv", probs @ cache_lat.unsqueeze(1), wv).reshape(1, self.nh * self.vd)
-        return out @ w[p + "o_proj.weight"].T
+        cache_rope.index_copy_(1, pos, k_rope)
+        return self.attend(p, q_nope, q_rope, cache_lat, cache_rope, pos)
 
     def moe_static(self, p, l, x):
         c, w = self.cfg, self.w
