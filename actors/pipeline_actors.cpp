@@ -284,8 +284,12 @@ stage_actor::behavior_type head_impl(stage_actor::stateful_pointer<head_state> s
           const auto& plan = batch.plan;
           const step_layout layout = layout_of(plan);
           model& net = *st.compute->net;
-          const tensor logits = st.compute->be->download(net.head(net.gather(batch.hidden, scored_rows(plan, layout))));
+          backend& be = *st.compute->be;
+          const tensor logits = net.head(net.gather(batch.hidden, scored_rows(plan, layout)));  // on the device
           const auto vocab = static_cast<std::size_t>(logits.dim(1));
+          tensor host_logits;  // downloaded only for verification (the rejection rule runs on the host)
+          std::vector<token_draw> draws;       // sequences without drafts: sampled where the logits are
+          std::vector<std::size_t> draw_slot;  // where each draw's token goes in out.tokens
           step_result out;
           out.step = plan.step;
           out.sequences = plan.sequences;
@@ -304,14 +308,20 @@ stage_actor::behavior_type head_impl(stage_actor::stateful_pointer<head_state> s
             // Rejected drafts of the last step leave the context; this step's own tokens join it.
             s.context.resize(static_cast<std::size_t>(plan.first_position[i]));
             s.context.insert(s.context.end(), t, t + layout.num_rows[i] - k);
-            const std::span<const float> scores(logits.data<float>() + row * vocab, static_cast<std::size_t>(k + 1) * vocab);
+            const std::size_t first_row = row;
             row += static_cast<std::size_t>(k + 1);
             if (k == 0) {
-              out.tokens.push_back(s.pick.sample(scores, s.context));
+              draws.push_back({.row = static_cast<std::int64_t>(first_row), .params = s.pick.params(),
+                               .u = s.pick.next_uniform(), .context = s.context});
+              draw_slot.push_back(out.tokens.size());
+              out.tokens.push_back(-1);
               out.drafted.push_back(0);
               out.accepted.push_back(0);
               continue;
             }
+            if (!host_logits.defined()) host_logits = be.download(logits);
+            const std::span<const float> scores(host_logits.data<float>() + first_row * vocab,
+                                                static_cast<std::size_t>(k + 1) * vocab);
             const std::span<const std::int32_t> drafts(t + layout.num_rows[i] - k, static_cast<std::size_t>(k));
             std::vector<std::vector<float>> q;
             if (!s.greedy && (!plan.draft_probs.defined() || plan.draft_probs.dim(1) != static_cast<std::int64_t>(vocab) ||
@@ -329,6 +339,12 @@ stage_actor::behavior_type head_impl(stage_actor::stateful_pointer<head_state> s
             out.tokens.push_back(v.next);
             out.drafted.push_back(k);
             out.accepted.push_back(v.accepted);
+          }
+          if (!draws.empty()) {  // only the tokens come back to the host
+            tensor picked = be.empty({static_cast<std::int64_t>(draws.size())}, dtype::i32);
+            be.sample(logits, draws, picked);
+            const tensor host = be.download(picked);
+            for (std::size_t d = 0; d < draws.size(); ++d) out.tokens[draw_slot[d]] = host.data<std::int32_t>()[d];
           }
           if (plan.want_hidden) settled_hidden(*st.compute, batch, layout, out);
           return out;

@@ -27,6 +27,24 @@ void backend::linear_swiglu(const tensor& x, const tensor& w, tensor& act) {
   swiglu(gate_up, act);
 }
 
+void backend::sample(const tensor& logits, std::span<const token_draw> draws, tensor& tokens) {
+  const auto d = static_cast<std::int64_t>(draws.size());
+  if (logits.type() != dtype::f32 || logits.rank() != 2 || tokens.type() != dtype::i32 || tokens.numel() != d)
+    throw std::invalid_argument("backend::sample: logits " + shape_to_string(logits.shape()) + " and tokens " +
+                                shape_to_string(tokens.shape()) + " for " + std::to_string(d) + " draws");
+  const tensor host = logits.where().kind == device_kind::cpu ? logits : download(logits);
+  const auto vocab = static_cast<std::size_t>(host.dim(1));
+  tensor picked = tensor::empty({d}, dtype::i32);
+  for (std::int64_t i = 0; i < d; ++i) {
+    const token_draw& draw = draws[static_cast<std::size_t>(i)];
+    if (draw.row < 0 || draw.row >= host.dim(0))
+      throw std::out_of_range("backend::sample: row " + std::to_string(draw.row) + " of " + std::to_string(host.dim(0)));
+    picked.data<std::int32_t>()[i] = sample_token({host.data<float>() + draw.row * vocab, vocab}, draw);
+  }
+  tensor column = tokens.reshape({d, 1});  // copy_rows takes rows
+  copy_rows(upload(picked, dtype::i32).reshape({d, 1}), column, 0);
+}
+
 backend::recording backend::record(const std::function<tensor()>&) {
   throw std::logic_error("backend " + name() + " cannot record ops (records() is false)");
 }

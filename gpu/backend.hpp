@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "gpu/sampling.hpp"
 #include "gpu/tensor.hpp"
 
 namespace troupe {
@@ -174,6 +175,12 @@ class backend {
   /// out[t] (=|+=) sum_j gates[t,j] * (idx[t,j] < n_routed ? SwiGLU_idx(u[t]) : u[t]), j in order,
   /// with n_routed = gate_up.size(); expert e's gate_up [2F,H] and down [H,F] in weight_type().
   virtual void routed_moe(const tensor& u, const moe_layer& moe, tensor& out, write_mode mode) = 0;
+
+  /// tokens[d] (i32 [D] on this device) = the token draws[d] picks from row draws[d].row of
+  /// logits[R, V]: sample_token()'s rule (penalty, top-k, temperature, top-p, then the draw's
+  /// uniform; argmax when greedy). The default downloads the logits and picks on the host
+  /// (gpu/backend.cpp); a GPU picks where the logits are, so only the tokens cross the bus.
+  virtual void sample(const tensor& logits, std::span<const token_draw> draws, tensor& tokens);
 
   /// An N-gram cache of `slots` slots on this device for `config`'s tables; nullptr where the
   /// backend has none (the CPU hashes on the host).

@@ -7,15 +7,9 @@
 #include <span>
 #include <vector>
 
-namespace troupe {
+#include "gpu/sampling.hpp"
 
-struct sampling_params {
-  float temperature = 1.0f;        // 0: greedy
-  std::int32_t top_k = 0;          // 0: no limit
-  float top_p = 1.0f;              // 1: no nucleus cut
-  float repetition_penalty = 1.0f; // > 1 discourages tokens already in the context (CTRL rule)
-  std::uint64_t seed = 0;
-};
+namespace troupe {
 
 /// Validates the parameters; throws input_error naming the bad one.
 void validate(const sampling_params& params);
@@ -45,17 +39,14 @@ class sampler {
   std::vector<float> distribution(std::span<const float> logits, std::span<const std::int32_t> context) const;
   /// The greedy choice: argmax after the repetition penalty (what sample() returns at temperature 0).
   std::int32_t greedy(std::span<const float> logits, std::span<const std::int32_t> context) const;
+  /// The uniform the next sampled token is drawn with, consumed as sample() would (0 for
+  /// greedy, which draws nothing): for a backend's sample(), so device and host draws agree.
+  double next_uniform() { return params_.temperature == 0.0f ? 0.0 : rng_.uniform(); }
+  const sampling_params& params() const { return params_; }
 
  private:
   sampling_params params_;
   rng rng_;
 };
-
-/// The token whose cumulative weight first exceeds u (0 <= u < total weight); weights need not
-/// sum to 1. Rounding that leaves u past the total gives the last token with weight.
-std::int32_t draw(std::span<const float> weights, double u);
-
-/// Index of the largest value (lowest index on ties).
-std::int32_t argmax(std::span<const float> values);
 
 }  // namespace troupe

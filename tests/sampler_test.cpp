@@ -2,6 +2,7 @@
 
 #include <cmath>
 
+#include "gpu/cpu/cpu_backend.hpp"
 #include "model/sampler.hpp"
 #include "protocol/errors.hpp"
 
@@ -70,6 +71,38 @@ TEST(sampler, invalid_parameters_are_named) {
   EXPECT_THROW(sampler({.top_k = -2}), input_error);
   EXPECT_THROW(sampler({.top_p = 0.0f}), input_error);
   EXPECT_THROW(sampler({.repetition_penalty = 0.0f}), input_error);
+}
+
+// backend::sample (what the serving head calls) picks what a sampler does with the same seed,
+// row by row, with the draws' rows in any order.
+TEST(sampler, backend_sample_follows_the_sequences_samplers) {
+  cpu_backend be(1);
+  const std::int64_t vocab = 50;
+  tensor logits = tensor::empty({3, vocab}, dtype::f32);
+  rng g(5);
+  for (std::int64_t i = 0; i < logits.numel(); ++i) logits.data<float>()[i] = static_cast<float>(g.normal());
+  const std::vector<sampling_params> rules = {{.temperature = 0.9f, .top_k = 10, .seed = 1},
+                                              {.temperature = 0.0f, .repetition_penalty = 2.0f},
+                                              {.temperature = 1.1f, .top_p = 0.8f, .repetition_penalty = 1.4f, .seed = 3}};
+  const std::vector<std::int32_t> context = {4, 9, 4, 17};
+  std::vector<sampler> by_backend, by_host;
+  for (const auto& r : rules) {
+    by_backend.emplace_back(r);
+    by_host.emplace_back(r);
+  }
+  for (int step = 0; step < 20; ++step) {
+    std::vector<token_draw> draws;
+    for (std::size_t i = 0; i < rules.size(); ++i)
+      draws.push_back({.row = static_cast<std::int64_t>(2 - i), .params = rules[i], .u = by_backend[i].next_uniform(),
+                       .context = context});
+    tensor picked = be.empty({3}, dtype::i32);
+    be.sample(logits, draws, picked);
+    for (std::size_t i = 0; i < rules.size(); ++i) {
+      const float* row = logits.data<float>() + (2 - i) * vocab;
+      EXPECT_EQ(picked.data<std::int32_t>()[i], by_host[i].sample({row, static_cast<std::size_t>(vocab)}, context))
+          << "step " << step << " rule " << i;
+    }
+  }
 }
 
 }  // namespace troupe

@@ -469,6 +469,40 @@ void cuda_backend::router_topk(const tensor& logits, const tensor& bias, int k, 
                     weights.data<float>(), as_stream(stream_));
 }
 
+void cuda_backend::sample(const tensor& logits, std::span<const token_draw> draws, tensor& tokens) {
+  const auto n = static_cast<std::int64_t>(draws.size());
+  TROUPE_EXPECT(logits.type() == dtype::f32 && logits.rank() == 2 && tokens.type() == dtype::i32 && tokens.numel() == n,
+                "sample", "logits " + shape_to_string(logits.shape()) + ", tokens " + shape_to_string(tokens.shape()) + " for " +
+                              std::to_string(n) + " draws");
+  if (n == 0) return;
+  // The draws and their contexts go up in one copy: [sample_draw x n][context ids].
+  std::vector<cuda::sample_draw> packed(static_cast<std::size_t>(n));
+  std::vector<std::int32_t> context;
+  bool penalised = false;
+  for (std::size_t i = 0; i < packed.size(); ++i) {
+    const token_draw& d = draws[i];
+    TROUPE_EXPECT(d.row >= 0 && d.row < logits.dim(0), "sample", "row " + std::to_string(d.row) + " of " + shape_to_string(logits.shape()));
+    auto& p = packed[i];
+    p = {d.row, d.u, d.params.temperature, d.params.top_p, d.params.repetition_penalty, d.params.top_k, 0, 0};
+    if (d.params.repetition_penalty != 1.0f) {
+      penalised = true;
+      p.context_begin = static_cast<std::int32_t>(context.size());
+      context.insert(context.end(), d.context.begin(), d.context.end());
+      p.context_end = static_cast<std::int32_t>(context.size());
+    }
+  }
+  const std::size_t draw_bytes = packed.size() * sizeof(cuda::sample_draw);
+  std::vector<std::byte> bytes(draw_bytes + context.size() * sizeof(std::int32_t));
+  std::memcpy(bytes.data(), packed.data(), draw_bytes);
+  std::memcpy(bytes.data() + draw_bytes, context.data(), context.size() * sizeof(std::int32_t));
+  tensor args = empty({static_cast<std::int64_t>((bytes.size() + 7) / 8)}, dtype::i64);
+  upload_async(args.raw(), bytes.data(), bytes.size());
+  const auto* base = static_cast<const std::byte*>(args.raw());
+  cuda::sample(logits.data<float>(), logits.dim(1), reinterpret_cast<const cuda::sample_draw*>(base), n,
+               reinterpret_cast<const std::int32_t*>(base + draw_bytes), penalised, tokens.data<std::int32_t>(),
+               as_stream(stream_));
+}
+
 std::int64_t cuda_backend::routed_moe_rows() const { return cuda::routed_moe_max_rows; }
 
 void cuda_backend::routed_moe(const tensor& u, const moe_layer& moe, tensor& out, write_mode mode) {

@@ -62,6 +62,8 @@ class cuda_backend final : public backend {
                      const rope_table& rope, float softmax_scale, tensor& out) override;
   void router_topk(const tensor& logits, const tensor& bias, int k, float scaling, tensor& idx,
                    tensor& weights) override;
+  /// One block per draw: radix selection for top-k and top-p, no sort (sample_kernel.cu).
+  void sample(const tensor& logits, std::span<const token_draw> draws, tensor& tokens) override;
   std::int64_t routed_moe_rows() const override;
   void routed_moe(const tensor& u, const moe_layer& moe, tensor& out, write_mode mode) override;
 

@@ -125,4 +125,17 @@ void mla_attention(const mla_args& a, cudaStream_t s);
 void router_topk(const float* logits, const float* bias, std::int64_t rows, std::int64_t experts, int k, float scaling,
                  std::int32_t* idx, float* weights, cudaStream_t s);
 
+/// One draw of backend::sample, as the kernel reads it: row `row` of the logits, the rule, the
+/// uniform, and its context ids [context_begin, context_end) for the penalty.
+struct sample_draw {
+  std::int64_t row;
+  double u;
+  float temperature, top_p, penalty;
+  std::int32_t top_k, context_begin, context_end;
+};
+/// tokens[d] = the token draws[d] picks from its row of logits[*, vocab] (sample_token's rule;
+/// sample_kernel.cu says how); `penalised`: some draw has a repetition penalty other than 1.
+void sample(const float* logits, std::int64_t vocab, const sample_draw* draws, std::int64_t n, const std::int32_t* context,
+            bool penalised, std::int32_t* tokens, cudaStream_t s);
+
 }  // namespace troupe::cuda

@@ -303,6 +303,52 @@ TEST(cuda_backend, routed_moe_on_the_device) {
     }
 }
 
+// Device sampling against the host rule (sample_token) on the same logits and uniforms: ids
+// exactly. Rows of random logits and rows with few distinct values (ties at every cut), odd and
+// real-sized vocabularies, every rule alone and combined, contexts for the penalty.
+TEST(cuda_backend, sampling_on_the_device_picks_the_host_rules_token) {
+  SKIP_WITHOUT_GPU();
+  backends b;
+  const std::vector<sampling_params> rules = {
+      {.temperature = 0.0f},
+      {.temperature = 0.0f, .repetition_penalty = 1.3f},
+      {.temperature = 1.0f},
+      {.temperature = 0.7f, .top_k = 1},
+      {.temperature = 0.7f, .top_k = 5},
+      {.temperature = 1.2f, .top_k = 50},
+      {.temperature = 1.0f, .top_p = 0.5f},
+      {.temperature = 0.8f, .top_p = 0.9f},
+      {.temperature = 0.8f, .top_k = 40, .top_p = 0.7f},
+      {.temperature = 1.0f, .top_k = 20, .top_p = 0.95f, .repetition_penalty = 1.5f},
+      {.temperature = 0.6f, .repetition_penalty = 0.8f},
+  };
+  for (const std::int64_t vocab : {1000, 32768})
+    for (const bool ties : {false, true}) {
+      const std::int64_t rows = 16;
+      tensor logits = random({rows, vocab}, 7 + vocab + ties, 3.0f);
+      if (ties)  // eight levels: every top-k and top-p cut falls inside a run of equal logits
+        for (std::int64_t i = 0; i < logits.numel(); ++i)
+          logits.data<float>()[i] = std::round(std::clamp(logits.data<float>()[i], -4.0f, 4.0f));
+      rng g(11 + vocab);
+      std::vector<std::vector<std::int32_t>> contexts(rules.size() * rows);
+      std::vector<token_draw> draws;
+      for (std::size_t r = 0; r < rules.size(); ++r)
+        for (std::int64_t row = 0; row < rows; ++row) {
+          auto& context = contexts[r * rows + static_cast<std::size_t>(row)];
+          for (int c = 0; c < 40; ++c) context.push_back(static_cast<std::int32_t>(g.next() % vocab));
+          draws.push_back({.row = row, .params = rules[r], .u = g.uniform(), .context = context});
+        }
+      tensor picked = b.gpu.empty({static_cast<std::int64_t>(draws.size())}, dtype::i32);
+      b.gpu.sample(b.gpu.upload(logits, dtype::f32), draws, picked);
+      const tensor got = b.gpu.download(picked);
+      for (std::size_t d = 0; d < draws.size(); ++d) {
+        const float* row = logits.data<float>() + draws[d].row * vocab;
+        EXPECT_EQ(got.data<std::int32_t>()[d], sample_token({row, static_cast<std::size_t>(vocab)}, draws[d]))
+            << "vocab " << vocab << (ties ? " tied" : "") << " rule " << d / rows << " row " << draws[d].row;
+      }
+    }
+}
+
 TEST(cuda_backend, the_whole_model_matches_the_cpu) {
   SKIP_WITHOUT_GPU();
   backends b;
