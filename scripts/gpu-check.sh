@@ -8,14 +8,15 @@
 #   gpu-bundle/check.sh          the CUDA tests, the transformers comparisons (CPU and GPU) and
 #                                serving through the actor graph on the GPU
 #   gpu-bundle/bench.sh          batch-1 decode against the bandwidth roofline (demo, lite-1b)
+#   gpu-bundle/profile.sh        where lite-1b's graph decode step spends its time (ncu, per kernel)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DTROUPE_NATIVE=OFF >/dev/null
-ninja -C build-gpu troupe troupe_cuda_tests troupe_bench_cuda_decode
+ninja -C build-gpu troupe troupe_cuda_tests troupe_bench_cuda_decode troupe_bench_cuda_sampling
 rm -rf gpu-bundle
 ../shared/scripts/gpu-bundle.sh gpu-bundle build-gpu/gpu/cuda/troupe_cuda_tests build-gpu/troupe \
-  build-gpu/bench/troupe_bench_cuda_decode
+  build-gpu/bench/troupe_bench_cuda_decode build-gpu/bench/troupe_bench_cuda_sampling
 # OpenBLAS alone is 36 MB; with the tracked tree the carry would pass 64 MiB. It travels
 # compressed and check.sh / bench.sh unpack it on the GPU machine.
 python3 -c "import lzma, shutil, sys; shutil.copyfileobj(open(sys.argv[1], 'rb'), lzma.open(sys.argv[1] + '.xz', 'wb', preset=6))" \
@@ -27,7 +28,8 @@ cat > gpu-bundle/unpack.sh <<'UNPACK'
 UNPACK
 chmod +x gpu-bundle/unpack.sh
 mkdir -p gpu-bundle/cases
-cp tests/reference/check_transformers.py tests/reference/longcat_reference.py scripts/gpu_serve_check.py gpu-bundle/
+cp tests/reference/check_transformers.py tests/reference/longcat_reference.py scripts/gpu_serve_check.py \
+  scripts/gpu_profile_summary.py gpu-bundle/
 /usr/bin/python3 - <<'PY'
 import json, random
 base = json.load(open("tests/reference/configs/plain.json"))
@@ -87,6 +89,8 @@ for b in 1 16 64; do
   timeout 240 python3 bench/pytorch_decoder.py /tmp/lite-1b 16 64 16 --device cuda --batch $b 2>&1 | tail -1 | cut -c1-80 || true
 done
 timeout 300 python3 bench/pytorch_decoder.py /tmp/lite-1b 16 64 16 --device cuda --static --compile 2>&1 | tail -1 | cut -c1-80 || true
+echo "== sampling on the device against downloading the logits and sampling on the host"
+gpu-bundle/run troupe_bench_cuda_sampling 30
 echo "== speculative decoding on the GPU (models/demo with models/demo-draft, greedy, 200 tokens, batch 1)"
 for k in 0 1 3; do
   args=(generate --device cuda --model models/demo --prompt "And the LORD said unto Moses" --max-tokens 200 --temperature 0)
@@ -95,4 +99,17 @@ for k in 0 1 3; do
 done
 BENCH
 chmod +x gpu-bundle/bench.sh
+cat > gpu-bundle/profile.sh <<'PROFILE'
+#!/usr/bin/env bash
+# ncu over replayed batch-1 decode steps of lite-1b (graph nodes profiled one by one, clocks and
+# caches as in a real run), summed per kernel.
+set -euo pipefail
+gpu-bundle/unpack.sh
+[ -d /tmp/lite-1b ] || gpu-bundle/run troupe init-model --config gpu-bundle/lite-1b.json --out /tmp/lite-1b --seed 1 --tokenizer "" >/dev/null
+ncu --graph-profiling node --clock-control none --cache-control none --metrics gpu__time_duration.sum,launch__grid_size \
+  --csv --launch-skip 3000 --launch-count 1000 gpu-bundle/run troupe_bench_cuda_decode /tmp/lite-1b 24 16 --profile \
+  > /tmp/profile.csv 2>/tmp/profile.err
+python3 gpu-bundle/gpu_profile_summary.py /tmp/profile.csv | head -45
+PROFILE
+chmod +x gpu-bundle/profile.sh
 du -sh gpu-bundle
