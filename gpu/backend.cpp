@@ -21,6 +21,11 @@ void backend::ngram_embed(const tensor& base, const tensor& tokens, const tensor
   if (num_tables) scale(out, 1.0f / static_cast<float>(1 + num_tables));
 }
 
+void backend::linear_pair(const tensor& x, const tensor& w1, tensor& y1, const tensor& w2, tensor& y2) {
+  linear(x, w1, y1, write_mode::overwrite);
+  linear(x, w2, y2, write_mode::overwrite);
+}
+
 void backend::linear_swiglu(const tensor& x, const tensor& w, tensor& act) {
   tensor gate_up = empty({x.dim(0), w.dim(0)}, dtype::f32);
   linear(x, w, gate_up, write_mode::overwrite);

@@ -121,6 +121,10 @@ class backend {
 
   /// y[M,N] (=|+=) x[M,K] . w[N,K]^T; w in weight_type(), accumulation in float32.
   virtual void linear(const tensor& x, const tensor& w, tensor& y, write_mode mode) = 0;
+  /// y1 = x . w1^T and y2 = x . w2^T (overwrite): two projections of one input (MLA's q_a and
+  /// kv_a). The default is two linear() calls (gpu/backend.cpp); a GPU reads both matrices in
+  /// one launch where decode's few rows make each launch's fixed latency count.
+  virtual void linear_pair(const tensor& x, const tensor& w1, tensor& y1, const tensor& w2, tensor& y2);
   /// y[M,C] = x / rms(x) * w, row-wise, computed in float32.
   virtual void rms_norm(const tensor& x, const tensor& w, float eps, tensor& y) = 0;
   /// y += x; normed = rms_norm(y) * w: the residual add and the next sublayer's norm in one pass.

@@ -185,20 +185,18 @@ tensor model::attention(const mla_weights& w, const tensor& x, const paged_laten
   // costing a pass over q.
   float q_scale = 1.0f;
   tensor q = be_.empty({t, heads * c.qk_head_dim()}, dtype::f32);  // [T, heads * (nope + rope)], rope not yet applied
+  tensor kv = be_.empty({t, latent_width}, dtype::f32);             // [T, kv_lora | rope]: the cache row layout
   if (c.q_lora_rank) {
     tensor q_lat = be_.empty({t, c.q_lora_rank}, dtype::f32);
-    be_.linear(x, w.q_a, q_lat, write_mode::overwrite);
+    be_.linear_pair(x, w.q_a, q_lat, w.kv_a, kv);
     be_.rms_norm(q_lat, w.q_a_norm, eps, q_lat);
     be_.linear(q_lat, w.q_b, q, write_mode::overwrite);
     if (c.mla_scale_q_lora)
       q_scale = static_cast<float>(std::sqrt(static_cast<double>(c.hidden_size) / static_cast<double>(c.q_lora_rank)));
   } else {
-    be_.linear(x, w.q_b, q, write_mode::overwrite);
+    be_.linear_pair(x, w.q_b, q, w.kv_a, kv);
   }
   const rope_table rope{inv_freq_, rope_.attention_factor};
-
-  tensor kv = be_.empty({t, latent_width}, dtype::f32);  // [T, kv_lora | rope]: the cache row layout
-  be_.linear(x, w.kv_a, kv, write_mode::overwrite);
   const float kv_scale =
       c.mla_scale_kv_lora ? static_cast<float>(std::sqrt(static_cast<double>(c.hidden_size) / static_cast<double>(c.kv_lora_rank))) : 1.0f;
   be_.write_latents(kv, {w.kv_a_norm, eps, kv_scale}, rope, cache);

@@ -109,7 +109,7 @@ gpu-bundle/unpack.sh
 ncu --graph-profiling node --clock-control none --cache-control none --metrics gpu__time_duration.sum,launch__grid_size \
   --csv --launch-skip 3000 --launch-count 1000 gpu-bundle/run troupe_bench_cuda_decode /tmp/lite-1b 24 16 --profile \
   > /tmp/profile.csv 2>/tmp/profile.err
-python3 gpu-bundle/gpu_profile_summary.py /tmp/profile.csv | head -45
+python3 gpu-bundle/gpu_profile_summary.py /tmp/profile.csv mla_decode=12 | head -45  # lite-1b: 12 attention layers
 PROFILE
 chmod +x gpu-bundle/profile.sh
 du -sh gpu-bundle

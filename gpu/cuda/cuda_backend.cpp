@@ -366,6 +366,19 @@ void cuda_backend::swiglu(const tensor& gate_up, tensor& out) {
   cuda::swiglu(gate_up.data<float>(), out.data<float>(), rows, f, as_stream(stream_));
 }
 
+void cuda_backend::linear_pair(const tensor& x, const tensor& w1, tensor& y1, const tensor& w2, tensor& y2) {
+  const auto m = x.dim(0);
+  TROUPE_EXPECT(x.rank() == 2 && w1.rank() == 2 && w2.rank() == 2 && w1.dim(1) == x.dim(1) && w2.dim(1) == x.dim(1) &&
+                    y1.dim(0) == m && y1.dim(1) == w1.dim(0) && y2.dim(0) == m && y2.dim(1) == w2.dim(0),
+                "linear_pair", "x " + shape_to_string(x.shape()) + ", w1 " + shape_to_string(w1.shape()) + ", w2 " +
+                                   shape_to_string(w2.shape()));
+  if (m > cuda::gemv_max_rows || w1.type() != dtype::bf16 || w2.type() != dtype::bf16)
+    return backend::linear_pair(x, w1, y1, w2, y2);
+  TROUPE_EXPECT(on_gpu(x) && on_gpu(w1) && on_gpu(w2) && on_gpu(y1) && on_gpu(y2), "linear_pair", "operands must be on the GPU");
+  cuda::gemv_pair_bf16(x.data<float>(), m, x.dim(1), static_cast<const std::uint16_t*>(w1.raw()), w1.dim(0), y1.data<float>(),
+                       static_cast<const std::uint16_t*>(w2.raw()), w2.dim(0), y2.data<float>(), as_stream(stream_));
+}
+
 void cuda_backend::linear_swiglu(const tensor& x, const tensor& w, tensor& act) {
   const auto m = x.dim(0), f = act.dim(1);
   TROUPE_EXPECT(x.rank() == 2 && w.rank() == 2 && w.dim(0) == 2 * f && w.dim(1) == x.dim(1) && act.dim(0) == m,

@@ -54,6 +54,7 @@ class cuda_backend final : public backend {
   void scale(tensor& y, float s) override;
   void add(tensor& y, const tensor& x) override;
   void swiglu(const tensor& gate_up, tensor& out) override;
+  void linear_pair(const tensor& x, const tensor& w1, tensor& y1, const tensor& w2, tensor& y2) override;
   void linear_swiglu(const tensor& x, const tensor& w, tensor& act) override;
   void gather_rows(const tensor& table, const tensor& ids, tensor& out) override;
   void scatter_add_rows(const tensor& x, const tensor& rows, const tensor& weights, tensor& out) override;

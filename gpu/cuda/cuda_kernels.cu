@@ -278,11 +278,15 @@ __device__ void prefetch_row(const W* row, std::int64_t k, uint4 (&packed)[dot_u
 // One warp per output column, for every row of x at once; its weights' first round goes out
 // before the wait for the previous kernel. With Glu the warp reads two rows, gate (col) and up
 // (n + col), and writes SwiGLU(gate, up): the MLP's first half without its [M, 2n] intermediate.
+// A second matrix (w2 [n2, k] -> y2) may follow the first in the same launch: two projections
+// of one input cost one launch's fixed latency.
 // (Cutting narrow matrices' rows into slices over more warps measured slower: at these sizes a
 // launch costs its fixed latency whatever its width.)
 template <int M, typename W, bool Glu>
-__global__ void gemv_kernel(const float* x, std::int64_t k, const W* w, std::int64_t n, float* y, bool accumulate) {
-  const std::int64_t col = blockIdx.x * static_cast<std::int64_t>(blockDim.x / 32) + (threadIdx.x >> 5);
+__global__ void gemv_kernel(const float* x, std::int64_t k, const W* w, std::int64_t n, float* y, bool accumulate,
+                            const W* w2, std::int64_t n2, float* y2) {
+  std::int64_t col = blockIdx.x * static_cast<std::int64_t>(blockDim.x / 32) + (threadIdx.x >> 5);
+  if (col >= n) col -= n, w = w2, n = n2, y = y2;  // a column of the second matrix
   uint4 packed[dot_unroll], packed_up[Glu ? dot_unroll : 1];
   if (col < n) {
     prefetch_row(w + col * k, k, packed);
@@ -796,12 +800,12 @@ void to_f32(dtype from, const void* src, float* dst, std::int64_t n, cudaStream_
 namespace {
 template <typename W, bool Glu>
 void launch_gemv(const float* x, std::int64_t m, std::int64_t k, const W* w, std::int64_t n, float* y, bool accumulate,
-                 cudaStream_t s) {
+                 const W* w2, std::int64_t n2, float* y2, cudaStream_t s) {
   static_assert(gemv_max_rows == 8, "one instantiation per row count below");
-  const unsigned warps = threads / 32, grid = static_cast<unsigned>((n + warps - 1) / warps);
+  const unsigned warps = threads / 32, grid = static_cast<unsigned>((n + n2 + warps - 1) / warps);
   switch (m) {
 #define TROUPE_GEMV_CASE(M) \
-  case M: launch(gemv_kernel<M, W, Glu>, grid, threads, 0, s, x, k, w, n, y, accumulate); break;
+  case M: launch(gemv_kernel<M, W, Glu>, grid, threads, 0, s, x, k, w, n, y, accumulate, w2, n2, y2); break;
     TROUPE_GEMV_CASE(1) TROUPE_GEMV_CASE(2) TROUPE_GEMV_CASE(3) TROUPE_GEMV_CASE(4)
     TROUPE_GEMV_CASE(5) TROUPE_GEMV_CASE(6) TROUPE_GEMV_CASE(7) TROUPE_GEMV_CASE(8)
 #undef TROUPE_GEMV_CASE
@@ -814,18 +818,26 @@ void gemv(const float* x, std::int64_t m, std::int64_t k, dtype wt, const void* 
   if (m == 0 || n == 0) return;
   if (m > gemv_max_rows) throw std::logic_error("gemv: more rows than gemv_max_rows");
   if (wt == dtype::bf16)
-    launch_gemv<__nv_bfloat16, false>(x, m, k, static_cast<const __nv_bfloat16*>(w), n, y, accumulate, s);
+    launch_gemv<__nv_bfloat16, false>(x, m, k, static_cast<const __nv_bfloat16*>(w), n, y, accumulate, nullptr, 0, nullptr, s);
   else if (wt == dtype::f32)
-    launch_gemv<float, false>(x, m, k, static_cast<const float*>(w), n, y, accumulate, s);
+    launch_gemv<float, false>(x, m, k, static_cast<const float*>(w), n, y, accumulate, nullptr, 0, nullptr, s);
   else
     throw std::invalid_argument("gemv: weights must be bf16 or f32");
+}
+
+void gemv_pair_bf16(const float* x, std::int64_t m, std::int64_t k, const std::uint16_t* w1, std::int64_t n1, float* y1,
+                    const std::uint16_t* w2, std::int64_t n2, float* y2, cudaStream_t s) {
+  if (m == 0) return;
+  if (m > gemv_max_rows) throw std::logic_error("gemv_pair_bf16: more rows than gemv_max_rows");
+  launch_gemv<__nv_bfloat16, false>(x, m, k, reinterpret_cast<const __nv_bfloat16*>(w1), n1, y1, false,
+                                    reinterpret_cast<const __nv_bfloat16*>(w2), n2, y2, s);
 }
 
 void gemv_swiglu_bf16(const float* x, std::int64_t m, std::int64_t k, const std::uint16_t* w, std::int64_t f, float* act,
                       cudaStream_t s) {
   if (m == 0 || f == 0) return;
   if (m > gemv_max_rows) throw std::logic_error("gemv_swiglu_bf16: more rows than gemv_max_rows");
-  launch_gemv<__nv_bfloat16, true>(x, m, k, reinterpret_cast<const __nv_bfloat16*>(w), f, act, false, s);
+  launch_gemv<__nv_bfloat16, true>(x, m, k, reinterpret_cast<const __nv_bfloat16*>(w), f, act, false, nullptr, 0, nullptr, s);
 }
 
 void moe_route(const float* logits, std::int64_t rows, const float* bias, std::int64_t experts, int k, float scaling,

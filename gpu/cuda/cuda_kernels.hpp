@@ -27,6 +27,11 @@ constexpr std::int64_t gemv_max_rows = 8;
 void gemv(const float* x, std::int64_t m, std::int64_t k, dtype wt, const void* w, std::int64_t n, float* y, bool accumulate,
           cudaStream_t s);
 
+/// y1[M,N1] = x . w1^T and y2[M,N2] = x . w2^T for bf16 w1, w2 [*, K], M <= gemv_max_rows, in one
+/// launch (gemv's rules on the weights hold).
+void gemv_pair_bf16(const float* x, std::int64_t m, std::int64_t k, const std::uint16_t* w1, std::int64_t n1, float* y1,
+                    const std::uint16_t* w2, std::int64_t n2, float* y2, cudaStream_t s);
+
 /// act[M,F] = SwiGLU(x . w[0:F]^T, x . w[F:2F]^T) for bf16 w [2F, K], M <= gemv_max_rows: the
 /// SwiGLU MLP's gate/up projection and activation in one pass (gemv's rules on w hold).
 void gemv_swiglu_bf16(const float* x, std::int64_t m, std::int64_t k, const std::uint16_t* w, std::int64_t f, float* act,

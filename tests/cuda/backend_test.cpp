@@ -75,6 +75,24 @@ TEST(cuda_backend, linear_with_bf16_and_f32_weights) {
     }
 }
 
+// Two projections of one input in one launch (MLA's q_a and kv_a): each output as linear() gives
+// it, both poisoned first; beyond 8 rows the default's two cuBLAS GEMMs.
+TEST(cuda_backend, linear_pair_projects_one_input_twice) {
+  SKIP_WITHOUT_GPU();
+  backends b;
+  for (std::int64_t m : {1, 3, 8, 12})
+    for (std::int64_t k : {200, 203}) {
+      const tensor x = random({m, k}, 40 + m), w1 = random({72, k}, 41, 0.1f), w2 = random({37, k}, 42, 0.1f);
+      tensor y1c = b.cpu.empty({m, 72}, dtype::f32), y2c = b.cpu.empty({m, 37}, dtype::f32);
+      b.cpu.linear_pair(x, b.cpu.upload(w1, dtype::bf16), y1c, b.cpu.upload(w2, dtype::bf16), y2c);
+      tensor y1g = poisoned(b.gpu, {m, 72}), y2g = poisoned(b.gpu, {m, 37});
+      b.gpu.linear_pair(b.gpu.upload(x, dtype::f32), b.gpu.upload(w1, dtype::bf16), y1g, b.gpu.upload(w2, dtype::bf16), y2g);
+      const double tol = m > 8 ? 1e-2 : 1e-5;
+      EXPECT_LT(rel(b, y1g, y1c), tol) << "m " << m << " k " << k;
+      EXPECT_LT(rel(b, y2g, y2c), tol) << "m " << m << " k " << k;
+    }
+}
+
 TEST(cuda_backend, linear_swiglu_fuses_the_mlp_first_half) {
   SKIP_WITHOUT_GPU();
   backends b;
