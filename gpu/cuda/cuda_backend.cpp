@@ -463,14 +463,76 @@ void cuda_backend::mla_attention(const tensor& q, const tensor& kv_b, const page
   TROUPE_EXPECT(cache.max_keys > 0 && cache.max_keys <= cache.block_table.dim(1) * cache.block_tokens, "mla_attention",
                 std::to_string(cache.max_keys) + " keys in " + std::to_string(cache.block_table.dim(1)) + " blocks");
   if (rows == 0) return;
-  tensor q_full = empty({rows, d.num_heads, d.kv_lora_rank + d.rope_dim}, dtype::f32);
-  tensor out_lat = empty({rows, d.num_heads, d.kv_lora_rank}, dtype::f32);
   TROUPE_EXPECT(2 * rope.inv_freq.numel() == d.rope_dim, "mla_attention", "RoPE for " + std::to_string(d.rope_dim) + " columns");
-  cuda::mla_args a{q.data<float>(), kv_b.raw(), kv_b.type(), rope_freqs(rope), rope.attention_factor, paged(cache, rows, d.kv_lora_rank + d.rope_dim), rows,
-                   d.num_heads, d.nope_dim, d.rope_dim, d.v_dim, d.kv_lora_rank, cache.rows_per_sequence, softmax_scale,
-                   q_full.data<float>(),
-                   out_lat.data<float>(), out.data<float>()};
+  if (cache.rows_per_sequence >= cuda::mla_prefill_min_rows) return mla_prefill(q, kv_b, cache, d, rope, softmax_scale, out);
+  cuda::mla_args a{q.data<float>(), kv_b.raw(), kv_b.type(), rope_freqs(rope), rope.attention_factor,
+                   paged(cache, rows, d.kv_lora_rank + d.rope_dim), rows, d.num_heads, d.nope_dim, d.rope_dim, d.v_dim,
+                   d.kv_lora_rank, softmax_scale, out.data<float>()};
   cuda::mla_attention(a, as_stream(stream_));
+}
+
+void cuda_backend::mla_prefill(const tensor& q, const tensor& kv_b, const paged_latents& cache, const mla_dims& d,
+                               const rope_table& rope, float softmax_scale, tensor& out) {
+  const std::int64_t rows = q.dim(0), heads = d.num_heads, qk = d.nope_dim + d.rope_dim, v = d.v_dim;
+  const tensor row_seq = download(cache.row_seq), positions = download(cache.positions);
+  std::map<std::int32_t, std::vector<std::int32_t>> seq_rows;  // each sequence's rows, in step order
+  std::map<std::int32_t, std::int64_t> seq_keys;                // and how many of its latents they see
+  for (std::int64_t r = 0; r < rows; ++r) {
+    const std::int32_t seq = row_seq.data<std::int32_t>()[r];
+    const std::int64_t pos = positions.data<std::int64_t>()[r];
+    TROUPE_EXPECT(seq >= 0 && seq < cache.block_table.dim(0) && pos >= 0 && pos < cache.max_keys, "mla_attention",
+                  "row " + std::to_string(r) + ": sequence " + std::to_string(seq) + " at position " + std::to_string(pos));
+    seq_rows[seq].push_back(static_cast<std::int32_t>(r));
+    seq_keys[seq] = std::max(seq_keys[seq], pos + 1);
+  }
+  const cuda::paged_args pages = paged(cache, rows, d.kv_lora_rank + d.rope_dim);
+  cudaStream_t s = as_stream(stream_);
+  zero(out);  // each sequence's rows are added in
+  for (const auto& [seq, ids] : seq_rows) {
+    const std::int64_t keys = seq_keys[seq], n = static_cast<std::int64_t>(ids.size());
+    // Keys and values of every head from the sequence's latents: one GEMM against kv_b.
+    tensor lat = empty({keys, d.kv_lora_rank}, dtype::f32);
+    cuda::mla_prefill_gather(pages, seq, keys, d.kv_lora_rank, lat.data<float>(), s);
+    tensor kvd = empty({keys, kv_b.dim(0)}, dtype::f32);
+    linear(lat, kv_b, kvd, write_mode::overwrite);
+    tensor k = empty({heads, keys, qk}, dtype::bf16), vals = empty({heads, keys, v}, dtype::bf16);
+    cuda::mla_prefill_keys(pages, seq, kvd.data<float>(), keys, heads, d.nope_dim, d.rope_dim, v, d.kv_lora_rank,
+                           static_cast<std::uint16_t*>(k.raw()), static_cast<std::uint16_t*>(vals.raw()), s);
+    tensor host_ids = tensor::empty({n}, dtype::i32);
+    std::copy(ids.begin(), ids.end(), host_ids.data<std::int32_t>());
+    const tensor row_ids = upload(host_ids, dtype::i32);
+    tensor qb = empty({heads, n, qk}, dtype::bf16);
+    cuda::mla_prefill_queries(q.data<float>(), cache.positions.data<std::int64_t>(), row_ids.data<std::int32_t>(), n, heads,
+                              d.nope_dim, d.rope_dim, rope_freqs(rope), rope.attention_factor,
+                              static_cast<std::uint16_t*>(qb.raw()), s);
+    // Per chunk of rows (scores of at most 256 MB): S = Q K^T * scale per head, the causal
+    // softmax, O = P V, each head's O landing in its columns of o [n, heads * v].
+    tensor o = empty({n, heads * v}, dtype::f32);
+    const std::int64_t chunk = std::clamp<std::int64_t>((std::int64_t(256) << 20) / (heads * keys * 4), 1, n);
+    tensor scores = empty({heads, chunk, keys}, dtype::f32), p = empty({heads, chunk, keys}, dtype::bf16);
+    const float zero_beta = 0.0f, one = 1.0f;
+    for (std::int64_t c0 = 0; c0 < n; c0 += chunk) {
+      const std::int64_t cn = std::min(chunk, n - c0);
+      std::lock_guard lock(blas_mutex());
+      // Row-major S_h[cn, keys] = Q_h[cn, qk] K_h[keys, qk]^T is column-major S_h^T = K_h^T(keys x qk) Q_h^T(qk x cn).
+      TROUPE_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
+          blas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(keys), static_cast<int>(cn), static_cast<int>(qk), &softmax_scale,
+          k.raw(), CUDA_R_16BF, static_cast<int>(qk), keys * qk, static_cast<const std::uint16_t*>(qb.raw()) + c0 * qk,
+          CUDA_R_16BF, static_cast<int>(qk), n * qk, &zero_beta, scores.raw(), CUDA_R_32F, static_cast<int>(keys), cn * keys,
+          static_cast<int>(heads), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+      cuda::mla_prefill_softmax(scores.data<float>(), cache.positions.data<std::int64_t>(), row_ids.data<std::int32_t>() + c0, cn,
+                                heads, keys, static_cast<std::uint16_t*>(p.raw()), s);
+      // Row-major O_h[cn, v] = P_h[cn, keys] V_h[keys, v] is column-major O_h^T = V_h^T(v x keys) P_h^T(keys x cn).
+      TROUPE_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
+          blas_, CUBLAS_OP_N, CUBLAS_OP_N, static_cast<int>(v), static_cast<int>(cn), static_cast<int>(keys), &one,
+          vals.raw(), CUDA_R_16BF, static_cast<int>(v), keys * v, p.raw(), CUDA_R_16BF, static_cast<int>(keys), cn * keys,
+          &zero_beta, o.data<float>() + c0 * heads * v, CUDA_R_32F, static_cast<int>(heads * v), v, static_cast<int>(heads),
+          CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    }
+    tensor host_ones = tensor::empty({n}, dtype::f32);
+    std::fill(host_ones.data<float>(), host_ones.data<float>() + n, 1.0f);
+    scatter_add_rows(o, row_ids, upload(host_ones, dtype::f32), out);
+  }
 }
 
 void cuda_backend::router_topk(const tensor& logits, const tensor& bias, int k, float scaling, tensor& idx,

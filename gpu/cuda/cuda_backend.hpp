@@ -77,6 +77,11 @@ class cuda_backend final : public backend {
 
  private:
   struct arena;
+  /// mla_attention's prefill (many rows per sequence): per sequence, keys and values decompressed
+  /// from its latents by one GEMM, then scores, causal softmax and P.V per head on tensor cores
+  /// (bf16 operands, float32 sums), a chunk of rows at a time.
+  void mla_prefill(const tensor& q, const tensor& kv_b, const paged_latents& cache, const mla_dims& d,
+                   const rope_table& rope, float softmax_scale, tensor& out);
   /// Throws when a host transfer is asked for while recording (a replay would repeat stale data).
   void expect_not_recording(const char* what) const;
   /// `t` on this device: itself, or an upload of a host tensor (index arguments).

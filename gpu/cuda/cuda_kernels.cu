@@ -436,52 +436,10 @@ __device__ float warp_reduce(float v) {
   return v;
 }
 
-// MLA attention. Prefill takes three kernels (absorb, a tiled flash kernel, expand), each spread
-// over many blocks; decode and verification take one (mla_decode_kernel), its keys spread over
-// the block's warps and its weight reads kept in flight.
-constexpr int mla_rows_per_block = 8;   // rows of q sharing one read of W_k / W_v
+// MLA attention. Decode and verification take one kernel (mla_decode_kernel) in the absorbed
+// form, its keys spread over the block's warps and its weight reads kept in flight; prefill runs
+// un-absorbed on tensor cores (the mla_prefill_* kernels below and cuBLAS).
 constexpr int mla_max_lane_values = 18;  // latent row values per lane: kv_lora + rope <= 576
-
-// q_full[r, h] = [q_nope[r, h] . W_k[h] | RoPE(q_rope[r, h])]: the query as a latent row. A block per
-// (head, 32 columns, up to eight rows): lanes take the columns, the eight warps split nope, so
-// each lane has all its loads of W_k in flight at once; the warps' sums meet in shared memory.
-template <typename KV>
-__global__ void mla_absorb_kernel(mla_args a, float* q_full) {
-  follow_previous();
-  __shared__ float partial[8][mla_rows_per_block][32];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const std::int64_t h = blockIdx.x, width = a.kv_lora + a.rope, c = blockIdx.y * 32 + lane;
-  const std::int64_t r0 = blockIdx.z * static_cast<std::int64_t>(mla_rows_per_block);
-  const int rows = static_cast<int>(min(static_cast<std::int64_t>(mla_rows_per_block), a.rows - r0));
-  const std::int64_t q_stride = a.heads * (a.nope + a.rope);
-  const float* q = a.q + r0 * q_stride + h * (a.nope + a.rope);
-  float acc[mla_rows_per_block] = {};
-  if (c < a.kv_lora) {
-    const KV* w_k = static_cast<const KV*>(a.kv_b) + h * (a.nope + a.v) * a.kv_lora + c;  // column c of [nope, kv_lora]
-    const std::int64_t per_warp = (a.nope + 7) / 8, n0 = warp * per_warp, n1 = min(a.nope, n0 + per_warp);
-#pragma unroll 16
-    for (std::int64_t n = n0; n < n1; ++n) {
-      const float w = to_float(w_k[n * a.kv_lora]);
-#pragma unroll
-      for (int r = 0; r < mla_rows_per_block; ++r)
-        if (r < rows) acc[r] += q[r * q_stride + n] * w;
-    }
-  }
-#pragma unroll
-  for (int r = 0; r < mla_rows_per_block; ++r) partial[warp][r][lane] = acc[r];
-  __syncthreads();
-  // Thread (row, lane) adds the eight warps' sums (or copies the rope part).
-  const int r = threadIdx.x >> 5;
-  if (r >= rows || c >= width) return;
-  float* out = q_full + ((r0 + r) * a.heads + h) * width + c;
-  if (c >= a.kv_lora) {  // the rope part, rotated at the row's position
-    *out = rope_value(q + r * q_stride + a.nope, c - a.kv_lora, a.cache.positions[r0 + r], a.inv_freq, a.attention_factor);
-    return;
-  }
-  float sum = 0.0f;
-  for (int w = 0; w < 8; ++w) sum += partial[w][r][lane];
-  *out = sum;
-}
 
 // MLA for decode and verification in one kernel, a block per (row, head), so a layer's
 // attention is one launch (three launches cost more than the block's weight reads here):
@@ -583,118 +541,62 @@ __global__ void __launch_bounds__(mla_decode_threads) mla_decode_kernel(mla_args
   }
 }
 
-// Flash attention over the paged latents for prefill, one block per (16 rows, head): the tile's
-// queries stay in shared memory and each tile of 32 latent rows is loaded once for all of
-// them (a decode-style kernel would read every key once per query). Rows of one sequence
-// share the key tiles; a tile holding several sequences takes them one after another. Each
-// warp owns two rows: lane j scores key j of the tile (rows padded by one float so the lanes'
-// reads fall in distinct banks), then the tile's softmax weights are folded into per-lane
-// sums over the latent columns (online softmax).
-constexpr int prefill_rows = 16, prefill_keys = 32, prefill_rows_per_warp = 2;
+// Prefill attention on tensor cores (mla_prefill_*): MLA un-absorbed, as multi-head attention
+// with 192-wide keys (k_nope | shared rotated k_rope) and 128-wide values, the keys and values
+// decompressed from one sequence's cached latents by one GEMM; scores and P.V are batched cuBLAS
+// GEMMs over the heads. These kernels move rows between the layouts.
 
-__global__ void mla_prefill_kernel(mla_args a, const float* q_full, float* out_lat) {
+// lat[j, 0:kv_lora] = latent row j of sequence `seq` (its normed compressed part).
+__global__ void mla_prefill_gather_kernel(paged_args c, std::int32_t seq, std::int64_t kv_lora, float* lat) {
   follow_previous();
-  extern __shared__ float smem[];
-  const std::int64_t width = a.kv_lora + a.rope, pitch = width + 1;
-  float* qs = smem;                         // [prefill_rows, width]
-  float* ks = smem + prefill_rows * width;  // [prefill_keys, pitch]
-  const std::int64_t h = blockIdx.y, r0 = blockIdx.x * static_cast<std::int64_t>(prefill_rows);
-  const int rows = static_cast<int>(min(static_cast<std::int64_t>(prefill_rows), a.rows - r0));
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  for (std::int64_t i = threadIdx.x; i < rows * width; i += blockDim.x)
-    qs[i] = q_full[((r0 + i / width) * a.heads + h) * width + i % width];
-  float m[prefill_rows_per_warp], l[prefill_rows_per_warp], acc[prefill_rows_per_warp][mla_max_lane_values] = {};
-  std::int64_t pos[prefill_rows_per_warp];
-#pragma unroll
-  for (int rr = 0; rr < prefill_rows_per_warp; ++rr) {
-    const int row = warp * prefill_rows_per_warp + rr;
-    m[rr] = -INFINITY, l[rr] = 0.0f;
-    pos[rr] = row < rows ? a.cache.positions[r0 + row] : -1;
-  }
-  for (int g = 0; g < rows;) {  // groups of consecutive rows of one sequence
-    const std::int32_t seq = a.cache.row_seq[r0 + g];
-    int end = g;
-    std::int64_t last = -1;
-    while (end < rows && a.cache.row_seq[r0 + end] == seq) last = max(last, a.cache.positions[r0 + end]), ++end;
-    for (std::int64_t k0 = 0; k0 <= last; k0 += prefill_keys) {
-      __syncthreads();  // the previous key tile (and the query tile) fully read / written
-      for (std::int64_t i = threadIdx.x; i < prefill_keys * width; i += blockDim.x) {
-        const std::int64_t key = k0 + i / width, c = i % width;
-        ks[(i / width) * pitch + c] = key <= last ? latent_row(a.cache, seq, key)[c] : 0.0f;
-      }
-      __syncthreads();
-#pragma unroll
-      for (int rr = 0; rr < prefill_rows_per_warp; ++rr) {
-        const int row = warp * prefill_rows_per_warp + rr;
-        if (row < g || row >= end) continue;  // warp-uniform
-        const std::int64_t key = k0 + lane;
-        float s = -INFINITY;
-        if (key <= pos[rr]) {
-          const float* q = qs + row * width;
-          const float* k = ks + lane * pitch;
-          float dot = 0.0f;
-          for (std::int64_t c = 0; c < width; ++c) dot += q[c] * k[c];
-          s = dot * a.softmax_scale;
-        }
-        const float tile_max = warp_reduce<true>(s);
-        if (tile_max == -INFINITY) continue;  // no visible key in this tile
-        const float m_new = fmaxf(m[rr], tile_max), keep = expf(m[rr] - m_new);
-        const float p = s == -INFINITY ? 0.0f : expf(s - m_new);
-        l[rr] = l[rr] * keep + warp_reduce<false>(p);
-#pragma unroll
-        for (int i = 0; i < mla_max_lane_values; ++i) acc[rr][i] *= keep;
-        for (int j = 0; j < prefill_keys; ++j) {
-          const float pj = __shfl_sync(0xffffffffu, p, j);
-          if (pj == 0.0f) continue;  // warp-uniform
-#pragma unroll
-          for (int i = 0; i < mla_max_lane_values; ++i) {
-            const std::int64_t c = lane + 32 * i;
-            if (c < a.kv_lora) acc[rr][i] += pj * ks[j * pitch + c];
-          }
-        }
-        m[rr] = m_new;
-      }
-    }
-    g = end;
-  }
-#pragma unroll
-  for (int rr = 0; rr < prefill_rows_per_warp; ++rr) {
-    const int row = warp * prefill_rows_per_warp + rr;
-    if (row >= rows) continue;
-    const float inv = 1.0f / l[rr];
-#pragma unroll
-    for (int i = 0; i < mla_max_lane_values; ++i) {
-      const std::int64_t c = lane + 32 * i;
-      if (c < a.kv_lora) out_lat[((r0 + row) * a.heads + h) * a.kv_lora + c] = acc[rr][i] * inv;
-    }
-  }
+  const float* row = latent_row(c, seq, blockIdx.x);
+  for (std::int64_t i = threadIdx.x; i < kv_lora; i += blockDim.x) lat[blockIdx.x * kv_lora + i] = row[i];
 }
 
-// out[r, h*v + c] = out_lat[r, h] . W_v[h][c]: a warp per output column, lanes across kv_lora,
-// up to eight rows per block.
-template <typename KV>
-__global__ void mla_expand_kernel(mla_args a, const float* out_lat) {
+// For key j of head h: k[h, j] = [kvd[j, h, 0:nope] | latent rope columns], v[h, j] = kvd[j, h, nope:], in bf16.
+__global__ void mla_prefill_keys_kernel(paged_args c, std::int32_t seq, const float* kvd, std::int64_t keys,
+                                        std::int64_t heads, std::int64_t nope, std::int64_t rope, std::int64_t v,
+                                        std::int64_t kv_lora, __nv_bfloat16* k, __nv_bfloat16* vals) {
   follow_previous();
-  const int lane = threadIdx.x & 31;
-  const std::int64_t h = blockIdx.x;
-  const std::int64_t c = blockIdx.y * static_cast<std::int64_t>(blockDim.x >> 5) + (threadIdx.x >> 5);
-  const std::int64_t r0 = blockIdx.z * static_cast<std::int64_t>(mla_rows_per_block);
-  const int rows = static_cast<int>(min(static_cast<std::int64_t>(mla_rows_per_block), a.rows - r0));
-  if (c >= a.v) return;
-  const KV* w_v = static_cast<const KV*>(a.kv_b) + (h * (a.nope + a.v) + a.nope + c) * a.kv_lora;  // row c of [v, kv_lora]
-  const float* x = out_lat + (r0 * a.heads + h) * a.kv_lora;
-  float acc[mla_rows_per_block] = {};
-#pragma unroll 16
-  for (std::int64_t k = lane; k < a.kv_lora; k += 32) {
-    const float w = to_float(w_v[k]);
-#pragma unroll
-    for (int r = 0; r < mla_rows_per_block; ++r)
-      if (r < rows) acc[r] += x[r * a.heads * a.kv_lora + k] * w;
-  }
-#pragma unroll
-  for (int r = 0; r < mla_rows_per_block; ++r) acc[r] = warp_reduce<false>(acc[r]);
-  if (lane == 0)
-    for (int r = 0; r < rows; ++r) a.out[(r0 + r) * a.heads * a.v + h * a.v + c] = acc[r];
+  const std::int64_t j = blockIdx.x, h = blockIdx.y;
+  const float* src = kvd + (j * heads + h) * (nope + v);
+  const float* lat = latent_row(c, seq, j);
+  __nv_bfloat16* kd = k + (h * keys + j) * (nope + rope);
+  for (std::int64_t i = threadIdx.x; i < nope + rope; i += blockDim.x)
+    kd[i] = __float2bfloat16(i < nope ? src[i] : lat[kv_lora + i - nope]);
+  for (std::int64_t i = threadIdx.x; i < v; i += blockDim.x) vals[(h * keys + j) * v + i] = __float2bfloat16(src[nope + i]);
+}
+
+// q_out[h, i] = [q_nope | RoPE(q_rope) at the row's position] of row row_ids[i], in bf16.
+__global__ void mla_prefill_queries_kernel(const float* q, const std::int64_t* positions, const std::int32_t* row_ids,
+                                           std::int64_t rows, std::int64_t heads, std::int64_t nope, std::int64_t rope,
+                                           const float* inv_freq, float factor, __nv_bfloat16* q_out) {
+  follow_previous();
+  const std::int64_t i = blockIdx.x, h = blockIdx.y, qk = nope + rope;
+  const float* src = q + (row_ids[i] * heads + h) * qk;
+  __nv_bfloat16* dst = q_out + (h * rows + i) * qk;
+  const std::int64_t pos = positions[row_ids[i]];
+  for (std::int64_t c = threadIdx.x; c < qk; c += blockDim.x)
+    dst[c] = __float2bfloat16(c < nope ? src[c] : rope_value(src + nope, c - nope, pos, inv_freq, factor));
+}
+
+// p[h, i, :] = softmax of scores[h, i, :] over keys 0..positions[row_ids[i]] (later keys get 0), in bf16.
+__global__ void mla_prefill_softmax_kernel(const float* scores, const std::int64_t* positions, const std::int32_t* row_ids,
+                                           std::int64_t rows, std::int64_t keys, __nv_bfloat16* p) {
+  follow_previous();
+  __shared__ float reduce[32];
+  const std::int64_t i = blockIdx.x, h = blockIdx.y, visible = min(keys, positions[row_ids[i]] + 1);
+  const float* s = scores + (h * rows + i) * keys;
+  __nv_bfloat16* out = p + (h * rows + i) * keys;
+  float m = -INFINITY;
+  for (std::int64_t j = threadIdx.x; j < visible; j += blockDim.x) m = fmaxf(m, s[j]);
+  m = block_reduce<true>(m, reduce);
+  float sum = 0.0f;
+  for (std::int64_t j = threadIdx.x; j < visible; j += blockDim.x) sum += expf(s[j] - m);
+  sum = block_reduce<false>(sum, reduce);
+  const float inv = 1.0f / sum;
+  for (std::int64_t j = threadIdx.x; j < keys; j += blockDim.x)
+    out[j] = __float2bfloat16(j < visible ? expf(s[j] - m) * inv : 0.0f);
 }
 
 // Router top-k of one row by one warp, in registers: lane l holds experts l, l + 32, ...;
@@ -947,41 +849,43 @@ void mla_attention(const mla_args& a, cudaStream_t s) {
   if (width > 32 * mla_max_lane_values)
     throw std::invalid_argument("mla_attention: latent rows of " + std::to_string(width) + " values (at most " +
                                 std::to_string(32 * mla_max_lane_values) + ")");
-  const auto heads = static_cast<unsigned>(a.heads);
-  if (a.rows_per_sequence < prefill_rows) {  // decode, verification: one kernel, a block per (row, head)
-    const int warps = mla_decode_threads / 32;
-    const std::size_t shared =
-        static_cast<std::size_t>(width + a.nope + a.rope + 2 * warps + warps * a.kv_lora) * sizeof(float);
-    if (shared > 48 * 1024) throw std::invalid_argument("mla_attention: kv_lora_rank " + std::to_string(a.kv_lora) + " too large");
-    if (a.kv_b_type == dtype::bf16)
-      launch(mla_decode_kernel<__nv_bfloat16>, dim3(static_cast<unsigned>(a.rows), heads), mla_decode_threads, shared, s, a);
-    else
-      launch(mla_decode_kernel<float>, dim3(static_cast<unsigned>(a.rows), heads), mla_decode_threads, shared, s, a);
-    return;
-  }
-  // Prefill: the absorbed queries, a tiled flash kernel per (16 rows, head), the expansion.
-  const auto row_blocks = static_cast<unsigned>((a.rows + mla_rows_per_block - 1) / mla_rows_per_block);
-  static_assert(threads == 256 && mla_rows_per_block == 8, "mla_absorb_kernel: eight warps, a row each at the end");
-  const dim3 absorb_grid(heads, static_cast<unsigned>((width + 31) / 32), row_blocks);
+  const int warps = mla_decode_threads / 32;
+  const std::size_t shared = static_cast<std::size_t>(width + a.nope + a.rope + 2 * warps + warps * a.kv_lora) * sizeof(float);
+  if (shared > 48 * 1024) throw std::invalid_argument("mla_attention: kv_lora_rank " + std::to_string(a.kv_lora) + " too large");
+  const dim3 grid(static_cast<unsigned>(a.rows), static_cast<unsigned>(a.heads));
   if (a.kv_b_type == dtype::bf16)
-    launch(mla_absorb_kernel<__nv_bfloat16>, absorb_grid, threads, 0, s, a, a.q_full);
+    launch(mla_decode_kernel<__nv_bfloat16>, grid, mla_decode_threads, shared, s, a);
   else
-    launch(mla_absorb_kernel<float>, absorb_grid, threads, 0, s, a, a.q_full);
-  static_assert(prefill_rows == prefill_rows_per_warp * threads / 32, "every row has a warp");
-  const std::size_t shared = static_cast<std::size_t>(prefill_rows * width + prefill_keys * (width + 1)) * sizeof(float);
-  cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
-  TROUPE_CUDA_CHECK(cudaStreamIsCapturing(s, &capturing));
-  if (capturing == cudaStreamCaptureStatusNone)  // a recording's warm-up run has set it already
-    TROUPE_CUDA_CHECK(cudaFuncSetAttribute(mla_prefill_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           static_cast<int>(shared)));
-  const auto tiles = static_cast<unsigned>((a.rows + prefill_rows - 1) / prefill_rows);
-  launch(mla_prefill_kernel, dim3(tiles, heads), threads, shared, s, a, a.q_full, a.out_lat);
-  const int warps = threads / 32;
-  const auto col_blocks = static_cast<unsigned>((a.v + warps - 1) / warps);
-  if (a.kv_b_type == dtype::bf16)
-    launch(mla_expand_kernel<__nv_bfloat16>, dim3(heads, col_blocks, row_blocks), threads, 0, s, a, a.out_lat);
-  else
-    launch(mla_expand_kernel<float>, dim3(heads, col_blocks, row_blocks), threads, 0, s, a, a.out_lat);
+    launch(mla_decode_kernel<float>, grid, mla_decode_threads, shared, s, a);
+}
+
+void mla_prefill_gather(const paged_args& c, std::int32_t seq, std::int64_t keys, std::int64_t kv_lora, float* lat,
+                        cudaStream_t s) {
+  if (keys == 0) return;
+  launch(mla_prefill_gather_kernel, static_cast<unsigned>(keys), threads, 0, s, c, seq, kv_lora, lat);
+}
+
+void mla_prefill_keys(const paged_args& c, std::int32_t seq, const float* kvd, std::int64_t keys, std::int64_t heads,
+                      std::int64_t nope, std::int64_t rope, std::int64_t v, std::int64_t kv_lora, std::uint16_t* k,
+                      std::uint16_t* vals, cudaStream_t s) {
+  if (keys == 0) return;
+  launch(mla_prefill_keys_kernel, dim3(static_cast<unsigned>(keys), static_cast<unsigned>(heads)), 128, 0, s, c, seq, kvd,
+         keys, heads, nope, rope, v, kv_lora, reinterpret_cast<__nv_bfloat16*>(k), reinterpret_cast<__nv_bfloat16*>(vals));
+}
+
+void mla_prefill_queries(const float* q, const std::int64_t* positions, const std::int32_t* row_ids, std::int64_t rows,
+                         std::int64_t heads, std::int64_t nope, std::int64_t rope, const float* inv_freq, float factor,
+                         std::uint16_t* q_out, cudaStream_t s) {
+  if (rows == 0) return;
+  launch(mla_prefill_queries_kernel, dim3(static_cast<unsigned>(rows), static_cast<unsigned>(heads)), 128, 0, s, q,
+         positions, row_ids, rows, heads, nope, rope, inv_freq, factor, reinterpret_cast<__nv_bfloat16*>(q_out));
+}
+
+void mla_prefill_softmax(const float* scores, const std::int64_t* positions, const std::int32_t* row_ids, std::int64_t rows,
+                         std::int64_t heads, std::int64_t keys, std::uint16_t* p, cudaStream_t s) {
+  if (rows == 0) return;
+  launch(mla_prefill_softmax_kernel, dim3(static_cast<unsigned>(rows), static_cast<unsigned>(heads)), threads, 0, s, scores,
+         positions, row_ids, rows, keys, reinterpret_cast<__nv_bfloat16*>(p));
 }
 
 void router_topk(const float* logits, const float* bias, std::int64_t rows, std::int64_t experts, int k, float scaling,

@@ -106,9 +106,10 @@ constexpr std::int64_t max_rope_dim = 128;
 /// the rest at row r's position; then the row is stored at its place in the cache.
 void write_latents(float* kv, std::int64_t rows, const latent_args& l, const paged_args& cache, cudaStream_t s);
 
-/// Causal MLA attention with kv_b absorbed (backend::mla_attention): row r of q (rope columns not
-/// yet rotated) attends over its sequence's latents 0..positions[r]. q_full [rows, heads, kv_lora + rope] and out_lat
-/// [rows, heads, kv_lora] are scratch (prefill's; decode needs none). Latent rows of at most 576 values (kv_lora + rope).
+/// Causal MLA attention with kv_b absorbed for decode and verification (backend::mla_attention with
+/// fewer than mla_prefill_min_rows rows per sequence): row r of q (rope columns not yet rotated)
+/// attends over its sequence's latents 0..positions[r], a block per (row, head). Latent rows of
+/// at most 576 values (kv_lora + rope).
 struct mla_args {
   const float* q;  // [rows, heads * (nope + rope)]
   const void* kv_b;
@@ -117,13 +118,31 @@ struct mla_args {
   float attention_factor;
   paged_args cache;
   std::int64_t rows, heads, nope, rope, v, kv_lora;
-  std::int64_t rows_per_sequence;  // many: the tiled prefill kernel, which shares key tiles between rows
   float softmax_scale;
-  float* q_full;
-  float* out_lat;
   float* out;  // [rows, heads * v]
 };
 void mla_attention(const mla_args& a, cudaStream_t s);
+
+/// From this many rows per sequence, mla_attention is prefill: un-absorbed on tensor cores
+/// (cuda_backend::mla_prefill runs the GEMMs) instead of a block per (row, head) re-reading kv_b.
+constexpr std::int64_t mla_prefill_min_rows = 16;
+/// Prefill attention on tensor cores, MLA un-absorbed:
+/// lat [keys, kv_lora] = the compressed part of sequence seq's cached latent rows 0..keys-1;
+void mla_prefill_gather(const paged_args& c, std::int32_t seq, std::int64_t keys, std::int64_t kv_lora, float* lat,
+                        cudaStream_t s);
+/// from kvd = lat . kv_b^T [keys, heads, nope + v]: bf16 keys k [heads, keys, nope + rope] (the rope
+/// part the cached, rotated latent columns) and values vals [heads, keys, v];
+void mla_prefill_keys(const paged_args& c, std::int32_t seq, const float* kvd, std::int64_t keys, std::int64_t heads,
+                      std::int64_t nope, std::int64_t rope, std::int64_t v, std::int64_t kv_lora, std::uint16_t* k,
+                      std::uint16_t* vals, cudaStream_t s);
+/// bf16 queries q_out [heads, rows, nope + rope] of q's rows row_ids[0..rows) with their rope part rotated;
+void mla_prefill_queries(const float* q, const std::int64_t* positions, const std::int32_t* row_ids, std::int64_t rows,
+                         std::int64_t heads, std::int64_t nope, std::int64_t rope, const float* inv_freq, float factor,
+                         std::uint16_t* q_out, cudaStream_t s);
+/// p [heads, rows, keys] (bf16) = the causal softmax of scores [heads, rows, keys] (row i sees keys
+/// 0..positions[row_ids[i]]).
+void mla_prefill_softmax(const float* scores, const std::int64_t* positions, const std::int32_t* row_ids, std::int64_t rows,
+                         std::int64_t heads, std::int64_t keys, std::uint16_t* p, cudaStream_t s);
 
 /// Router: p = softmax(logits[r]); idx = top-k of p + bias (ties: lower id first);
 /// weights = p[idx] * scaling.

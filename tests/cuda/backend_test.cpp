@@ -239,7 +239,7 @@ TEST(cuda_backend, latents_attention_and_router) {
     std::copy(positions.begin(), positions.end(), pos_t.data<std::int64_t>());
     const paged_latents pc{table_c, seq_t, pos_t, block, max_keys, 16};
     const paged_latents pg{b.gpu.upload(table_g, dtype::i64), b.gpu.upload(seq_t, dtype::i32), b.gpu.upload(pos_t, dtype::i64),
-                           block, max_keys, 16};  // claims many rows per sequence: the prefill kernel
+                           block, max_keys, 16};  // claims many rows per sequence: prefill on tensor cores
     tensor kv = random({row, width}, 34), kv_g = b.gpu.upload(kv, dtype::f32);
     b.cpu.write_latents(kv, {latent_w, 1e-6f, 1.7f}, rope_c, pc);
     b.gpu.write_latents(kv_g, {b.gpu.upload(latent_w, dtype::f32), 1e-6f, 1.7f}, rope_g, pg);
@@ -250,7 +250,8 @@ TEST(cuda_backend, latents_attention_and_router) {
     tensor yc = tensor::empty({row, d.num_heads * d.v_dim}, dtype::f32), yg = poisoned(b.gpu, {row, d.num_heads * d.v_dim});
     b.cpu.mla_attention(q, kv_b, pc, d, rope_c, 0.11f, yc);
     b.gpu.mla_attention(b.gpu.upload(q, dtype::f32), b.gpu.upload(kv_b, dtype::f32), pg, d, rope_g, 0.11f, yg);
-    EXPECT_LT(rel(b, yg, yc), 1e-5) << "mla_attention, " << row << " rows (the prefill kernel)";
+    // Prefill runs un-absorbed with bf16 operands (q, keys, values, P) on tensor cores: bf16's tolerance.
+    EXPECT_LT(rel(b, yg, yc), 1e-2) << "mla_attention, " << row << " rows (prefill)";
     tensor yd = poisoned(b.gpu, {row, d.num_heads * d.v_dim});
     paged_latents decode = pg;
     decode.rows_per_sequence = 5;  // the same rows through the decode kernel
@@ -260,10 +261,11 @@ TEST(cuda_backend, latents_attention_and_router) {
       const tensor kv_b16 = b.cpu.upload(kv_b, dtype::bf16).to_f32(), kv_b16g = b.gpu.upload(kv_b, dtype::bf16);
       tensor yc16 = tensor::empty({row, d.num_heads * d.v_dim}, dtype::f32);
       b.cpu.mla_attention(q, kv_b16, pc, d, rope_c, 0.11f, yc16);
-      for (const auto& cache : {pg, decode}) {  // the prefill kernels, then the decode kernel
+      for (const auto& cache : {pg, decode}) {  // prefill, then the decode kernel
         tensor yg16 = poisoned(b.gpu, {row, d.num_heads * d.v_dim});
         b.gpu.mla_attention(b.gpu.upload(q, dtype::f32), kv_b16g, cache, d, rope_g, 0.11f, yg16);
-        EXPECT_LT(rel(b, yg16, yc16), 1e-5) << "mla_attention with bf16 kv_b, rows per sequence " << cache.rows_per_sequence;
+        EXPECT_LT(rel(b, yg16, yc16), cache.rows_per_sequence >= 16 ? 1e-2 : 1e-5)
+            << "mla_attention with bf16 kv_b, rows per sequence " << cache.rows_per_sequence;
       }
     }
     // The first six rows alone.
@@ -391,14 +393,16 @@ TEST(cuda_backend, the_whole_model_matches_the_cpu) {
       feed[static_cast<std::size_t>(i)].assign(1, argmax({row, static_cast<std::size_t>(lc.dim(1))}));
     }
   }
-  // A 300-token prefill: the tiled prefill attention over many key and row tiles.
+  // A 300-token prefill: attention on tensor cores over many cache blocks. Its queries, keys,
+  // values and softmax weights are bf16 too (as in transformers run in bf16, whose logits are
+  // 2.8e-2 to 3.8e-2 from float64 in check.sh), so its bound is looser than the decode steps'.
   {
     sequence_state lc_s, lg_s;
     std::vector<std::int32_t> prompt;
     for (int i = 0; i < 300; ++i) prompt.push_back(3 + (i * 37) % 90);
     step_input ic{&lc_s, prompt}, ig{&lg_s, prompt};
     const tensor lc = cpu->forward({&ic, 1}, logits_mode::all_tokens), lg = gpu->forward({&ig, 1}, logits_mode::all_tokens);
-    EXPECT_LT(test::relative_l2(lg.data<float>(), lc.data<float>(), static_cast<std::size_t>(lc.numel())), 2e-2)
+    EXPECT_LT(test::relative_l2(lg.data<float>(), lc.data<float>(), static_cast<std::size_t>(lc.numel())), 3e-2)
         << "300-token prefill";
   }
   // Greedy generation: the same tokens while the CPU's top-2 gap is clear of bf16 noise.
