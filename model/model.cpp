@@ -175,6 +175,14 @@ paged_latents model::page(const step_layout& layout, std::span<latent_cache* con
           layout.positions_on(be_), blocks.block_tokens(), max_keys, rows_per_sequence};
 }
 
+tensor model::embed_on_device(device_ngram* ngram, const tensor& tokens, const tensor& token_rows, tensor& ngram_ids) {
+  tensor h = be_.empty({tokens.numel(), config_.hidden_size}, dtype::f32);
+  if (ngram) ngram->hash_next(tokens, ngram_ids);
+  be_.ngram_embed(weights_.embed, token_rows, ngram_ids, weights_.ngram_tables, weights_.ngram_projections, h);
+  amplify(h);
+  return h;
+}
+
 tensor model::attention(const mla_weights& w, const tensor& x, const paged_latents& cache) {
   const auto& c = config_;
   const auto t = x.dim(0), heads = c.num_attention_heads;

@@ -101,6 +101,11 @@ class model {
 
   /// Embedding of a step's tokens (i32 [T]); advances each sequence's n-gram context.
   tensor embed(const tensor& tokens, const step_layout& layout, std::span<ngram_context* const> contexts);
+  /// One token per sequence embedded where its tables are (all on the backend's device), with no
+  /// host transfer, so a recording can hold it: `ngram` (nullptr for a model without n-gram
+  /// tables) hashes tokens (i32 [T]) as its slots' next tokens into ngram_ids (i64 [E, T]), then
+  /// the gathers (rows: the same tokens as i64), projections and amplification.
+  tensor embed_on_device(device_ngram* ngram, const tensor& tokens, const tensor& token_rows, tensor& ngram_ids);
   /// a and u of block `block`; appends the step's latents to caches[i] (attention layer
   /// 2*block), taking new blocks from `blocks` as needed.
   block_front block_front_half(std::int64_t block, const tensor& h, const step_layout& layout,

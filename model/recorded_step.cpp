@@ -89,13 +89,7 @@ tensor model::forward_recorded(const tensor& tokens, const step_layout& layout, 
   if (!r.recording.ops) {
     r.recording = be_.record([this, &r, block] {
       tensor h = r.h;
-      if (r.embeds) {
-        h = be_.empty({r.rows, config_.hidden_size}, dtype::f32);
-        if (r.ngram) r.ngram->hash_next(r.tokens.reshape({r.rows}), r.ngram_ids);
-        be_.ngram_embed(weights_.embed, r.token_rows.reshape({r.rows}), r.ngram_ids, weights_.ngram_tables,
-                        weights_.ngram_projections, h);
-        amplify(h);
-      }
+      if (r.embeds) h = embed_on_device(r.ngram.get(), r.tokens.reshape({r.rows}), r.token_rows.reshape({r.rows}), r.ngram_ids);
       return head(blocks(h, [&r, block](std::int64_t a) {
         return paged_latents{r.tables.rows(a * r.rows, (a + 1) * r.rows), r.row_seq.reshape({r.rows}),
                              r.positions.reshape({r.rows}), block, r.max_keys, r.rows};
