@@ -105,4 +105,23 @@ TEST(sampler, backend_sample_follows_the_sequences_samplers) {
   }
 }
 
+// A draw naming a row the logits do not have, or a tokens tensor of the wrong size, is refused
+// with the reason; nothing is written.
+TEST(sampler, backend_sample_refuses_bad_draws) {
+  cpu_backend be(1);
+  tensor logits = tensor::zeros({2, 8}, dtype::f32);
+  tensor picked = be.empty({1}, dtype::i32);
+  picked.data<std::int32_t>()[0] = 77;
+  const std::vector<token_draw> beyond = {{.row = 2, .params = {.temperature = 0.0f}}};
+  try {
+    be.sample(logits, beyond, picked);
+    FAIL() << "row 2 of 2 accepted";
+  } catch (const std::out_of_range& e) {
+    EXPECT_NE(std::string(e.what()).find("row 2 of 2"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(picked.data<std::int32_t>()[0], 77);
+  const std::vector<token_draw> two = {{.row = 0}, {.row = 1}};
+  EXPECT_THROW(be.sample(logits, two, picked), std::invalid_argument);  // 2 draws, 1 token slot
+}
+
 }  // namespace troupe

@@ -367,6 +367,11 @@ TEST(cuda_backend, sampling_on_the_device_picks_the_host_rules_token) {
             << "vocab " << vocab << (ties ? " tied" : "") << " rule " << d / rows << " row " << draws[d].row;
       }
     }
+  // A draw beyond the logits' rows is refused before anything runs.
+  const tensor logits = b.gpu.upload(random({2, 64}, 5), dtype::f32);
+  tensor picked = b.gpu.empty({1}, dtype::i32);
+  const std::vector<token_draw> beyond = {{.row = 2, .params = {.temperature = 0.0f}}};
+  EXPECT_THROW(b.gpu.sample(logits, beyond, picked), std::invalid_argument);
 }
 
 TEST(cuda_backend, the_whole_model_matches_the_cpu) {
