@@ -92,7 +92,8 @@ tensor model::forward_recorded(const tensor& tokens, const step_layout& layout, 
       if (r.embeds) h = embed_on_device(r.ngram.get(), r.tokens.reshape({r.rows}), r.token_rows.reshape({r.rows}), r.ngram_ids);
       return head(blocks(h, [&r, block](std::int64_t a) {
         return paged_latents{r.tables.rows(a * r.rows, (a + 1) * r.rows), r.row_seq.reshape({r.rows}),
-                             r.positions.reshape({r.rows}), block, r.max_keys, r.rows};
+                             r.positions.reshape({r.rows}), block, r.max_keys,
+                             std::min(r.rows, max_recorded_rows_per_sequence)};
       }));
     });
     // Recording ran the hash twice: what the slots hold is unknown now.

@@ -580,6 +580,41 @@ void cuda_backend::sample(const tensor& logits, std::span<const token_draw> draw
 
 std::int64_t cuda_backend::routed_moe_rows() const { return cuda::routed_moe_max_rows; }
 
+void cuda_backend::routed_experts_on_tensor_cores(const tensor& u, const tensor& offsets, const tensor& order, std::int64_t k,
+                                                  const tensor& gate_up_ptrs, const tensor& down_ptrs, std::int64_t f, tensor& y) {
+  const std::int64_t cap = u.dim(0), h = u.dim(1), n_routed = gate_up_ptrs.numel();  // an expert has at most one slot a row
+  cudaStream_t s = as_stream(stream_);
+  tensor x = empty({n_routed * cap, h}, dtype::bf16), gate_up = empty({n_routed * cap, 2 * f}, dtype::f32);
+  tensor act = empty({n_routed * cap, f}, dtype::bf16), rows = empty({n_routed * cap, h}, dtype::f32);
+  tensor ptrs = empty({4 * n_routed}, dtype::i64);  // expert e's slice of x, gate_up, act, rows
+  cuda::moe_dispatch(u.data<float>(), h, static_cast<int>(k), offsets.data<std::int32_t>(), order.data<std::int32_t>(),
+                     static_cast<std::int32_t>(n_routed), cap, static_cast<std::uint16_t*>(x.raw()), s);
+  const auto** p = static_cast<const void**>(ptrs.raw());
+  cuda::moe_gemm_pointers(static_cast<std::int32_t>(n_routed), x.raw(), cap * h, gate_up.raw(), cap * 2 * f, act.raw(), cap * f,
+                          rows.raw(), cap * h, p, s);
+  const float one = 1.0f, zero_beta = 0.0f;
+  {
+    std::lock_guard lock(blas_mutex());
+    // Row-major C_e[cap, 2f] = X_e[cap, h] W_e[2f, h]^T is column-major C_e^T = W_e^T(2f x h) X_e^T(h x cap).
+    TROUPE_CUBLAS_CHECK(cublasGemmBatchedEx(
+        blas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(2 * f), static_cast<int>(cap), static_cast<int>(h), &one,
+        static_cast<const void* const*>(gate_up_ptrs.raw()), CUDA_R_16BF, static_cast<int>(h), p, CUDA_R_16BF,
+        static_cast<int>(h), &zero_beta, const_cast<void* const*>(p + n_routed), CUDA_R_32F, static_cast<int>(2 * f),
+        static_cast<int>(n_routed), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  }
+  cuda::moe_swiglu_bf16(gate_up.data<float>(), n_routed * cap, f, static_cast<std::uint16_t*>(act.raw()), s);
+  {
+    std::lock_guard lock(blas_mutex());
+    TROUPE_CUBLAS_CHECK(cublasGemmBatchedEx(
+        blas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(h), static_cast<int>(cap), static_cast<int>(f), &one,
+        static_cast<const void* const*>(down_ptrs.raw()), CUDA_R_16BF, static_cast<int>(f), p + 2 * n_routed, CUDA_R_16BF,
+        static_cast<int>(f), &zero_beta, const_cast<void* const*>(p + 3 * n_routed), CUDA_R_32F, static_cast<int>(h),
+        static_cast<int>(n_routed), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  }
+  cuda::moe_undispatch(rows.data<float>(), h, offsets.data<std::int32_t>(), order.data<std::int32_t>(),
+                       static_cast<std::int32_t>(n_routed), cap, y.data<float>(), s);
+}
+
 void cuda_backend::routed_moe(const tensor& u, const moe_layer& moe, tensor& out, write_mode mode) {
   const auto t = u.dim(0), h = u.dim(1), k = static_cast<std::int64_t>(moe.top_k), experts = moe.router.dim(0);
   const auto& gate_up = moe.gate_up;
@@ -610,22 +645,26 @@ void cuda_backend::routed_moe(const tensor& u, const moe_layer& moe, tensor& out
   const tensor d_gu = table.gate_up, d_down = table.down;
   lock.unlock();
   const std::int64_t slots = t * k;
-  tensor idx = empty({t, k}, dtype::i32), gates = empty({t, k}, dtype::f32);
-  tensor act = empty({slots, f}, dtype::f32), y = empty({slots, h}, dtype::f32);
+  tensor idx = empty({t, k}, dtype::i32), gates = empty({t, k}, dtype::f32), y = empty({slots, h}, dtype::f32);
   tensor offsets = empty({n_routed + 1}, dtype::i32), order = empty({slots}, dtype::i32), active = empty({n_routed}, dtype::i32);
   tensor logits = empty({t, experts}, dtype::f32);
   linear(u, moe.router, logits, write_mode::overwrite);
   cuda::moe_route(logits.data<float>(), t, moe.bias.data<float>(), experts, moe.top_k, moe.scaling, n_routed,
                   idx.data<std::int32_t>(), gates.data<float>(), offsets.data<std::int32_t>(), order.data<std::int32_t>(),
                   active.data<std::int32_t>(), as_stream(stream_));
-  // Each row picks k distinct experts: an expert has at most t slots, and at most t * k experts have any.
-  const auto max_active = static_cast<std::int32_t>(std::min<std::int64_t>(n_routed, slots));
-  cuda::grouped_expert_gemv_bf16(u.data<float>(), k, t, offsets.data<std::int32_t>(), order.data<std::int32_t>(),
-                                 active.data<std::int32_t>(), max_active, static_cast<const std::uint16_t* const*>(d_gu.raw()),
-                                 f, h, true, act.data<float>(), as_stream(stream_));
-  cuda::grouped_expert_gemv_bf16(act.data<float>(), 1, t, offsets.data<std::int32_t>(), order.data<std::int32_t>(),
-                                 active.data<std::int32_t>(), max_active, static_cast<const std::uint16_t* const*>(d_down.raw()),
-                                 h, f, false, y.data<float>(), as_stream(stream_));
+  if (t > cuda::gemv_max_rows) {
+    routed_experts_on_tensor_cores(u, offsets, order, k, d_gu, d_down, f, y);
+  } else {
+    // Each row picks k distinct experts: an expert has at most t slots, and at most t * k experts have any.
+    const auto max_active = static_cast<std::int32_t>(std::min<std::int64_t>(n_routed, slots));
+    tensor act = empty({slots, f}, dtype::f32);
+    cuda::grouped_expert_gemv_bf16(u.data<float>(), k, t, offsets.data<std::int32_t>(), order.data<std::int32_t>(),
+                                   active.data<std::int32_t>(), max_active, static_cast<const std::uint16_t* const*>(d_gu.raw()),
+                                   f, h, true, act.data<float>(), as_stream(stream_));
+    cuda::grouped_expert_gemv_bf16(act.data<float>(), 1, t, offsets.data<std::int32_t>(), order.data<std::int32_t>(),
+                                   active.data<std::int32_t>(), max_active, static_cast<const std::uint16_t* const*>(d_down.raw()),
+                                   h, f, false, y.data<float>(), as_stream(stream_));
+  }
   cuda::moe_combine(u.data<float>(), y.data<float>(), idx.data<std::int32_t>(), gates.data<float>(), t, static_cast<int>(k),
                     n_routed, h, mode == write_mode::accumulate, out.data<float>(), as_stream(stream_));
 }

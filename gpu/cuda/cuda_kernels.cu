@@ -670,6 +670,53 @@ __global__ void moe_route_kernel(const float* logits, std::int64_t rows, const f
   group_slots_block(idx, rows * k, n_routed, next, offsets, order, active);
 }
 
+// The routed MoE beyond gemv_max_rows on tensor cores (moe_dispatch / moe_undispatch around
+// two batched cuBLAS GEMMs): expert e's slots become rows [e * cap, e * cap + count_e) of a
+// padded bf16 matrix (the padding zeros), and come back to slot order after the GEMMs.
+__global__ void moe_dispatch_kernel(const float* u, std::int64_t h, int k, const std::int32_t* offsets,
+                                    const std::int32_t* order, std::int64_t cap, __nv_bfloat16* x) {
+  follow_previous();
+  const std::int64_t e = blockIdx.x, j = blockIdx.y;
+  const std::int32_t begin = offsets[e], count = offsets[e + 1] - begin;
+  __nv_bfloat16* dst = x + (e * cap + j) * h;
+  const float* src = j < count ? u + static_cast<std::int64_t>(order[begin + j] / k) * h : nullptr;
+  for (std::int64_t c = threadIdx.x; c < h; c += blockDim.x) dst[c] = __float2bfloat16(src ? src[c] : 0.0f);
+}
+
+// act[r, :f] = bf16(SwiGLU(gate_up[r, :f], gate_up[r, f:2f])) over the padded rows.
+__global__ void moe_swiglu_bf16_kernel(const float* gate_up, std::int64_t rows, std::int64_t f, __nv_bfloat16* act) {
+  follow_previous();
+  const std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= rows * f) return;
+  const std::int64_t r = i / f, c = i % f;
+  act[i] = __float2bfloat16(swiglu_value(gate_up[r * 2 * f + c], gate_up[r * 2 * f + f + c]));
+}
+
+// y[s] = out_rows[e * cap + j] for the j-th slot s of expert e.
+__global__ void moe_undispatch_kernel(const float* out_rows, std::int64_t h, const std::int32_t* offsets,
+                                      const std::int32_t* order, std::int64_t cap, float* y) {
+  follow_previous();
+  const std::int64_t e = blockIdx.x, j = blockIdx.y;
+  const std::int32_t begin = offsets[e];
+  if (j >= offsets[e + 1] - begin) return;
+  const float* src = out_rows + (e * cap + j) * h;
+  float* dst = y + static_cast<std::int64_t>(order[begin + j]) * h;
+  for (std::int64_t c = threadIdx.x; c < h; c += blockDim.x) dst[c] = src[c];
+}
+
+// The batched GEMMs' pointer arrays: expert e's slice of each padded buffer.
+__global__ void moe_gemm_pointers_kernel(std::int32_t n_routed, const void* x, std::int64_t x_stride, void* gate_up,
+                                         std::int64_t gate_up_stride, const void* act, std::int64_t act_stride, void* out,
+                                         std::int64_t out_stride, const void** ptrs) {
+  follow_previous();
+  const std::int32_t e = static_cast<std::int32_t>(threadIdx.x);
+  if (e >= n_routed) return;
+  ptrs[e] = static_cast<const __nv_bfloat16*>(x) + e * x_stride;
+  ptrs[n_routed + e] = static_cast<float*>(gate_up) + e * gate_up_stride;
+  ptrs[2 * n_routed + e] = static_cast<const __nv_bfloat16*>(act) + e * act_stride;
+  ptrs[3 * n_routed + e] = static_cast<float*>(out) + e * out_stride;
+}
+
 // Launches `kernel` with programmatic stream serialisation (see follow_previous()); the launch
 // is checked.
 template <typename... Params, typename... Args>
@@ -775,6 +822,31 @@ void grouped_expert_gemv_bf16(const float* x, std::int64_t x_row_div, std::int64
   else
     TROUPE_GROUPED_CASE(8);
 #undef TROUPE_GROUPED_CASE
+}
+
+void moe_dispatch(const float* u, std::int64_t h, int k, const std::int32_t* offsets, const std::int32_t* order,
+                  std::int32_t n_routed, std::int64_t cap, std::uint16_t* x, cudaStream_t s) {
+  launch(moe_dispatch_kernel, dim3(static_cast<unsigned>(n_routed), static_cast<unsigned>(cap)), threads, 0, s, u, h, k,
+         offsets, order, cap, reinterpret_cast<__nv_bfloat16*>(x));
+}
+
+void moe_swiglu_bf16(const float* gate_up, std::int64_t rows, std::int64_t f, std::uint16_t* act, cudaStream_t s) {
+  if (rows * f == 0) return;
+  launch(moe_swiglu_bf16_kernel, blocks_for(rows * f), threads, 0, s, gate_up, rows, f, reinterpret_cast<__nv_bfloat16*>(act));
+}
+
+void moe_undispatch(const float* out_rows, std::int64_t h, const std::int32_t* offsets, const std::int32_t* order,
+                    std::int32_t n_routed, std::int64_t cap, float* y, cudaStream_t s) {
+  launch(moe_undispatch_kernel, dim3(static_cast<unsigned>(n_routed), static_cast<unsigned>(cap)), threads, 0, s, out_rows, h,
+         offsets, order, cap, y);
+}
+
+void moe_gemm_pointers(std::int32_t n_routed, const void* x, std::int64_t x_stride, void* gate_up, std::int64_t gate_up_stride,
+                       const void* act, std::int64_t act_stride, void* out, std::int64_t out_stride, const void** ptrs,
+                       cudaStream_t s) {
+  if (n_routed > 1024) throw std::invalid_argument("moe_gemm_pointers: more than 1024 routed experts");
+  launch(moe_gemm_pointers_kernel, 1, static_cast<unsigned>(n_routed), 0, s, n_routed, x, x_stride, gate_up, gate_up_stride,
+         act, act_stride, out, out_stride, ptrs);
 }
 
 void moe_combine(const float* u, const float* y, const std::int32_t* idx, const float* gates, std::int64_t rows, int k,

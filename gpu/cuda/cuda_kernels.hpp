@@ -38,10 +38,11 @@ void gemv_swiglu_bf16(const float* x, std::int64_t m, std::int64_t k, const std:
                       cudaStream_t s);
 
 /// Most rows the model gives the MoE on the device (decode batches, verification): such a step
-/// needs no host round trip, so it can be recorded as a CUDA graph. Larger steps route on the
-/// host, where each expert's rows go through a tensor-core GEMM: the grouped expert GEMVs run
-/// on CUDA cores, and at 64 rows they measured slower (2462 against 3265 tok/s, bench/RESULTS.md).
-constexpr std::int64_t routed_moe_max_rows = 8;
+/// needs no host round trip, so it can be recorded as a CUDA graph. Up to gemv_max_rows the
+/// experts run as grouped GEMVs; beyond, as two batched tensor-core GEMMs over every routed
+/// expert's slots padded to the row count (moe_dispatch below). Larger steps (prefill) route on
+/// the host, where each expert's GEMM covers exactly its rows.
+constexpr std::int64_t routed_moe_max_rows = 64;
 /// The routing of routed_moe in one launch: router_topk's idx and gates [rows, k]
 /// from the router's logits [rows, experts], then the slots grouped by expert:
 /// order[offsets[e] .. offsets[e + 1]) are the slots s with idx[s] == e < n_routed (offsets
@@ -59,6 +60,20 @@ void grouped_expert_gemv_bf16(const float* x, std::int64_t x_row_div, std::int64
                               const std::int32_t* order, const std::int32_t* active, std::int32_t max_active,
                               const std::uint16_t* const* weights, std::int64_t n, std::int64_t k, bool swiglu, float* y,
                               cudaStream_t s);
+/// The tensor-core MoE's data movement: x [n_routed, cap, h] (bf16) gets expert e's slots' rows of
+/// u in rows [0, count_e) of its slice (zeros after);
+void moe_dispatch(const float* u, std::int64_t h, int k, const std::int32_t* offsets, const std::int32_t* order,
+                  std::int32_t n_routed, std::int64_t cap, std::uint16_t* x, cudaStream_t s);
+/// act [rows, f] (bf16) = SwiGLU of gate_up [rows, 2f];
+void moe_swiglu_bf16(const float* gate_up, std::int64_t rows, std::int64_t f, std::uint16_t* act, cudaStream_t s);
+/// y [slots, h] gets each slot's row back from out_rows [n_routed, cap, h];
+void moe_undispatch(const float* out_rows, std::int64_t h, const std::int32_t* offsets, const std::int32_t* order,
+                    std::int32_t n_routed, std::int64_t cap, float* y, cudaStream_t s);
+/// ptrs [4 * n_routed] = expert e's slices of x, gate_up, act and out (strides in elements), for
+/// cublasGemmBatchedEx, written on the device so a recording holds them.
+void moe_gemm_pointers(std::int32_t n_routed, const void* x, std::int64_t x_stride, void* gate_up, std::int64_t gate_up_stride,
+                       const void* act, std::int64_t act_stride, void* out, std::int64_t out_stride, const void** ptrs,
+                       cudaStream_t s);
 /// out[t, c] (=|+=) sum_j gates[t, j] * (idx[t, j] < n_routed ? y[t * k + j, c] : u[t, c]).
 void moe_combine(const float* u, const float* y, const std::int32_t* idx, const float* gates, std::int64_t rows, int k,
                  std::int32_t n_routed, std::int64_t h, bool accumulate, float* out, cudaStream_t s);
