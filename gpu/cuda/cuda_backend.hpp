@@ -1,5 +1,5 @@
 // The CUDA backend (Hopper first): the model's ops on one GPU, enqueued on one stream.
-// Matrices are bf16: up to 8 rows (decode) a GEMV kernel of ours streams them against float32
+// Matrices are bf16: up to 4 rows (decode) a GEMV kernel of ours streams them against float32
 // activations; more rows go to cuBLAS with bf16 operands (activations rounded on their way in)
 // and float32 accumulation. The router's float32 matrix goes through a float32 GEMM.
 // Norms, RoPE, SwiGLU, gathers, the router and MLA attention over the paged latent cache are

@@ -362,7 +362,7 @@ __device__ void expert_rows(const float* x, std::int64_t x_row_div, const std::i
 
 // y[s, :n] = W_e[n, k] . x[s / x_row_div] for every slot s of expert e = active[blockIdx.y] (with
 // Glu: SwiGLU of W_e's gate rows [0, n) and up rows [n, 2n)): a warp per (output column, expert)
-// reads the weight rows once from memory for all of the expert's slots, up to eight at a time
+// reads the weight rows once from memory for all of the expert's slots, up to four at a time
 // (they stay in L1 between them). MaxRows bounds a group (an expert has at most one slot per
 // row of the step), so a decode step compiles to the one-slot dot alone: the wider
 // instantiations' registers would cut the blocks an SM holds.
@@ -750,13 +750,12 @@ namespace {
 template <typename W, bool Glu>
 void launch_gemv(const float* x, std::int64_t m, std::int64_t k, const W* w, std::int64_t n, float* y, bool accumulate,
                  const W* w2, std::int64_t n2, float* y2, cudaStream_t s) {
-  static_assert(gemv_max_rows == 8, "one instantiation per row count below");
+  static_assert(gemv_max_rows == 4, "one instantiation per row count below");
   const unsigned warps = threads / 32, grid = static_cast<unsigned>((n + n2 + warps - 1) / warps);
   switch (m) {
 #define TROUPE_GEMV_CASE(M) \
   case M: launch(gemv_kernel<M, W, Glu>, grid, threads, 0, s, x, k, w, n, y, accumulate, w2, n2, y2); break;
     TROUPE_GEMV_CASE(1) TROUPE_GEMV_CASE(2) TROUPE_GEMV_CASE(3) TROUPE_GEMV_CASE(4)
-    TROUPE_GEMV_CASE(5) TROUPE_GEMV_CASE(6) TROUPE_GEMV_CASE(7) TROUPE_GEMV_CASE(8)
 #undef TROUPE_GEMV_CASE
   }
 }
@@ -817,10 +816,8 @@ void grouped_expert_gemv_bf16(const float* x, std::int64_t x_row_div, std::int64
     TROUPE_GROUPED_CASE(1);
   else if (max_group <= 2)
     TROUPE_GROUPED_CASE(2);
-  else if (max_group <= 4)
-    TROUPE_GROUPED_CASE(4);
   else
-    TROUPE_GROUPED_CASE(8);
+    TROUPE_GROUPED_CASE(4);
 #undef TROUPE_GROUPED_CASE
 }
 

@@ -17,8 +17,11 @@ void f32_to_bf16(const float* src, std::uint16_t* dst, std::int64_t n, cudaStrea
 /// dst[i] = float(src[i]) for a bf16/f16/f32 source.
 void to_f32(dtype from, const void* src, float* dst, std::int64_t n, cudaStream_t s);
 
-/// Most rows gemv takes (decode batches); more go to cuBLAS.
-constexpr std::int64_t gemv_max_rows = 8;
+/// Most rows gemv takes (batch-1 decode and small verification steps); more go to cuBLAS's
+/// tensor cores. Measured on lite-1b (H100, bench/RESULTS.md): at 8 rows the CUDA-core GEMVs
+/// (and the grouped expert GEMVs) gave 1871 tok/s where tensor cores give 2847-2976; at 2 rows
+/// the GEMVs win (1186-1214 against 949); at 4 they are level.
+constexpr std::int64_t gemv_max_rows = 4;
 /// y[M,N] (=|+=) x[M,K] . w[N,K]^T with float32 x and bf16 or f32 w, M <= gemv_max_rows: one warp
 /// per output column streams its weight row once for all M rows (decode is bandwidth-bound;
 /// this reads the weights once, in one launch, and keeps x in float32). Its first weight loads
@@ -55,7 +58,7 @@ void moe_route(const float* logits, std::int64_t rows, const float* bias, std::i
 /// grouped under expert e (moe_route), or with `swiglu` SwiGLU of W_e's gate rows [0, n) and up
 /// rows [n, 2n); each weight row is read from memory once per call. Blocks go to
 /// active[0 .. max_active) (max_active >= the experts with slots); no expert has more than
-/// max_group slots (<= 8 is fastest); `weights` holds n_routed device pointers to bf16 matrices.
+/// max_group slots (<= gemv_max_rows); `weights` holds n_routed device pointers to bf16 matrices.
 void grouped_expert_gemv_bf16(const float* x, std::int64_t x_row_div, std::int64_t max_group, const std::int32_t* offsets,
                               const std::int32_t* order, const std::int32_t* active, std::int32_t max_active,
                               const std::uint16_t* const* weights, std::int64_t n, std::int64_t k, bool swiglu, float* y,
