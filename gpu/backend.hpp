@@ -160,7 +160,8 @@ class backend {
   /// rope columns are rotated at the row's position (`rope`); then each row is written to its
   /// place in the paged cache (`where`).
   virtual void write_latents(tensor& kv, const latent_norm& norm, const rope_table& rope, const paged_latents& where) = 0;
-  /// Causal MLA attention over the compressed latent cache with kv_b absorbed:
+  /// Causal MLA attention over the compressed latent cache, as with kv_b absorbed (a backend may
+  /// decompress the latents instead: the same function, e.g. a GPU's prefill on tensor cores):
   /// q[T, heads*(nope+rope)] -> out[T, heads*v], kv_b[heads*(nope+v), kv_lora] in kv_b_type(). q's rope columns
   /// come un-rotated: each head's are rotated at its row's position (`rope`) as q is absorbed.
   virtual void mla_attention(const tensor& q, const tensor& kv_b, const paged_latents& cache, const mla_dims& dims,

@@ -602,7 +602,7 @@ void cuda_backend::routed_experts_on_tensor_cores(const tensor& u, const tensor&
         static_cast<int>(h), &zero_beta, const_cast<void* const*>(p + n_routed), CUDA_R_32F, static_cast<int>(2 * f),
         static_cast<int>(n_routed), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
   }
-  cuda::moe_swiglu_bf16(gate_up.data<float>(), n_routed * cap, f, static_cast<std::uint16_t*>(act.raw()), s);
+  cuda::swiglu_to_bf16(gate_up.data<float>(), static_cast<std::uint16_t*>(act.raw()), n_routed * cap, f, s);
   {
     std::lock_guard lock(blas_mutex());
     TROUPE_CUBLAS_CHECK(cublasGemmBatchedEx(

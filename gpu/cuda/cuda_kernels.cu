@@ -144,12 +144,17 @@ __global__ void add_kernel(float* y, const float* x, std::int64_t n) {
 // SwiGLU of one gate and up value, as the CPU computes it.
 __device__ float swiglu_value(float g, float u) { return g / (1.0f + expf(-g)) * u; }
 
-__global__ void swiglu_kernel(const float* gate_up, float* out, std::int64_t rows, std::int64_t f) {
+__device__ void store(float* p, float v) { *p = v; }
+__device__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16(v); }
+
+// out[r, c] = SwiGLU(gate_up[r, c], gate_up[r, f + c]), in float32 or (a tensor-core GEMM's input) bf16.
+template <typename Out>
+__global__ void swiglu_kernel(const float* gate_up, Out* out, std::int64_t rows, std::int64_t f) {
   follow_previous();
   const std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
   if (i >= rows * f) return;
   const std::int64_t r = i / f, c = i % f;
-  out[i] = swiglu_value(gate_up[r * 2 * f + c], gate_up[r * 2 * f + f + c]);
+  store(out + i, swiglu_value(gate_up[r * 2 * f + c], gate_up[r * 2 * f + f + c]));
 }
 
 __global__ void gather_rows_kernel(dtype type, const void* table, std::int64_t cols, const std::int64_t* ids, float* out,
@@ -683,15 +688,6 @@ __global__ void moe_dispatch_kernel(const float* u, std::int64_t h, int k, const
   for (std::int64_t c = threadIdx.x; c < h; c += blockDim.x) dst[c] = __float2bfloat16(src ? src[c] : 0.0f);
 }
 
-// act[r, :f] = bf16(SwiGLU(gate_up[r, :f], gate_up[r, f:2f])) over the padded rows.
-__global__ void moe_swiglu_bf16_kernel(const float* gate_up, std::int64_t rows, std::int64_t f, __nv_bfloat16* act) {
-  follow_previous();
-  const std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
-  if (i >= rows * f) return;
-  const std::int64_t r = i / f, c = i % f;
-  act[i] = __float2bfloat16(swiglu_value(gate_up[r * 2 * f + c], gate_up[r * 2 * f + f + c]));
-}
-
 // y[s] = out_rows[e * cap + j] for the j-th slot s of expert e.
 __global__ void moe_undispatch_kernel(const float* out_rows, std::int64_t h, const std::int32_t* offsets,
                                       const std::int32_t* order, std::int64_t cap, float* y) {
@@ -827,11 +823,6 @@ void moe_dispatch(const float* u, std::int64_t h, int k, const std::int32_t* off
          offsets, order, cap, reinterpret_cast<__nv_bfloat16*>(x));
 }
 
-void moe_swiglu_bf16(const float* gate_up, std::int64_t rows, std::int64_t f, std::uint16_t* act, cudaStream_t s) {
-  if (rows * f == 0) return;
-  launch(moe_swiglu_bf16_kernel, blocks_for(rows * f), threads, 0, s, gate_up, rows, f, reinterpret_cast<__nv_bfloat16*>(act));
-}
-
 void moe_undispatch(const float* out_rows, std::int64_t h, const std::int32_t* offsets, const std::int32_t* order,
                     std::int32_t n_routed, std::int64_t cap, float* y, cudaStream_t s) {
   launch(moe_undispatch_kernel, dim3(static_cast<unsigned>(n_routed), static_cast<unsigned>(cap)), threads, 0, s, out_rows, h,
@@ -889,7 +880,13 @@ void add(float* y, const float* x, std::int64_t n, cudaStream_t s) {
 
 void swiglu(const float* gate_up, float* out, std::int64_t rows, std::int64_t f, cudaStream_t s) {
   if (rows * f == 0) return;
-  launch(swiglu_kernel, blocks_for(rows * f), threads, 0, s, gate_up, out, rows, f);
+  launch(swiglu_kernel<float>, blocks_for(rows * f), threads, 0, s, gate_up, out, rows, f);
+}
+
+void swiglu_to_bf16(const float* gate_up, std::uint16_t* out, std::int64_t rows, std::int64_t f, cudaStream_t s) {
+  if (rows * f == 0) return;
+  launch(swiglu_kernel<__nv_bfloat16>, blocks_for(rows * f), threads, 0, s, gate_up, reinterpret_cast<__nv_bfloat16*>(out),
+         rows, f);
 }
 
 void gather_rows(dtype type, const void* table, std::int64_t cols, const std::int64_t* ids, float* out, std::int64_t n,

@@ -67,9 +67,7 @@ void grouped_expert_gemv_bf16(const float* x, std::int64_t x_row_div, std::int64
 /// u in rows [0, count_e) of its slice (zeros after);
 void moe_dispatch(const float* u, std::int64_t h, int k, const std::int32_t* offsets, const std::int32_t* order,
                   std::int32_t n_routed, std::int64_t cap, std::uint16_t* x, cudaStream_t s);
-/// act [rows, f] (bf16) = SwiGLU of gate_up [rows, 2f];
-void moe_swiglu_bf16(const float* gate_up, std::int64_t rows, std::int64_t f, std::uint16_t* act, cudaStream_t s);
-/// y [slots, h] gets each slot's row back from out_rows [n_routed, cap, h];
+/// (between the two GEMMs, swiglu_to_bf16;) y [slots, h] gets each slot's row back from out_rows [n_routed, cap, h];
 void moe_undispatch(const float* out_rows, std::int64_t h, const std::int32_t* offsets, const std::int32_t* order,
                     std::int32_t n_routed, std::int64_t cap, float* y, cudaStream_t s);
 /// ptrs [4 * n_routed] = expert e's slices of x, gate_up, act and out (strides in elements), for
@@ -94,6 +92,8 @@ void scale(float* y, std::int64_t n, float factor, cudaStream_t s);
 void add(float* y, const float* x, std::int64_t n, cudaStream_t s);
 /// out[r, c] = silu(gate_up[r, c]) * gate_up[r, F + c]
 void swiglu(const float* gate_up, float* out, std::int64_t rows, std::int64_t f, cudaStream_t s);
+/// The same with bf16 out, the input of a tensor-core GEMM.
+void swiglu_to_bf16(const float* gate_up, std::uint16_t* out, std::int64_t rows, std::int64_t f, cudaStream_t s);
 /// out[r] = float(table[ids[r]]) for a bf16/f16/f32 table on the device.
 void gather_rows(dtype type, const void* table, std::int64_t cols, const std::int64_t* ids, float* out, std::int64_t n,
                  cudaStream_t s);
