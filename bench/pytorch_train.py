@@ -2,7 +2,9 @@
 optimizer as `troupe train`, written the way a PyTorch user would (float32, batched, eager,
 masked softmax attention, experts over index_select/index_add, torch.optim.AdamW).
 
-usage: pytorch_train.py CONFIG_JSON SEQUENCES SEQ_LEN STEPS THREADS
+usage: pytorch_train.py CONFIG_JSON SEQUENCES SEQ_LEN STEPS THREADS [DEVICE [PRECISION]]
+DEVICE cpu (default) or cuda; PRECISION f32 (default) or bf16 (autocast: bf16 GEMMs, float32
+parameters, as mixed-precision training runs).
 prints one JSON line: {"tokens_per_s": ..., "first_loss": ..., "last_loss": ...}
 """
 import json
@@ -65,7 +67,8 @@ class Model(torch.nn.Module):
         self.norm = torch.nn.Parameter(torch.ones(H))
         self.head = lin(V, H)
         inv_freq, af = ref.rope_inv_freq(c)
-        self.inv_freq, self.af, self.scale = inv_freq.to(torch.float32), af, ref.softmax_scale(c)
+        self.register_buffer("inv_freq", inv_freq.to(torch.float32))
+        self.af, self.scale = af, ref.softmax_scale(c)
 
     def rms(self, x, w):
         return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.c["rms_norm_eps"]))
@@ -85,7 +88,7 @@ class Model(torch.nn.Module):
         k = torch.cat([kvb[..., :nope], k_rot], -1)
         qf = torch.cat([q[..., :nope], q_rot], -1)
         scores = (qf @ k.transpose(-1, -2)) * self.scale  # Debian's torch 1.13 has no scaled_dot_product_attention
-        scores = scores.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float("-inf"))
+        scores = scores.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool, device=x.device), 1), float("-inf"))
         out = scores.softmax(-1) @ kvb[..., nope:]
         return out.transpose(1, 2).reshape(B, T, nh * vd) @ p["o"].T
 
@@ -114,7 +117,7 @@ class Model(torch.nn.Module):
             for i, (t, p) in enumerate(zip(self.tables, self.projs)):
                 x = x + t[hid[..., i]] @ p.T
             x = x / (1 + len(self.tables))
-        freqs = torch.arange(T, dtype=torch.float32)[:, None] * self.inv_freq[None, :]
+        freqs = torch.arange(T, dtype=torch.float32, device=tokens.device)[:, None] * self.inv_freq[None, :]
         cos, sin = freqs.cos() * self.af, freqs.sin() * self.af
         h = x
         for b in self.blocks:
@@ -129,23 +132,28 @@ class Model(torch.nn.Module):
 
 def main():
     config, sequences, seq_len, steps, threads = sys.argv[1], *map(int, sys.argv[2:6])
+    device = sys.argv[6] if len(sys.argv) > 6 else "cpu"
+    precision = sys.argv[7] if len(sys.argv) > 7 else "f32"
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     c = json.load(open(config))
-    model = Model(c)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    model = Model(c).to(device)
+    # On the GPU the fused AdamW kernels: the strongest optimizer step PyTorch offers.
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1,
+                            **({"fused": True} if device == "cuda" else {}))
     gen = torch.Generator().manual_seed(1)
     batches = []  # made before timing: the n-gram hashing here is Python, Troupe's is C++
     for _ in range(steps + 2):
         windows = torch.randint(3, c["vocab_size"], (sequences, seq_len + 1), generator=gen)
         hid = torch.stack([torch.from_numpy(ref.ngram_ids(c, row.tolist())) for row in windows[:, :-1]]) if model.ngram else None
-        batches.append((windows[:, :-1], windows[:, 1:], hid))
+        batches.append((windows[:, :-1].to(device), windows[:, 1:].to(device), hid.to(device) if hid is not None else None))
     losses, start = [], None
     for step, (tokens, targets, hid) in enumerate(batches):  # two warm-up steps are not timed
         if step == 2:
             start = time.perf_counter()
-        logits = model(tokens, hid)
-        loss = F.cross_entropy(logits.reshape(-1, c["vocab_size"]), targets.reshape(-1))
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            logits = model(tokens, hid)
+            loss = F.cross_entropy(logits.reshape(-1, c["vocab_size"]).float(), targets.reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -9,14 +9,15 @@
 #                                serving through the actor graph on the GPU
 #   gpu-bundle/bench.sh          batch-1 decode against the bandwidth roofline (demo, lite-1b)
 #   gpu-bundle/profile.sh        where lite-1b's graph decode step spends its time (ncu, per kernel)
+#   gpu-bundle/train_bench.sh    lite-1b training tokens/s and MFU on one GPU against PyTorch
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DTROUPE_NATIVE=OFF >/dev/null
-ninja -C build-gpu troupe troupe_cuda_tests troupe_bench_cuda_decode troupe_bench_cuda_sampling
+ninja -C build-gpu troupe troupe_cuda_tests troupe_bench_cuda_decode troupe_bench_cuda_sampling troupe_bench_cuda_train
 rm -rf gpu-bundle
 ../shared/scripts/gpu-bundle.sh gpu-bundle build-gpu/gpu/cuda/troupe_cuda_tests build-gpu/troupe \
-  build-gpu/bench/troupe_bench_cuda_decode build-gpu/bench/troupe_bench_cuda_sampling
+  build-gpu/bench/troupe_bench_cuda_decode build-gpu/bench/troupe_bench_cuda_sampling build-gpu/bench/troupe_bench_cuda_train
 # OpenBLAS alone is 36 MB; with the tracked tree the carry would pass 64 MiB. It travels
 # compressed and check.sh / bench.sh unpack it on the GPU machine.
 python3 -c "import lzma, shutil, sys; shutil.copyfileobj(open(sys.argv[1], 'rb'), lzma.open(sys.argv[1] + '.xz', 'wb', preset=6))" \
@@ -112,4 +113,22 @@ ncu --graph-profiling node --clock-control none --cache-control none --metrics g
 python3 gpu-bundle/gpu_profile_summary.py /tmp/profile.csv mla_decode=12 | head -45  # lite-1b: 12 attention layers
 PROFILE
 chmod +x gpu-bundle/profile.sh
+cat > gpu-bundle/train_bench.sh <<'TRAIN'
+#!/usr/bin/env bash
+# Runs on the GPU machine from the repository root: training steps of lite-1b (random tokens,
+# SEQUENCES x SEQ_LEN a step) with the GPU stage in each GEMM math, then bench/pytorch_train.py
+# (the same model, batch and AdamW, eager; float32 and bf16 autocast) in the same call.
+#   gpu-bundle/train_bench.sh [SEQUENCES] [SEQ_LEN] [STEPS]
+set -uo pipefail
+gpu-bundle/unpack.sh
+sequences=${1:-8}; seq_len=${2:-1024}; steps=${3:-8}
+config=configs/models/lite-1b.json
+for math in bf16 tf32 f32; do
+  gpu-bundle/run troupe_bench_cuda_train $config $sequences $seq_len $steps $math 2>/tmp/train_$math.err || tail -3 /tmp/train_$math.err
+done
+for precision in bf16 f32; do
+  echo "pytorch $precision: $(timeout 400 python3 bench/pytorch_train.py $config $sequences $seq_len $steps 16 cuda $precision 2>&1 | tail -1 | cut -c1-200)"
+done
+TRAIN
+chmod +x gpu-bundle/train_bench.sh
 du -sh gpu-bundle

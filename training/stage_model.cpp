@@ -35,24 +35,54 @@ stage_range stage_range::split(std::int64_t num_layers, std::int64_t num_stages,
   return r;
 }
 
+std::vector<parameter_spec> stage_parameters(const model_config& config, const stage_range& range) {
+  std::vector<parameter_spec> out;
+  for (const auto& spec : weight_specs(config)) {
+    const auto b = block_of(spec.name);
+    const bool mine = b >= 0 ? (b >= range.first_block && b < range.end_block)
+                             : (spec.name.rfind("model.embed_tokens", 0) == 0 || spec.name.rfind("model.ngram_embeddings", 0) == 0
+                                    ? range.embedding
+                                    : range.head);
+    if (!mine) continue;
+    param_role role = param_role::matrix;
+    if (spec.name == "model.embed_tokens.weight" || spec.name.find(".embedders.") != std::string::npos) role = param_role::table;
+    else if (spec.name.ends_with("e_score_correction_bias")) role = param_role::router_bias;
+    else if (spec.shape.size() == 1) role = param_role::norm;
+    out.push_back({spec.name, spec.shape, role});
+  }
+  return out;
+}
+
+template <class T>
+void init_parameter(const std::string& name, param_role role, const shape_t& shape, std::int64_t num_layers,
+                    std::uint64_t seed, std::span<T> values) {
+  rng gen(tensor_seed(seed, name));
+  const double fan_in = static_cast<double>(shape.size() > 1 ? shape[1] : 1);
+  double stddev = 1.0 / std::sqrt(fan_in);
+  // n-gram rows never seen in training keep their initial values (lazy updates, no decay)
+  // and still sum into every embedding whose hash lands there: start them small.
+  const double table_std = name.find(".embedders.") != std::string::npos ? 0.02 : 1.0;
+  if (name.ends_with("o_proj.weight") || name.ends_with("down_proj.weight"))
+    stddev *= 1.0 / std::sqrt(2.0 * static_cast<double>(num_layers));
+  for (auto& v : values) {
+    switch (role) {
+      case param_role::table: v = static_cast<T>(gen.normal() * table_std); break;
+      case param_role::matrix: v = static_cast<T>(gen.normal() * stddev); break;
+      case param_role::norm: v = T(1); break;
+      case param_role::router_bias: v = T(0); break;
+    }
+  }
+}
+
 template <class T>
 stage_model<T>::stage_model(const model_config& config, stage_range range) : config_(config), range_(range) {
   if (config_.tie_word_embeddings)
     throw input_error("training: tie_word_embeddings is not supported (the embedding and lm_head live on different stages)");
-  for (const auto& spec : weight_specs(config_)) {
-    const auto b = block_of(spec.name);
-    const bool mine = b >= 0 ? (b >= range_.first_block && b < range_.end_block)
-                             : (spec.name.rfind("model.embed_tokens", 0) == 0 || spec.name.rfind("model.ngram_embeddings", 0) == 0
-                                    ? range_.embedding
-                                    : range_.head);
-    if (!mine) continue;
+  for (const auto& spec : stage_parameters(config_, range_)) {
     parameter<T> p;
     p.name = spec.name;
     p.shape = spec.shape;
-    if (spec.name == "model.embed_tokens.weight" || spec.name.find(".embedders.") != std::string::npos) p.role = param_role::table;
-    else if (spec.name.ends_with("e_score_correction_bias")) p.role = param_role::router_bias;
-    else if (spec.shape.size() == 1) p.role = param_role::norm;
-    else p.role = param_role::matrix;
+    p.role = spec.role;
     std::int64_t n = 1;
     for (auto d : spec.shape) n *= d;
     p.value.assign(static_cast<std::size_t>(n), T(0));
@@ -120,24 +150,7 @@ parameter<T>& stage_model<T>::parameter_named(const std::string& name) {
 
 template <class T>
 void stage_model<T>::init(std::uint64_t seed) {
-  const double residual_scale = 1.0 / std::sqrt(2.0 * static_cast<double>(config_.num_layers));
-  for (auto& p : params_) {
-    rng gen(tensor_seed(seed, p.name));
-    const double fan_in = static_cast<double>(p.cols());
-    double stddev = 1.0 / std::sqrt(fan_in);
-    // n-gram rows never seen in training keep their initial values (lazy updates, no decay)
-    // and still sum into every embedding whose hash lands there: start them small.
-    const double table_std = p.name.find(".embedders.") != std::string::npos ? 0.02 : 1.0;
-    if (p.name.ends_with("o_proj.weight") || p.name.ends_with("down_proj.weight")) stddev *= residual_scale;
-    for (auto& v : p.value) {
-      switch (p.role) {
-        case param_role::table: v = static_cast<T>(gen.normal() * table_std); break;
-        case param_role::matrix: v = static_cast<T>(gen.normal() * stddev); break;
-        case param_role::norm: v = T(1); break;
-        case param_role::router_bias: v = T(0); break;
-      }
-    }
-  }
+  for (auto& p : params_) init_parameter<T>(p.name, p.role, p.shape, config_.num_layers, seed, p.value);
 }
 
 template <class T>
@@ -295,6 +308,8 @@ buffer<T> stage_model<T>::backward(std::int64_t id, std::span<const T> grad_out,
   return g;
 }
 
+template void init_parameter<float>(const std::string&, param_role, const shape_t&, std::int64_t, std::uint64_t, std::span<float>);
+template void init_parameter<double>(const std::string&, param_role, const shape_t&, std::int64_t, std::uint64_t, std::span<double>);
 template class stage_model<float>;
 template class stage_model<double>;
 

@@ -34,6 +34,23 @@ struct stage_range {
   static stage_range split(std::int64_t num_layers, std::int64_t num_stages, std::int64_t index);
 };
 
+/// A parameter of a stage as the checkpoint names it, and how the optimizer treats it.
+struct parameter_spec {
+  std::string name;
+  shape_t shape;
+  param_role role = param_role::matrix;
+};
+/// The parameters `range` owns, in checkpoint order (weight_specs()).
+std::vector<parameter_spec> stage_parameters(const model_config& config, const stage_range& range);
+
+/// Training initialisation of one tensor from `seed` (its own stream, as init-model does):
+/// matrices N(0, 1/fan_in) with residual outputs (o_proj, down_proj) scaled by
+/// 1/sqrt(2 * num_layers), the token embedding N(0, 1), n-gram tables N(0, 0.02^2), norms 1,
+/// router bias 0.
+template <class T>
+void init_parameter(const std::string& name, param_role role, const shape_t& shape, std::int64_t num_layers,
+                    std::uint64_t seed, std::span<T> values);
+
 enum class keep_activations : std::uint8_t { yes, no };
 
 template <class T>
@@ -50,10 +67,7 @@ class stage_model {
   const std::deque<parameter<T>>& parameters() const { return params_; }
   parameter<T>& parameter_named(const std::string& name);
 
-  /// Training initialisation from `seed` (each tensor from its own stream, as init-model does):
-  /// matrices N(0, 1/fan_in) with residual outputs (o_proj, down_proj) scaled by
-  /// 1/sqrt(2 * num_layers), the token embedding N(0, 1), n-gram tables N(0, 0.02^2), norms 1,
-  /// router bias 0.
+  /// Training initialisation from `seed`: init_parameter() for every tensor.
   void init(std::uint64_t seed);
   /// Values from a checkpoint (any float dtype); shapes are checked by name.
   void load(const checkpoint& ckpt);

@@ -7,20 +7,13 @@
 #include <mutex>
 #include <stdexcept>
 
+#include "gpu/cuda/cublas_check.hpp"
 #include "gpu/cuda/cuda_check.hpp"
 #include "gpu/cuda/cuda_kernels.hpp"
 #include "gpu/cuda/ngram_cache.hpp"
 
 namespace troupe {
 namespace {
-
-#define TROUPE_CUBLAS_CHECK(call)                                                                          \
-  do {                                                                                                     \
-    const cublasStatus_t troupe_status_ = (call);                                                          \
-    if (troupe_status_ != CUBLAS_STATUS_SUCCESS)                                                           \
-      throw std::runtime_error(std::string("cuBLAS error: ") + cublasGetStatusString(troupe_status_) + " in " + \
-                               #call + " at " + __FILE__ + ":" + std::to_string(__LINE__));                \
-  } while (0)
 
 [[noreturn]] void fail_argument(const char* op, const std::string& what) {
   throw std::invalid_argument(std::string("cuda_backend::") + op + ": " + what);

@@ -9,6 +9,7 @@
 #include <stdexcept>
 #include <utility>
 
+#include "gpu/cuda/block_reduce.cuh"
 #include "gpu/cuda/cuda_check.hpp"
 
 namespace troupe::cuda {
@@ -29,26 +30,6 @@ __device__ __forceinline__ void follow_previous() {
 }
 
 unsigned blocks_for(std::int64_t n) { return static_cast<unsigned>((n + threads - 1) / threads); }
-
-// Sum (or max) over the block; every thread gets the result. `shared` holds 32 floats.
-template <bool Max>
-__device__ float block_reduce(float v, float* shared) {
-  for (int o = 16; o > 0; o >>= 1) {
-    const float other = __shfl_xor_sync(0xffffffffu, v, o);
-    v = Max ? fmaxf(v, other) : v + other;
-  }
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  __syncthreads();  // `shared` may still be read from the previous reduction
-  if (lane == 0) shared[warp] = v;
-  __syncthreads();
-  const int warps = (blockDim.x + 31) >> 5;
-  v = lane < warps ? shared[lane] : (Max ? -FLT_MAX : 0.0f);
-  for (int o = 16; o > 0; o >>= 1) {
-    const float other = __shfl_xor_sync(0xffffffffu, v, o);
-    v = Max ? fmaxf(v, other) : v + other;
-  }
-  return v;
-}
 
 __device__ float load(dtype type, const void* p, std::int64_t i) {
   switch (type) {
