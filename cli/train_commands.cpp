@@ -17,7 +17,7 @@ namespace fs = std::filesystem;
 namespace {
 
 struct train_opts {
-  std::string config;
+  std::string config, device;
   bool resume = false, quiet = false;
   std::int64_t steps = 0;
 };
@@ -28,6 +28,7 @@ int run_train(const train_opts& o) {
   options.resume = o.resume;
   if (o.steps > 0) options.steps = o.steps;
   options.progress = !o.quiet;
+  if (!o.device.empty()) options.device = o.device;
   const auto s = train::run_training(config, options);
   std::fprintf(stderr,
                "[train] steps %lld-%lld in %.1f s: %.0f tokens/s, last loss %.4f, validation loss %.4f, pipeline bubble %.1f%%\n"
@@ -100,6 +101,9 @@ void add_train_commands(CLI::App& app, std::function<int()>& run) {
   train->add_flag("--resume", t->resume, "continue from the run directory's latest checkpoint (bitwise the same losses)");
   train->add_option("--steps", t->steps, "stop after this step instead of the config's (the schedule keeps the config's length)");
   train->add_flag("--quiet", t->quiet, "no progress bar");
+  train->add_option("--device", t->device,
+                    "where the stage actors compute, overriding the config's \"device\": cpu, cuda (stage actors spread\n"
+                    "over the visible GPUs) or cuda:N; the GPU stages' GEMMs use the config's \"gemm_math\" (tf32 or f32)");
   train->callback([&run, t] { run = [t] { return run_train(*t); }; });
 
   auto p = std::make_shared<plot_opts>();

@@ -29,6 +29,8 @@ cat > gpu-bundle/unpack.sh <<'UNPACK'
 UNPACK
 chmod +x gpu-bundle/unpack.sh
 mkdir -p gpu-bundle/cases
+head -c 150000 .deps/corpora/kjv.txt > gpu-bundle/cases/corpus.txt
+printf '#!/usr/bin/env bash\nexec "$(dirname "$0")/run" troupe "$@"\n' > gpu-bundle/troupe && chmod +x gpu-bundle/troupe
 cp tests/reference/check_transformers.py tests/reference/longcat_reference.py scripts/gpu_serve_check.py \
   scripts/gpu_profile_summary.py gpu-bundle/
 /usr/bin/python3 - <<'PY'
@@ -69,6 +71,8 @@ for c in plain plain_yarn; do
   gpu_cases+=(--case gpu-bundle/cases/\$c gpu-bundle/cases/ids.json /tmp/\$c.cuda.npy)
 done
 python3 gpu-bundle/check_transformers.py "\${gpu_cases[@]}" --tol 1e-2 --min-agreement 0.95 --bf16-baseline || status=1
+echo "== training through the actor pipeline on the GPU (stages, replicas, resume, against the CPU's losses)"
+TROUPE_CORPUS=\$PWD/gpu-bundle/cases/corpus.txt bash tests/training/check_training.sh \$PWD/gpu-bundle/troupe /tmp/train-check cuda || status=1
 echo "== serving: the actor graph on the CPU, on the GPU, and on the GPU with the demo draft"
 python3 gpu-bundle/gpu_serve_check.py gpu-bundle models/demo models/demo-draft || status=1
 exit \$status
@@ -123,7 +127,7 @@ set -uo pipefail
 gpu-bundle/unpack.sh
 sequences=${1:-8}; seq_len=${2:-1024}; steps=${3:-8}
 config=configs/models/lite-1b.json
-for math in bf16 tf32 f32; do
+for math in tf32 f32; do
   gpu-bundle/run troupe_bench_cuda_train $config $sequences $seq_len $steps $math 2>/tmp/train_$math.err || tail -3 /tmp/train_$math.err
 done
 for precision in bf16 f32; do

@@ -20,8 +20,7 @@ namespace {
 struct stage_state {
   stage_state() = default;
   stage_setup setup;
-  std::unique_ptr<stage_model<float>> model;
-  std::unique_ptr<adamw> optimizer;
+  std::unique_ptr<stage_compute> model;
   caf::actor next, previous, coordinator;
   std::vector<caf::actor> peers;  // same depth, every replica (replica order, self included)
   std::deque<train_micro_batch> forwards;
@@ -50,11 +49,8 @@ gradient_share make_share(stage_state& st, std::int64_t step) {
   gradient_share s;
   s.step = step;
   s.replica = st.setup.replica;
-  for (auto& p : st.model->parameters()) {
-    if (p.role == param_role::router_bias) continue;
-    s.grads.insert(s.grads.end(), p.grad.begin(), p.grad.end());
-    if (p.role == param_role::table) s.touched.insert(s.touched.end(), p.touched.begin(), p.touched.end());
-  }
+  for (const auto& g : st.model->gradients()) s.grads.insert(s.grads.end(), g.values.begin(), g.values.end());
+  for (const auto& t : st.model->touched()) s.touched.insert(s.touched.end(), t.begin(), t.end());
   for (const auto& block : st.model->expert_load()) s.load.insert(s.load.end(), block.begin(), block.end());
   return s;
 }
@@ -62,13 +58,23 @@ gradient_share make_share(stage_state& st, std::int64_t step) {
 // Adds (or, with overwrite, copies) a share into the stage's gradients and loads.
 enum class share_mode : std::uint8_t { add, overwrite };
 void apply_share(stage_state& st, const gradient_share& s, share_mode mode) {
+  std::vector<named_array> grads;
+  std::vector<std::vector<std::uint8_t>> touched;
   std::size_t g = 0, t = 0;
-  for (auto& p : st.model->parameters()) {
-    if (p.role == param_role::router_bias) continue;
-    for (auto& v : p.grad) v = mode == share_mode::add ? v + s.grads.at(g++) : s.grads.at(g++);
-    if (p.role == param_role::table)
-      for (auto& flag : p.touched) flag = mode == share_mode::add ? (flag | s.touched.at(t++)) : s.touched.at(t++);
+  for (const auto& spec : st.model->parameters()) {
+    if (spec.role == param_role::router_bias) continue;
+    std::size_t n = 1;
+    for (auto d : spec.shape) n *= static_cast<std::size_t>(d);
+    if (g + n > s.grads.size()) throw std::logic_error("gradient share of replica " + std::to_string(s.replica) + " is short");
+    grads.push_back({spec.name, spec.shape, {s.grads.begin() + static_cast<std::ptrdiff_t>(g), s.grads.begin() + static_cast<std::ptrdiff_t>(g + n)}});
+    g += n;
+    if (spec.role == param_role::table) {
+      const auto rows = static_cast<std::size_t>(spec.shape[0]);
+      touched.emplace_back(s.touched.begin() + static_cast<std::ptrdiff_t>(t), s.touched.begin() + static_cast<std::ptrdiff_t>(t + rows));
+      t += rows;
+    }
   }
+  st.model->add_gradients(grads, touched, mode == share_mode::overwrite);
   std::vector<std::vector<std::int64_t>> load = st.model->expert_load();
   std::size_t l = 0;
   for (auto& block : load)
@@ -81,7 +87,7 @@ void finish_reduce(stage_pointer self) {
   auto& st = self->state;
   st.reduce_step = -1;
   st.shares.clear();
-  st.reduce_promise.deliver(st.optimizer->grad_square_sum());
+  st.reduce_promise.deliver(st.model->grad_square_sum());
 }
 
 // Replica 0: once its own reduce has begun and every other replica's share is in, sums them in
@@ -100,12 +106,12 @@ void run_forward(stage_pointer self, train_micro_batch mb) {
   auto& st = self->state;
   const batch_dims dims{mb.sequences, mb.seq_len};
   const auto keep = mb.evaluate ? keep_activations::no : keep_activations::yes;
-  buffer<float> out;
-  {
-    busy_timer timer(st.busy_seconds);
-    out = st.model->forward(mb.id, mb.tokens, mb.hidden, dims, keep);
-  }
   if (!st.setup.range.head) {
+    buffer<float> out;
+    {
+      busy_timer timer(st.busy_seconds);
+      out = st.model->forward(mb.id, mb.tokens, mb.hidden, dims, keep);
+    }
     if (!mb.evaluate) ++st.in_flight;
     mb.tokens.clear();
     mb.hidden = std::move(out);
@@ -117,7 +123,7 @@ void run_forward(stage_pointer self, train_micro_batch mb) {
   buffer<float> grad;
   {
     busy_timer timer(st.busy_seconds);
-    report.loss_sum = st.model->loss(mb.id, out, mb.targets, dims, mb.loss_weight, keep, grad);
+    report.loss_sum = st.model->forward_loss(mb.id, mb.tokens, mb.hidden, mb.targets, dims, mb.loss_weight, keep, grad);
   }
   caf::anon_send(st.coordinator, loss_atom::value, report);
   if (mb.evaluate) return;
@@ -176,21 +182,13 @@ void guarded(stage_pointer self, F&& f) {
 train_stage_actor::behavior_type stage_behavior(stage_pointer self, stage_setup setup) {
   auto& st = self->state;
   st.setup = std::move(setup);
-  st.model = std::make_unique<stage_model<float>>(st.setup.config, st.setup.range);
+  st.model = make_stage_compute(st.setup.config, st.setup.range, st.setup.device, st.setup.gemm_math);
   if (st.setup.resume) {
-    std::map<std::string, const named_array*> values;
-    for (const auto& v : st.setup.resume->values) values[v.name] = &v;
-    for (auto& p : st.model->parameters()) {
-      auto it = values.find(p.name);
-      if (it == values.end() || it->second->shape != p.shape)
-        throw input_error("the checkpoint has no tensor " + p.name + " of the model's shape");
-      p.value = it->second->values;
-    }
+    st.model->set_values(st.setup.resume->values);
+    st.model->load_optimizer_state(st.setup.resume->moments);
   } else {
     st.model->init(st.setup.seed);
   }
-  st.optimizer = std::make_unique<adamw>(st.model->parameters());
-  if (st.setup.resume) st.optimizer->load_state(st.setup.resume->moments);
   st.setup.resume.reset();  // the values now live in the model
   return {
       [=](wire_atom, caf::actor next, caf::actor previous, caf::actor coordinator, std::vector<caf::actor> peers) {
@@ -210,7 +208,7 @@ train_stage_actor::behavior_type stage_behavior(stage_pointer self, stage_setup 
       },
       [=](reduce_atom, std::int64_t step) -> caf::result<double> {
         auto& s = self->state;
-        if (s.setup.num_replicas == 1) return s.optimizer->grad_square_sum();
+        if (s.setup.num_replicas == 1) return s.model->grad_square_sum();
         s.reduce_step = step;
         s.reduce_promise = self->make_response_promise<double>();
         if (s.setup.replica > 0) {
@@ -235,21 +233,15 @@ train_stage_actor::behavior_type stage_behavior(stage_pointer self, stage_setup 
       [=](apply_atom, const step_update& u) -> bool {
         auto& s = self->state;
         busy_timer timer(s.busy_seconds);
-        s.optimizer->step(s.setup.optimizer, u.step, u.learning_rate, u.grad_scale);
-        if (s.setup.optimizer.router_bias_rate > 0) {
-          const auto& load = s.model->expert_load();
-          for (std::size_t b = 0; b < load.size(); ++b)
-            update_router_bias(s.model->parameter_named("model.layers." + std::to_string(s.setup.range.first_block + static_cast<std::int64_t>(b)) +
-                                                        ".mlp.router.e_score_correction_bias"),
-                               load[b], s.setup.optimizer.router_bias_rate);
-        }
+        s.model->step(s.setup.optimizer, u.step, u.learning_rate, u.grad_scale);
+        if (s.setup.optimizer.router_bias_rate > 0) s.model->update_router_biases(s.setup.optimizer.router_bias_rate);
         s.model->zero_grad();
         s.model->reset_expert_load();
         return true;
       },
       [=](snapshot_atom) -> stage_snapshot {
         auto& s = self->state;
-        return {values_of(*s.model), s.optimizer->state()};
+        return {s.model->values(), s.model->optimizer_state()};
       },
       [=](busy_atom) -> double { return self->state.busy_seconds; },
   };

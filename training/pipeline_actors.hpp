@@ -12,7 +12,7 @@
 #include "training/checkpoint_io.hpp"
 #include "training/dataset.hpp"
 #include "training/optimizer.hpp"
-#include "training/stage_model.hpp"
+#include "training/stage_compute.hpp"
 
 namespace troupe {
 class tokenizer;
@@ -27,6 +27,7 @@ struct stage_setup {
   optimizer_config optimizer;
   std::uint64_t seed = 0;                                 // initialisation when not resuming
   std::shared_ptr<const checkpoint_contents> resume;      // values and moments to start from, or null
+  std::string device = "cpu", gemm_math = "tf32";        // make_stage_compute()
 };
 
 /// A stage actor. Forwards run when fewer than (num_stages - stage) micro-batches hold

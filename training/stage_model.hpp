@@ -82,6 +82,13 @@ class stage_model {
   /// and returns the gradient for the previous stage in `grad_in` (empty on a single stage).
   double loss(std::int64_t id, std::span<const T> hidden, std::span<const std::int32_t> targets, const batch_dims& dims,
               T weight, keep_activations keep, buffer<T>& grad_in);
+  /// The last stage's forward and loss in one call (what a stage that owns the head runs: a GPU
+  /// stage keeps the hidden states on its device).
+  double forward_loss(std::int64_t id, std::span<const std::int32_t> tokens, std::span<const T> hidden,
+                      std::span<const std::int32_t> targets, const batch_dims& dims, T weight, keep_activations keep,
+                      buffer<T>& grad_in) {
+    return loss(id, forward(id, tokens, hidden, dims, keep), targets, dims, weight, keep, grad_in);
+  }
   /// Backward of micro-batch `id` from the gradient of its output; returns the gradient of its
   /// input (empty on the first stage) and frees its activations.
   buffer<T> backward(std::int64_t id, std::span<const T> grad_out, const batch_dims& dims);

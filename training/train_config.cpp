@@ -44,7 +44,7 @@ train_config load_train_config(const fs::path& path) {
   const std::string source = path.string();
   const json_fields f{obj, source};
   only_known(f, {"model", "tokenizer", "data", "batch", "pipeline", "steps", "seed", "optimizer", "out", "checkpoint_every",
-                 "eval_every", "eval_sequences", "log_every", "save_dtype", "comment"},
+                 "eval_every", "eval_sequences", "log_every", "save_dtype", "device", "gemm_math", "comment"},
              "");
   const fs::path base = path.parent_path();
   auto resolve = [&](const std::string& p) { return fs::path(p).is_absolute() ? fs::path(p) : base / p; };
@@ -120,6 +120,12 @@ train_config load_train_config(const fs::path& path) {
   if (save == "bf16") c.save_type = dtype::bf16;
   else if (save == "f32") c.save_type = dtype::f32;
   else f.fail("save_dtype", "must be \"bf16\" or \"f32\"");
+
+  c.device = f.string_or("device", "cpu");
+  c.gemm_math = f.string_or("gemm_math", "tf32");
+  if (c.device != "cpu" && c.device != "cuda" && !c.device.starts_with("cuda:"))
+    f.fail("device", "must be \"cpu\", \"cuda\" or \"cuda:N\"");
+  if (c.gemm_math != "tf32" && c.gemm_math != "f32") f.fail("gemm_math", "must be \"tf32\" or \"f32\"");
 
   if (c.batch_sequences % (c.replicas * c.micro_batches) != 0)
     throw input_error(source + ": batch.sequences (" + std::to_string(c.batch_sequences) +

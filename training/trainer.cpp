@@ -278,11 +278,16 @@ train_summary run_training(const train_config& config, const train_options& opti
   if (state.step >= last_step) throw input_error("nothing to do: the run is already at step " + std::to_string(state.step));
   fs::create_directories(config.out);
 
+  const std::string device = options.device.value_or(config.device);
+  std::vector<std::string> placement;
+  for (std::int64_t i = 0; i < config.replicas * config.stages; ++i) placement.push_back(place_stage(device, i));
+  if (device != "cpu") std::cerr << "[train] stage actors on " << device << " (GEMMs in " << config.gemm_math << ")\n";
   for (std::int64_t r = 0; r < config.replicas; ++r) {
     p.stages.emplace_back();
     for (std::int64_t s = 0; s < config.stages; ++s) {
       stage_setup setup{config.model, stage_range::split(config.model.num_layers, config.stages, s), s, config.stages, r,
-                        config.replicas, config.optimizer, config.seed, resume};
+                        config.replicas, config.optimizer, config.seed, resume,
+                        placement[static_cast<std::size_t>(r * config.stages + s)], config.gemm_math};
       p.stages.back().push_back(spawn_train_stage(sys, std::move(setup)));
       self->monitor(p.stages.back().back());
     }

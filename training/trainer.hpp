@@ -36,6 +36,8 @@ struct train_config {
   std::int64_t eval_sequences = 16;
   std::int64_t log_every = 1;         // metrics lines (and progress updates without a terminal)
   dtype save_type = dtype::bf16;      // model.safetensors; master weights stay float32 in trainer_state
+  std::string device = "cpu";         // stage actors compute on: cpu, cuda (stage actor i on GPU i mod count), cuda:N
+  std::string gemm_math = "tf32";     // the GPU stages' GEMMs: tf32 or f32
 };
 
 /// Reads and validates a training config (JSON; relative paths are relative to the file).
@@ -45,6 +47,7 @@ struct train_options {
   bool resume = false;                 // continue from out/latest
   std::optional<std::int64_t> steps;   // overrides the config's total (the schedule keeps the config's)
   bool progress = true;                // progress bar on stderr
+  std::optional<std::string> device;   // overrides the config's device
 };
 
 struct train_summary {

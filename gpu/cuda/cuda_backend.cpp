@@ -115,9 +115,11 @@ std::unique_ptr<device_ngram> cuda_backend::make_device_ngram(const model_config
   return std::make_unique<cuda_device_ngram>(config, slots, as_stream(stream_), upload(ids, dtype::i32));
 }
 
-bool cuda_backend::available() {
+bool cuda_backend::available() { return device_count() > 0; }
+
+int cuda_backend::device_count() {
   int n = 0;
-  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+  return cudaGetDeviceCount(&n) == cudaSuccess ? n : 0;
 }
 
 cuda_backend::cuda_backend(int index) : index_(index) {

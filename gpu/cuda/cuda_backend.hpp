@@ -32,8 +32,9 @@ class cuda_backend final : public backend {
   cuda_backend(const cuda_backend&) = delete;
   cuda_backend& operator=(const cuda_backend&) = delete;
 
-  /// Whether this process sees a CUDA device (tests skip without one).
+  /// Whether this process sees a CUDA device (tests skip without one), and how many.
   static bool available();
+  static int device_count();
 
   device where() const override { return {device_kind::cuda, index_}; }
   std::string name() const override;

@@ -21,8 +21,7 @@ namespace k = cuda;
 gemm_math parse_gemm_math(const std::string& name) {
   if (name == "f32") return gemm_math::f32;
   if (name == "tf32") return gemm_math::tf32;
-  if (name == "bf16") return gemm_math::bf16;
-  throw input_error("unknown GEMM math \"" + name + "\" (f32, tf32 or bf16)");
+  throw input_error("unknown GEMM math \"" + name + "\" (f32 or tf32)");
 }
 
 namespace {
@@ -158,11 +157,7 @@ struct cuda_stage::impl {
 
   // ---- GEMMs -----------------------------------------------------------------------------
   cublasComputeType_t compute() const {
-    switch (math) {
-      case gemm_math::tf32: return CUBLAS_COMPUTE_32F_FAST_TF32;
-      case gemm_math::bf16: return CUBLAS_COMPUTE_32F_FAST_16BF;
-      default: return CUBLAS_COMPUTE_32F;
-    }
+    return math == gemm_math::tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
   }
   // Row-major C[m, n] = op(A) op(B) + beta C, as train::matmul: cuBLAS sees the transposes
   // (column-major C^T = op(B)^T op(A)^T).
@@ -704,7 +699,6 @@ void cuda_stage::set_values(const std::vector<named_array>& values) {
     TROUPE_CUDA_CHECK(cudaMemcpyAsync(p.value.get(), it->second->values.data(), static_cast<std::size_t>(p.numel()) * sizeof(float),
                                       cudaMemcpyHostToDevice, m.stream));
   }
-  TROUPE_CUDA_CHECK(cudaStreamSynchronize(m.stream));
 }
 
 std::vector<named_array> cuda_stage::values() const {
@@ -753,9 +747,12 @@ void cuda_stage::add_gradients(const std::vector<named_array>& grads, const std:
   }
 }
 
-std::vector<float> cuda_stage::forward(std::int64_t id, std::span<const std::int32_t> tokens, std::span<const float> hidden,
-                                       const batch_dims& dims, keep_activations keep) {
-  auto& m = *impl_;
+namespace {
+
+// The stage's forward on the device: the output stays there (forward() downloads it, forward_loss()
+// hands it to the head directly).
+fbuf forward_on_device(cuda_stage::impl& m, std::int64_t id, std::span<const std::int32_t> tokens,
+                       std::span<const float> hidden, const batch_dims& dims, keep_activations keep) {
   const auto t = dims.rows(), h = m.config.hidden_size;
   saved_batch s;
   fbuf x;
@@ -780,42 +777,63 @@ std::vector<float> cuda_stage::forward(std::int64_t id, std::span<const std::int
                         keep == keep_activations::yes ? &m.expert_load[static_cast<std::size_t>(i)] : nullptr);
     if (keep == keep_activations::no) c = block_cache{};
   }
-  std::vector<float> out = x.download();
   if (keep == keep_activations::yes) m.saved[id] = std::move(s);
-  return out;
+  return x;
 }
 
-double cuda_stage::loss(std::int64_t id, std::span<const float> hidden, std::span<const std::int32_t> targets,
-                        const batch_dims& dims, float weight, keep_activations keep, std::vector<float>& grad_in) {
-  auto& m = *impl_;
-  if (!m.range.head) throw std::logic_error("cuda_stage::loss on a stage without the head");
-  auto h = fbuf::upload(hidden, m.stream);
-  if (keep == keep_activations::no) return m.head(h.get(), targets, dims.rows(), weight, nullptr);
-  auto dh = fbuf::zeros(static_cast<std::int64_t>(hidden.size()), m.stream);
-  const double total = m.head(h.get(), targets, dims.rows(), weight, dh.get());
-  grad_in = backward(id, dh.download(), dims);
-  return total;
-}
-
-std::vector<float> cuda_stage::backward(std::int64_t id, std::span<const float> grad_out, const batch_dims& dims) {
-  auto& m = *impl_;
+fbuf backward_on_device(cuda_stage::impl& m, std::int64_t id, fbuf g, const batch_dims& dims) {
   auto it = m.saved.find(id);
   if (it == m.saved.end()) throw std::logic_error("stage backward: no activations for micro-batch " + std::to_string(id));
   m.prepare_rope(dims);
-  fbuf g = fbuf::upload(grad_out, m.stream);
   for (std::int64_t i = static_cast<std::int64_t>(it->second.blocks.size()); i-- > 0;) {
     g = m.block_backward(m.range.first_block + i, g.get(), dims, it->second.blocks[static_cast<std::size_t>(i)]);
     it->second.blocks[static_cast<std::size_t>(i)] = block_cache{};  // its activations are done with
   }
-  std::vector<float> out;
   if (m.range.embedding) {
     m.embedding_backward(g.get(), it->second.embedding, dims);
     TROUPE_CUDA_CHECK(cudaStreamSynchronize(m.stream));
-  } else {
-    out = g.download();
+    g = fbuf{};
   }
   m.saved.erase(it);
-  return out;
+  return g;
+}
+
+// The head's loss from hidden states on the device; with keep_activations::yes the backward of
+// the whole stage follows and grad_in gets the gradient for the previous stage.
+double loss_on_device(cuda_stage::impl& m, std::int64_t id, const fbuf& h, std::span<const std::int32_t> targets,
+                      const batch_dims& dims, float weight, keep_activations keep, std::vector<float>& grad_in) {
+  if (!m.range.head) throw std::logic_error("cuda_stage::loss on a stage without the head");
+  if (static_cast<std::int64_t>(targets.size()) != dims.rows()) throw std::logic_error("stage loss: target count");
+  if (keep == keep_activations::no) return m.head(h.get(), targets, dims.rows(), weight, nullptr);
+  auto dh = fbuf::zeros(h.size(), m.stream);
+  const double total = m.head(h.get(), targets, dims.rows(), weight, dh.get());
+  const fbuf g = backward_on_device(m, id, std::move(dh), dims);
+  grad_in = g.get() ? g.download() : std::vector<float>{};
+  return total;
+}
+
+}  // namespace
+
+std::vector<float> cuda_stage::forward(std::int64_t id, std::span<const std::int32_t> tokens, std::span<const float> hidden,
+                                       const batch_dims& dims, keep_activations keep) {
+  return forward_on_device(*impl_, id, tokens, hidden, dims, keep).download();
+}
+
+double cuda_stage::loss(std::int64_t id, std::span<const float> hidden, std::span<const std::int32_t> targets,
+                        const batch_dims& dims, float weight, keep_activations keep, std::vector<float>& grad_in) {
+  return loss_on_device(*impl_, id, fbuf::upload(hidden, impl_->stream), targets, dims, weight, keep, grad_in);
+}
+
+double cuda_stage::forward_loss(std::int64_t id, std::span<const std::int32_t> tokens, std::span<const float> hidden,
+                                std::span<const std::int32_t> targets, const batch_dims& dims, float weight,
+                                keep_activations keep, std::vector<float>& grad_in) {
+  const fbuf h = forward_on_device(*impl_, id, tokens, hidden, dims, keep);
+  return loss_on_device(*impl_, id, h, targets, dims, weight, keep, grad_in);
+}
+
+std::vector<float> cuda_stage::backward(std::int64_t id, std::span<const float> grad_out, const batch_dims& dims) {
+  const fbuf g = backward_on_device(*impl_, id, fbuf::upload(grad_out, impl_->stream), dims);
+  return g.get() ? g.download() : std::vector<float>{};
 }
 
 std::size_t cuda_stage::activations_held() const { return impl_->saved.size(); }

@@ -2,6 +2,8 @@
 
 #include <cfloat>
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 
 #include "gpu/cuda/block_reduce.cuh"
 #include "gpu/cuda/cuda_check.hpp"
@@ -13,7 +15,17 @@ using troupe::cuda::block_reduce;
 
 constexpr int threads = 256;
 // Rows a norm backward block walks, summing its share of dw before one atomic add per column.
-constexpr int norm_rows_per_block = 32;
+constexpr int norm_rows_per_block = 8;
+
+// Element-wise kernels index in 32 bits (a 64-bit division costs tens of instructions): their
+// launchers refuse arrays of 2^31 elements or more.
+using idx_t = std::uint32_t;
+idx_t checked(std::int64_t n) {
+  if (n < 0 || n >= (std::int64_t(1) << 31))
+    throw std::length_error("train kernel: " + std::to_string(n) + " elements exceed 32-bit indexing");
+  return static_cast<idx_t>(n);
+}
+__device__ __forceinline__ idx_t thread_index() { return blockIdx.x * blockDim.x + threadIdx.x; }
 
 unsigned blocks_for(std::int64_t n) { return static_cast<unsigned>((n + threads - 1) / threads); }
 unsigned grid_of(std::int64_t n) { return static_cast<unsigned>(n); }
@@ -89,11 +101,11 @@ __global__ void layer_norm_backward_kernel(const float* dy, const float* y, cons
   for (std::int64_t c = threadIdx.x; c < cols; c += blockDim.x) dx[r * cols + c] += inv * (g[c] - mean_g - yr[c] * mean_gy);
 }
 
-__global__ void rope_kernel(float* x, const float* cos, const float* sin, std::int64_t rows, std::int64_t heads,
-                            std::int64_t stride, std::int64_t offset, std::int64_t half, float sign) {
-  const std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= rows * heads * half) return;
-  const std::int64_t p = i % half, h = (i / half) % heads, r = i / (half * heads);
+__global__ void rope_kernel(float* x, const float* cos, const float* sin, idx_t n, idx_t heads, idx_t stride, idx_t offset,
+                            idx_t half, float sign) {
+  const idx_t i = thread_index();
+  if (i >= n) return;
+  const idx_t p = i % half, h = (i / half) % heads, r = i / (half * heads);
   float* q = x + r * heads * stride + h * stride + offset + 2 * p;
   const float c = cos[r * half + p], s = sin[r * half + p], a = q[0], b = q[1];
   q[0] = a * c - sign * b * s;
@@ -124,37 +136,34 @@ __global__ void scale_kernel(float* y, float a, std::int64_t n) {
   if (i < n) y[i] *= a;
 }
 
-__global__ void copy_columns_kernel(const float* src, std::int64_t src_stride, float* dst, std::int64_t dst_stride,
-                                    std::int64_t rows, std::int64_t cols) {
-  const std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= rows * cols) return;
-  const std::int64_t r = i / cols, c = i % cols;
+__global__ void copy_columns_kernel(const float* src, idx_t src_stride, float* dst, idx_t dst_stride, idx_t n, idx_t cols) {
+  const idx_t i = thread_index();
+  if (i >= n) return;
+  const idx_t r = i / cols, c = i % cols;
   dst[r * dst_stride + c] = src[r * src_stride + c];
 }
 
-__global__ void assemble_keys_kernel(const float* kvb, const float* k_lat, std::int64_t rows, std::int64_t heads,
-                                     std::int64_t nope, std::int64_t rope, std::int64_t v_dim, std::int64_t kv_lora,
-                                     float* key) {
-  const std::int64_t qk = nope + rope;
-  const std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= rows * heads * qk) return;
-  const std::int64_t d = i % qk, h = (i / qk) % heads, r = i / (qk * heads);
+__global__ void assemble_keys_kernel(const float* kvb, const float* k_lat, idx_t n, idx_t heads, idx_t nope, idx_t rope,
+                                     idx_t v_dim, idx_t kv_lora, float* key) {
+  const idx_t qk = nope + rope;
+  const idx_t i = thread_index();
+  if (i >= n) return;
+  const idx_t d = i % qk, h = (i / qk) % heads, r = i / (qk * heads);
   key[i] = d < nope ? kvb[(r * heads + h) * (nope + v_dim) + d] : k_lat[r * (kv_lora + rope) + kv_lora + d - nope];
 }
 
 // One thread per (row, column of the head block): the nope part per head, the rope part summed over heads.
-__global__ void split_key_grad_kernel(const float* dkey, std::int64_t rows, std::int64_t heads, std::int64_t nope,
-                                      std::int64_t rope, std::int64_t v_dim, std::int64_t kv_lora, float* dkvb,
-                                      float* dk_lat) {
-  const std::int64_t qk = nope + rope;
-  const std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= rows * qk) return;
-  const std::int64_t d = i % qk, r = i / qk;
+__global__ void split_key_grad_kernel(const float* dkey, idx_t n, idx_t heads, idx_t nope, idx_t rope, idx_t v_dim,
+                                      idx_t kv_lora, float* dkvb, float* dk_lat) {
+  const idx_t qk = nope + rope;
+  const idx_t i = thread_index();
+  if (i >= n) return;
+  const idx_t d = i % qk, r = i / qk;
   if (d < nope) {
-    for (std::int64_t h = 0; h < heads; ++h) dkvb[(r * heads + h) * (nope + v_dim) + d] += dkey[(r * heads + h) * qk + d];
+    for (idx_t h = 0; h < heads; ++h) dkvb[(r * heads + h) * (nope + v_dim) + d] += dkey[(r * heads + h) * qk + d];
   } else {
     float sum = 0;
-    for (std::int64_t h = 0; h < heads; ++h) sum += dkey[(r * heads + h) * qk + d];
+    for (idx_t h = 0; h < heads; ++h) sum += dkey[(r * heads + h) * qk + d];
     dk_lat[r * (kv_lora + rope) + kv_lora + d - nope] = sum;
   }
 }
@@ -241,24 +250,24 @@ __global__ void softmax_backward_kernel(const float* probs, const float* dprobs,
   for (std::int64_t j = 0; j < cols; ++j) dlogits[r * cols + j] = p[j] * (dp[j] - dot);
 }
 
-__global__ void gather_kernel(const float* src, const std::int32_t* rows, std::int64_t n, std::int64_t h, float* out) {
-  const std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < n * h) out[i] = src[static_cast<std::int64_t>(rows[i / h]) * h + i % h];
+__global__ void gather_kernel(const float* src, const std::int32_t* rows, idx_t n, idx_t h, float* out) {
+  const idx_t i = thread_index();
+  if (i < n) out[i] = src[static_cast<std::int64_t>(rows[i / h]) * h + i % h];
 }
 
 __global__ void combine_expert_kernel(const float* y, const std::int32_t* rows, const std::int32_t* slots,
-                                      const float* gates, int k, std::int64_t n, std::int64_t h, float* out) {
-  const std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= n * h) return;
+                                      const float* gates, int k, idx_t n, idx_t h, float* out) {
+  const idx_t i = thread_index();
+  if (i >= n) return;
   const std::int64_t row = rows[i / h];
   out[row * h + i % h] += gates[row * k + slots[i / h]] * y[i];
 }
 
-__global__ void combine_zero_experts_kernel(const float* u, const std::int32_t* idx, const float* gates,
-                                            std::int64_t rows, int k, std::int32_t n_routed, std::int64_t h, float* out) {
-  const std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= rows * h) return;
-  const std::int64_t r = i / h;
+__global__ void combine_zero_experts_kernel(const float* u, const std::int32_t* idx, const float* gates, idx_t n, int k,
+                                            std::int32_t n_routed, idx_t h, float* out) {
+  const idx_t i = thread_index();
+  if (i >= n) return;
+  const idx_t r = i / h;
   float g = 0;
   for (int j = 0; j < k; ++j)
     if (idx[r * k + j] >= n_routed) g += gates[r * k + j];
@@ -306,25 +315,24 @@ __global__ void zero_experts_grad_kernel(const float* dy, const float* u, const 
       if (idx[r * k + j] >= n_routed) dprobs[r * experts + idx[r * k + j]] = dot * scaling;
 }
 
-__global__ void gather_table_rows_kernel(const float* table, const std::int64_t* ids, std::int64_t id_stride,
-                                         std::int64_t rows, std::int64_t d, float* out) {
-  const std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < rows * d) out[i] = table[ids[(i / d) * id_stride] * d + i % d];
+__global__ void gather_table_rows_kernel(const float* table, const std::int64_t* ids, idx_t id_stride, idx_t n, idx_t d,
+                                         float* out) {
+  const idx_t i = thread_index();
+  if (i < n) out[i] = table[ids[(i / d) * id_stride] * d + i % d];
 }
 
-__global__ void scatter_add_table_rows_kernel(const float* src, const std::int64_t* ids, std::int64_t id_stride,
-                                              std::int64_t rows, std::int64_t d, float* grad, std::uint8_t* touched) {
-  const std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= rows * d) return;
+__global__ void scatter_add_table_rows_kernel(const float* src, const std::int64_t* ids, idx_t id_stride, idx_t n, idx_t d,
+                                              float* grad, std::uint8_t* touched) {
+  const idx_t i = thread_index();
+  if (i >= n) return;
   const std::int64_t id = ids[(i / d) * id_stride];
   atomicAdd(grad + id * d + i % d, src[i]);
   if (touched && i % d == 0) touched[id] = 1;
 }
 
-__global__ void scatter_add_kernel(const float* src, const std::int32_t* rows, std::int64_t n, std::int64_t h,
-                                   float* grad) {
-  const std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < n * h) grad[static_cast<std::int64_t>(rows[i / h]) * h + i % h] += src[i];
+__global__ void scatter_add_kernel(const float* src, const std::int32_t* rows, idx_t n, idx_t h, float* grad) {
+  const idx_t i = thread_index();
+  if (i < n) grad[static_cast<std::int64_t>(rows[i / h]) * h + i % h] += src[i];
 }
 
 __global__ void cross_entropy_kernel(float* logits, const std::int32_t* targets, std::int64_t vocab, float weight,
@@ -367,9 +375,9 @@ __global__ void add_sum_kernel(const float* x, std::int64_t n, double* sum) {
   if (threadIdx.x == 0) atomicAdd(sum, part[0]);
 }
 
-__global__ void adamw_kernel(float* value, const float* grad, float* m, float* v, std::int64_t n, std::int64_t cols,
+__global__ void adamw_kernel(float* value, const float* grad, float* m, float* v, idx_t n, idx_t cols,
                              const std::uint8_t* touched, adamw_step st) {
-  const std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const idx_t i = thread_index();
   if (i >= n || (touched && !touched[i / cols])) return;
   const float g = grad[i] * st.grad_scale;
   const float mi = m[i] = st.beta1 * m[i] + (1.0f - st.beta1) * g;
@@ -414,7 +422,9 @@ void rope(float* x, const float* cos, const float* sin, std::int64_t rows, std::
           std::int64_t offset, std::int64_t half, bool inverse, cudaStream_t s) {
   const std::int64_t n = rows * heads * half;
   if (n == 0) return;
-  rope_kernel<<<blocks_for(n), threads, 0, s>>>(x, cos, sin, rows, heads, stride, offset, half, inverse ? -1.0f : 1.0f);
+  checked(rows * heads * stride);
+  rope_kernel<<<blocks_for(n), threads, 0, s>>>(x, cos, sin, checked(n), checked(heads), checked(stride), checked(offset),
+                                                checked(half), inverse ? -1.0f : 1.0f);
   TROUPE_CUDA_CHECK_LAUNCH();
 }
 
@@ -446,7 +456,9 @@ void scale(float* y, float a, std::int64_t n, cudaStream_t s) {
 void copy_columns(const float* src, std::int64_t src_stride, float* dst, std::int64_t dst_stride, std::int64_t rows,
                   std::int64_t cols, cudaStream_t s) {
   if (rows * cols == 0) return;
-  copy_columns_kernel<<<blocks_for(rows * cols), threads, 0, s>>>(src, src_stride, dst, dst_stride, rows, cols);
+  checked(rows * std::max(src_stride, dst_stride));
+  copy_columns_kernel<<<blocks_for(rows * cols), threads, 0, s>>>(src, checked(src_stride), dst, checked(dst_stride),
+                                                                  checked(rows * cols), checked(cols));
   TROUPE_CUDA_CHECK_LAUNCH();
 }
 
@@ -454,7 +466,9 @@ void assemble_keys(const float* kvb, const float* k_lat, std::int64_t rows, std:
                    std::int64_t rope, std::int64_t v_dim, std::int64_t kv_lora, float* key, cudaStream_t s) {
   const std::int64_t n = rows * heads * (nope + rope);
   if (n == 0) return;
-  assemble_keys_kernel<<<blocks_for(n), threads, 0, s>>>(kvb, k_lat, rows, heads, nope, rope, v_dim, kv_lora, key);
+  checked(rows * heads * (nope + v_dim));
+  assemble_keys_kernel<<<blocks_for(n), threads, 0, s>>>(kvb, k_lat, checked(n), checked(heads), checked(nope), checked(rope),
+                                                         checked(v_dim), checked(kv_lora), key);
   TROUPE_CUDA_CHECK_LAUNCH();
 }
 
@@ -462,7 +476,9 @@ void split_key_grad(const float* dkey, std::int64_t rows, std::int64_t heads, st
                     std::int64_t v_dim, std::int64_t kv_lora, float* dkvb, float* dk_lat, cudaStream_t s) {
   const std::int64_t n = rows * (nope + rope);
   if (n == 0) return;
-  split_key_grad_kernel<<<blocks_for(n), threads, 0, s>>>(dkey, rows, heads, nope, rope, v_dim, kv_lora, dkvb, dk_lat);
+  checked(rows * heads * (nope + v_dim));
+  split_key_grad_kernel<<<blocks_for(n), threads, 0, s>>>(dkey, checked(n), checked(heads), checked(nope), checked(rope),
+                                                          checked(v_dim), checked(kv_lora), dkvb, dk_lat);
   TROUPE_CUDA_CHECK_LAUNCH();
 }
 
@@ -510,21 +526,22 @@ void softmax_backward(const float* probs, const float* dprobs, std::int64_t rows
 
 void gather(const float* src, const std::int32_t* rows, std::int64_t n, std::int64_t h, float* out, cudaStream_t s) {
   if (n * h == 0) return;
-  gather_kernel<<<blocks_for(n * h), threads, 0, s>>>(src, rows, n, h, out);
+  gather_kernel<<<blocks_for(n * h), threads, 0, s>>>(src, rows, checked(n * h), checked(h), out);
   TROUPE_CUDA_CHECK_LAUNCH();
 }
 
 void combine_expert(const float* y, const std::int32_t* rows, const std::int32_t* slots, const float* gates, int k,
                     std::int64_t n, std::int64_t h, float* out, cudaStream_t s) {
   if (n * h == 0) return;
-  combine_expert_kernel<<<blocks_for(n * h), threads, 0, s>>>(y, rows, slots, gates, k, n, h, out);
+  combine_expert_kernel<<<blocks_for(n * h), threads, 0, s>>>(y, rows, slots, gates, k, checked(n * h), checked(h), out);
   TROUPE_CUDA_CHECK_LAUNCH();
 }
 
 void combine_zero_experts(const float* u, const std::int32_t* idx, const float* gates, std::int64_t rows, int k,
                           std::int32_t n_routed, std::int64_t h, float* out, cudaStream_t s) {
   if (rows * h == 0) return;
-  combine_zero_experts_kernel<<<blocks_for(rows * h), threads, 0, s>>>(u, idx, gates, rows, k, n_routed, h, out);
+  combine_zero_experts_kernel<<<blocks_for(rows * h), threads, 0, s>>>(u, idx, gates, checked(rows * h), k, n_routed,
+                                                                       checked(h), out);
   TROUPE_CUDA_CHECK_LAUNCH();
 }
 
@@ -549,20 +566,22 @@ void zero_experts_grad(const float* dy, const float* u, const std::int32_t* idx,
 void gather_table_rows(const float* table, const std::int64_t* ids, std::int64_t id_stride, std::int64_t rows,
                        std::int64_t d, float* out, cudaStream_t s) {
   if (rows * d == 0) return;
-  gather_table_rows_kernel<<<blocks_for(rows * d), threads, 0, s>>>(table, ids, id_stride, rows, d, out);
+  gather_table_rows_kernel<<<blocks_for(rows * d), threads, 0, s>>>(table, ids, checked(id_stride), checked(rows * d),
+                                                                     checked(d), out);
   TROUPE_CUDA_CHECK_LAUNCH();
 }
 
 void scatter_add_table_rows(const float* src, const std::int64_t* ids, std::int64_t id_stride, std::int64_t rows,
                             std::int64_t d, float* grad, std::uint8_t* touched, cudaStream_t s) {
   if (rows * d == 0) return;
-  scatter_add_table_rows_kernel<<<blocks_for(rows * d), threads, 0, s>>>(src, ids, id_stride, rows, d, grad, touched);
+  scatter_add_table_rows_kernel<<<blocks_for(rows * d), threads, 0, s>>>(src, ids, checked(id_stride), checked(rows * d),
+                                                                          checked(d), grad, touched);
   TROUPE_CUDA_CHECK_LAUNCH();
 }
 
 void scatter_add(const float* src, const std::int32_t* rows, std::int64_t n, std::int64_t h, float* grad, cudaStream_t s) {
   if (n * h == 0) return;
-  scatter_add_kernel<<<blocks_for(n * h), threads, 0, s>>>(src, rows, n, h, grad);
+  scatter_add_kernel<<<blocks_for(n * h), threads, 0, s>>>(src, rows, checked(n * h), checked(h), grad);
   TROUPE_CUDA_CHECK_LAUNCH();
 }
 
@@ -591,7 +610,7 @@ void adamw(float* value, const float* grad, float* m, float* v, std::int64_t row
            const std::uint8_t* touched, const adamw_step& step, cudaStream_t s) {
   const std::int64_t n = rows * cols;
   if (n == 0) return;
-  adamw_kernel<<<blocks_for(n), threads, 0, s>>>(value, grad, m, v, n, cols, touched, step);
+  adamw_kernel<<<blocks_for(n), threads, 0, s>>>(value, grad, m, v, checked(n), checked(cols), touched, step);
   TROUPE_CUDA_CHECK_LAUNCH();
 }
 
