@@ -3,7 +3,8 @@ optimizer as `troupe train`, written the way a PyTorch user would (float32, batc
 masked softmax attention, experts over index_select/index_add, torch.optim.AdamW).
 
 usage: pytorch_train.py CONFIG_JSON SEQUENCES SEQ_LEN STEPS THREADS [DEVICE [PRECISION]]
-DEVICE cpu (default) or cuda; PRECISION f32 (default) or bf16 (autocast: bf16 GEMMs, float32
+DEVICE cpu (default) or cuda; PRECISION f32 (default), tf32 (float32 with TF32 tensor-core
+matmuls, torch.backends.cuda.matmul.allow_tf32) or bf16 (autocast: bf16 GEMMs, float32
 parameters, as mixed-precision training runs).
 prints one JSON line: {"tokens_per_s": ..., "first_loss": ..., "last_loss": ...}
 """
@@ -135,6 +136,7 @@ def main():
     device = sys.argv[6] if len(sys.argv) > 6 else "cpu"
     precision = sys.argv[7] if len(sys.argv) > 7 else "f32"
     torch.set_num_threads(threads)
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
     torch.manual_seed(0)
     c = json.load(open(config))
     model = Model(c).to(device)

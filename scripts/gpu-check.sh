@@ -121,7 +121,7 @@ cat > gpu-bundle/train_bench.sh <<'TRAIN'
 #!/usr/bin/env bash
 # Runs on the GPU machine from the repository root: training steps of lite-1b (random tokens,
 # SEQUENCES x SEQ_LEN a step) with the GPU stage in each GEMM math, then bench/pytorch_train.py
-# (the same model, batch and AdamW, eager; float32 and bf16 autocast) in the same call.
+# (the same model, batch and fused AdamW, eager; bf16 autocast, TF32 and float32) in the same call.
 #   gpu-bundle/train_bench.sh [SEQUENCES] [SEQ_LEN] [STEPS]
 set -uo pipefail
 gpu-bundle/unpack.sh
@@ -130,7 +130,7 @@ config=configs/models/lite-1b.json
 for math in tf32 f32; do
   gpu-bundle/run troupe_bench_cuda_train $config $sequences $seq_len $steps $math 2>/tmp/train_$math.err || tail -3 /tmp/train_$math.err
 done
-for precision in bf16 f32; do
+for precision in bf16 tf32 f32; do
   echo "pytorch $precision: $(timeout 400 python3 bench/pytorch_train.py $config $sequences $seq_len $steps 16 cuda $precision 2>&1 | tail -1 | cut -c1-200)"
 done
 TRAIN
