@@ -30,6 +30,7 @@ UNPACK
 chmod +x gpu-bundle/unpack.sh
 mkdir -p gpu-bundle/cases
 head -c 150000 .deps/corpora/kjv.txt > gpu-bundle/cases/corpus.txt
+head -c 3000000 .deps/corpora/kjv.txt > gpu-bundle/cases/corpus-large.txt
 printf '#!/usr/bin/env bash\nexec "$(dirname "$0")/run" troupe "$@"\n' > gpu-bundle/troupe && chmod +x gpu-bundle/troupe
 cp tests/reference/check_transformers.py tests/reference/longcat_reference.py scripts/gpu_serve_check.py \
   scripts/gpu_profile_summary.py gpu-bundle/
@@ -135,4 +136,32 @@ for precision in bf16 tf32 f32; do
 done
 TRAIN
 chmod +x gpu-bundle/train_bench.sh
+cat > gpu-bundle/train_scaling.sh <<'SCALE'
+#!/usr/bin/env bash
+# Runs on a machine of 2+ GPUs from the repository root: `troupe train` of lite-1b on 3 MB of
+# KJV through the actor pipeline, one replica on one GPU against two replicas on two GPUs
+# (8 sequences of 1024 tokens per replica a step; the replicas all-reduce over NCCL): tokens/s
+# over the steps after the first two, from metrics.jsonl.
+#   gpu-bundle/train_scaling.sh [STEPS]
+set -uo pipefail
+gpu-bundle/unpack.sh
+steps=${1:-12}
+work=/tmp/train-scaling; rm -rf $work; mkdir -p $work
+for replicas in 1 2; do
+  cat > $work/r$replicas.json <<JSON
+{"model": "$PWD/configs/models/lite-1b.json", "tokenizer": "$PWD/configs/tokenizers/troupe-bpe-4k.json",
+ "data": {"paths": ["$PWD/gpu-bundle/cases/corpus-large.txt"], "seq_len": 1024}, "batch": {"sequences": $((8 * replicas))},
+ "pipeline": {"replicas": $replicas}, "steps": $steps, "optimizer": {"warmup_steps": 2}, "out": "$work/r$replicas",
+ "eval_sequences": 1, "log_every": 1, "device": "cuda"}
+JSON
+  gpu-bundle/troupe train --config $work/r$replicas.json --quiet 2>$work/r$replicas.log || tail -5 $work/r$replicas.log
+  echo "replicas $replicas: $(grep -h 'NCCL\|stage actors' $work/r$replicas.log | tr '\n' ' ')"
+  python3 -c '
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if "\"loss\"" in l]
+a, b = rows[1], rows[-1]
+print("  tokens/s %.0f over steps %d-%d, loss %.3f -> %.3f" % ((b["tokens"] - a["tokens"]) / (b["elapsed_s"] - a["elapsed_s"]), a["step"] + 1, b["step"], rows[0]["loss"], b["loss"]))' $work/r$replicas/metrics.jsonl
+done
+SCALE
+chmod +x gpu-bundle/train_scaling.sh
 du -sh gpu-bundle

@@ -182,7 +182,8 @@ void guarded(stage_pointer self, F&& f) {
 train_stage_actor::behavior_type stage_behavior(stage_pointer self, stage_setup setup) {
   auto& st = self->state;
   st.setup = std::move(setup);
-  st.model = make_stage_compute(st.setup.config, st.setup.range, st.setup.device, st.setup.gemm_math);
+  st.model = make_stage_compute(st.setup.config, st.setup.range, st.setup.device, st.setup.gemm_math, st.setup.group,
+                                static_cast<int>(st.setup.replica));
   if (st.setup.resume) {
     st.model->set_values(st.setup.resume->values);
     st.model->load_optimizer_state(st.setup.resume->moments);
@@ -209,6 +210,11 @@ train_stage_actor::behavior_type stage_behavior(stage_pointer self, stage_setup 
       [=](reduce_atom, std::int64_t step) -> caf::result<double> {
         auto& s = self->state;
         if (s.setup.num_replicas == 1) return s.model->grad_square_sum();
+        if (s.model->reduces_on_device()) {  // NCCL: every replica's stage sums here, in this call
+          busy_timer timer(s.busy_seconds);
+          s.model->all_reduce();
+          return s.model->grad_square_sum();
+        }
         s.reduce_step = step;
         s.reduce_promise = self->make_response_promise<double>();
         if (s.setup.replica > 0) {
@@ -325,6 +331,9 @@ train_data_actor::behavior_type data_behavior(data_pointer self, data_setup setu
 }  // namespace
 
 train_stage_actor spawn_train_stage(caf::actor_system& sys, stage_setup setup) {
+  // A GPU stage blocks its thread in device synchronisations and NCCL collectives (which wait
+  // for the other replicas' stages): each gets a thread of its own.
+  if (setup.device != "cpu") return sys.spawn<caf::detached>(stage_behavior, std::move(setup));
   return sys.spawn(stage_behavior, std::move(setup));
 }
 

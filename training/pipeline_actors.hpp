@@ -28,6 +28,7 @@ struct stage_setup {
   std::uint64_t seed = 0;                                 // initialisation when not resuming
   std::shared_ptr<const checkpoint_contents> resume;      // values and moments to start from, or null
   std::string device = "cpu", gemm_math = "tf32";        // make_stage_compute()
+  std::shared_ptr<device_group> group;                   // same-depth stages that all-reduce on their GPUs, or null
 };
 
 /// A stage actor. Forwards run when fewer than (num_stages - stage) micro-batches hold

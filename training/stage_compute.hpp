@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <memory>
 #include <span>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -17,6 +18,10 @@
 #include "training/stage_model.hpp"
 
 namespace troupe::train {
+
+/// Same-depth stages of every replica that all-reduce on their devices (NCCL, one GPU each in
+/// this process); opaque outside the CUDA stage.
+struct device_group;
 
 class stage_compute {
  public:
@@ -45,6 +50,11 @@ class stage_compute {
   virtual std::vector<std::vector<std::uint8_t>> touched() const = 0;
   virtual void add_gradients(const std::vector<named_array>& grads, const std::vector<std::vector<std::uint8_t>>& touched,
                              bool overwrite) = 0;
+  /// Whether all_reduce() sums the replicas' gradients, touched rows and expert loads where they
+  /// are (a GPU stage in a device group); otherwise the actors exchange gradients()/add_gradients().
+  virtual bool reduces_on_device() const { return false; }
+  /// The device all-reduce; every stage of the group calls it for the same step.
+  virtual void all_reduce() { throw std::logic_error("stage_compute::all_reduce: not in a device group"); }
   virtual double grad_square_sum() const = 0;
   virtual void step(const optimizer_config& config, std::int64_t step, double lr, double grad_scale) = 0;
   /// update_router_bias() of every owned block from expert_load().
@@ -63,7 +73,12 @@ class stage_compute {
 /// the GPU's GEMM math ("tf32" or "f32"). Throws input_error naming what is unknown, not built
 /// in, or not present.
 std::unique_ptr<stage_compute> make_stage_compute(const model_config& config, const stage_range& range,
-                                                  const std::string& device, const std::string& math);
+                                                  const std::string& device, const std::string& math,
+                                                  std::shared_ptr<device_group> group = nullptr, int rank = 0);
+/// The device group of stages placed on `devices` (replica order: rank = replica), or null where
+/// they cannot all-reduce on their devices: fewer than two, not all on GPUs, two on one GPU, or a
+/// build without NCCL.
+std::shared_ptr<device_group> make_device_group(const std::vector<std::string>& devices);
 /// The device of stage actor `index` (replica-major) of a run on `device`: "cpu" stays, "cuda"
 /// spreads the actors over the visible GPUs (index mod count), "cuda:N" puts all on GPU N.
 /// Throws input_error where the device is unknown, not built in, or not present.

@@ -282,12 +282,21 @@ train_summary run_training(const train_config& config, const train_options& opti
   std::vector<std::string> placement;
   for (std::int64_t i = 0; i < config.replicas * config.stages; ++i) placement.push_back(place_stage(device, i));
   if (device != "cpu") std::cerr << "[train] stage actors on " << device << " (GEMMs in " << config.gemm_math << ")\n";
+  std::vector<std::shared_ptr<device_group>> groups;  // per pipeline depth
+  for (std::int64_t s = 0; s < config.stages; ++s) {
+    std::vector<std::string> devices;
+    for (std::int64_t r = 0; r < config.replicas; ++r) devices.push_back(placement[static_cast<std::size_t>(r * config.stages + s)]);
+    groups.push_back(make_device_group(devices));
+  }
+  if (config.replicas > 1 && groups.front())
+    std::cerr << "[train] replicas all-reduce their gradients on the GPUs (NCCL)\n";
   for (std::int64_t r = 0; r < config.replicas; ++r) {
     p.stages.emplace_back();
     for (std::int64_t s = 0; s < config.stages; ++s) {
       stage_setup setup{config.model, stage_range::split(config.model.num_layers, config.stages, s), s, config.stages, r,
                         config.replicas, config.optimizer, config.seed, resume,
-                        placement[static_cast<std::size_t>(r * config.stages + s)], config.gemm_math};
+                        placement[static_cast<std::size_t>(r * config.stages + s)], config.gemm_math,
+                        groups[static_cast<std::size_t>(s)]};
       p.stages.back().push_back(spawn_train_stage(sys, std::move(setup)));
       self->monitor(p.stages.back().back());
     }

@@ -67,10 +67,14 @@ else
   fail "resume: $(diff <(losses full/metrics.jsonl) <(losses resumed/metrics.jsonl))"
 fi
 
-"$troupe" train --config staged.json --quiet 2>/dev/null && "$troupe" train --config parallel.json --quiet 2>/dev/null
+"$troupe" train --config staged.json --quiet 2>/dev/null && "$troupe" train --config parallel.json --quiet 2>parallel.log
 tol=1e-5; [ "$device" != cpu ] && tol=1e-4
 close full/metrics.jsonl staged/metrics.jsonl $tol && pass "2 pipeline stages give the 1-stage losses" || fail "2 stages differ"
 close full/metrics.jsonl parallel/metrics.jsonl $tol && pass "2 data-parallel replicas give the 1-replica losses" || fail "2 replicas differ"
+if [ "$device" == cuda ] && [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then  # replicas on two GPUs: NCCL
+  grep -q "all-reduce their gradients on the GPUs (NCCL)" parallel.log && pass "and on two GPUs they all-reduce over NCCL" ||
+    fail "no NCCL all-reduce on two GPUs: $(cat parallel.log)"
+fi
 first=$(losses full/metrics.jsonl | head -1 | sed 's/.*"loss"://'); last=$(losses full/metrics.jsonl | tail -1 | sed 's/.*"loss"://')
 [ -n "$first" ] && [ -n "$last" ] && awk -v a="$first" -v b="$last" 'BEGIN {exit !(b + 0.5 < a)}' && pass "the loss falls ($first -> $last)" || fail "loss $first -> $last"
 grep -q validation_loss full/metrics.jsonl && pass "validation loss logged" || fail "no validation loss"

@@ -13,6 +13,7 @@
 #include "model/rope.hpp"
 #include "model/weights.hpp"
 #include "protocol/errors.hpp"
+#include "training/cuda/device_group.hpp"
 #include "training/cuda/train_kernels.hpp"
 
 namespace troupe::train {
@@ -134,6 +135,8 @@ struct cuda_stage::impl {
   stage_range range;
   gemm_math math;
   int device;
+  std::shared_ptr<device_group> group;
+  int rank = 0;
   cudaStream_t stream = nullptr;
   cublasHandle_t blas = nullptr;
   void* workspace = nullptr;
@@ -609,7 +612,8 @@ struct cuda_stage::impl {
   }
 };
 
-cuda_stage::cuda_stage(const model_config& config, stage_range range, gemm_math math, int device)
+cuda_stage::cuda_stage(const model_config& config, stage_range range, gemm_math math, int device,
+                       std::shared_ptr<device_group> group, int rank)
     : impl_(std::make_unique<impl>()) {
   auto& m = *impl_;
   if (config.tie_word_embeddings)
@@ -621,6 +625,8 @@ cuda_stage::cuda_stage(const model_config& config, stage_range range, gemm_math 
   m.range = range;
   m.math = math;
   m.device = device;
+  m.group = std::move(group);
+  m.rank = rank;
   TROUPE_CUDA_CHECK(cudaSetDevice(device));
   TROUPE_CUDA_CHECK(cudaStreamCreate(&m.stream));
   TROUPE_CUBLAS_CHECK(cublasCreate(&m.blas));
@@ -844,6 +850,28 @@ void cuda_stage::zero_grad() {
     TROUPE_CUDA_CHECK(cudaMemsetAsync(p.grad.get(), 0, static_cast<std::size_t>(p.numel()) * sizeof(float), m.stream));
     if (p.spec.role == param_role::table) TROUPE_CUDA_CHECK(cudaMemsetAsync(p.touched.get(), 0, static_cast<std::size_t>(p.rows), m.stream));
   }
+}
+
+bool cuda_stage::reduces_on_device() const { return impl_->group != nullptr; }
+
+void cuda_stage::all_reduce() {
+  auto& m = *impl_;
+  if (!m.group) throw std::logic_error("cuda_stage::all_reduce: not in a device group");
+  std::vector<reduce_item> items;
+  for (auto& p : m.params) {
+    if (p.spec.role == param_role::router_bias) continue;
+    items.push_back({reduce_item::kind::f32_sum, p.grad.get(), static_cast<std::size_t>(p.numel())});
+    if (p.spec.role == param_role::table) items.push_back({reduce_item::kind::u8_max, p.touched.get(), static_cast<std::size_t>(p.rows)});
+  }
+  std::vector<std::int64_t> load;
+  for (const auto& block : m.expert_load) load.insert(load.end(), block.begin(), block.end());
+  auto loads = dbuf<std::int64_t>::upload(load, m.stream);
+  items.push_back({reduce_item::kind::i64_sum, loads.get(), load.size()});
+  train::all_reduce(*m.group, m.rank, items, m.stream);
+  load = loads.download();
+  std::size_t i = 0;
+  for (auto& block : m.expert_load)
+    for (auto& v : block) v = load[i++];
 }
 
 double cuda_stage::grad_square_sum() const {

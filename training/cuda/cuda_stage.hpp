@@ -38,7 +38,9 @@ gemm_math parse_gemm_math(const std::string& name);
 
 class cuda_stage final : public stage_compute {
  public:
-  cuda_stage(const model_config& config, stage_range range, gemm_math math, int device = 0);
+  /// On GPU `device`; with a device group, rank `rank` of its replicas' NCCL all-reduce.
+  cuda_stage(const model_config& config, stage_range range, gemm_math math, int device = 0,
+             std::shared_ptr<device_group> group = nullptr, int rank = 0);
   ~cuda_stage() override;
   cuda_stage(const cuda_stage&) = delete;
   cuda_stage& operator=(const cuda_stage&) = delete;
@@ -77,6 +79,8 @@ class cuda_stage final : public stage_compute {
 
   void zero_grad() override;
   /// Sum of squared gradients (adamw::grad_square_sum: untouched table rows hold 0).
+  bool reduces_on_device() const override;
+  void all_reduce() override;
   double grad_square_sum() const override;
   /// adamw::step on the device: moments and values of every parameter but router biases in one
   /// fused pass each; table rows no micro-batch touched are left alone.
