@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "model/init_model.hpp"
+#include "model/sampler.hpp"
 
 #include <cstdlib>
 
@@ -88,6 +89,19 @@ double relative_l2(const float* a, const float* b, std::size_t n) {
     den += static_cast<double>(b[i]) * b[i];
   }
   return std::sqrt(num / (den > 0 ? den : 1));
+}
+
+training_batch random_training_batch(const model_config& c, std::int64_t sequences, std::int64_t seq_len,
+                                     std::uint64_t seed) {
+  training_batch b{{sequences, seq_len}, {}, {}};
+  rng gen(seed);
+  for (std::int64_t i = 0; i < b.dims.rows(); ++i) {
+    b.tokens.push_back(static_cast<std::int32_t>(gen.next() % static_cast<std::uint64_t>(c.vocab_size)));
+    b.targets.push_back(static_cast<std::int32_t>(gen.next() % static_cast<std::uint64_t>(c.vocab_size)));
+  }
+  b.tokens[3] = c.eos_token_id;
+  b.targets[5] = -1;
+  return b;
 }
 
 }  // namespace troupe::test

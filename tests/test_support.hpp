@@ -9,8 +9,11 @@
 #include <utility>
 #include <string>
 
+#include <vector>
+
 #include "gpu/tensor.hpp"
 #include "model/config.hpp"
+#include "training/layers.hpp"
 
 namespace troupe::test {
 
@@ -30,6 +33,15 @@ std::filesystem::path make_model(const std::string& name, const model_config& co
 /// `min_count` times in both together, and its degrees of freedom (those keys - 1).
 std::pair<double, int> two_sample_chi_square(const std::map<std::int32_t, int>& a, const std::map<std::int32_t, int>& b,
                                              int min_count);
+
+/// A training micro-batch of random tokens and targets, with an EOS inside (the n-gram hash
+/// restarts after it) and one ignored target (-1).
+struct training_batch {
+  train::batch_dims dims;
+  std::vector<std::int32_t> tokens, targets;
+};
+training_batch random_training_batch(const model_config& c, std::int64_t sequences, std::int64_t seq_len,
+                                     std::uint64_t seed);
 
 /// ||a - b|| / ||b|| over float32 tensors of equal size.
 double relative_l2(const float* a, const float* b, std::size_t n);

@@ -21,24 +21,6 @@ using train::keep_activations;
 using train::stage_model;
 using train::stage_range;
 
-struct batch {
-  batch_dims dims;
-  std::vector<std::int32_t> tokens, targets;
-};
-
-// Random tokens with an EOS inside (the n-gram hash restarts after it) and one ignored target.
-batch random_batch(const model_config& c, std::int64_t sequences, std::int64_t seq_len, std::uint64_t seed) {
-  batch b{{sequences, seq_len}, {}, {}};
-  rng gen(seed);
-  for (std::int64_t i = 0; i < b.dims.rows(); ++i) {
-    b.tokens.push_back(static_cast<std::int32_t>(gen.next() % static_cast<std::uint64_t>(c.vocab_size)));
-    b.targets.push_back(static_cast<std::int32_t>(gen.next() % static_cast<std::uint64_t>(c.vocab_size)));
-  }
-  b.tokens[3] = c.eos_token_id;
-  b.targets[5] = -1;
-  return b;
-}
-
 // Training init plus noise on the norms and the router bias, so neither is a trivial 1 or 0.
 void randomize(stage_model<double>& m, std::uint64_t seed) {
   m.init(seed);
@@ -51,7 +33,7 @@ void randomize(stage_model<double>& m, std::uint64_t seed) {
   }
 }
 
-double loss_of(stage_model<double>& m, const batch& b) {
+double loss_of(stage_model<double>& m, const test::training_batch& b) {
   train::buffer<double> unused;
   const auto h = m.forward(0, b.tokens, {}, b.dims, keep_activations::no);
   return m.loss(0, h, b.targets, b.dims, 1.0 / static_cast<double>(b.dims.rows()), keep_activations::no, unused);
@@ -60,7 +42,7 @@ double loss_of(stage_model<double>& m, const batch& b) {
 void check_gradients(const model_config& config) {
   stage_model<double> m(config, stage_range::split(config.num_layers, 1, 0));
   randomize(m, 11);
-  const batch b = random_batch(config, 2, 7, 5);
+  const test::training_batch b = test::random_training_batch(config, 2, 7, 5);
   m.zero_grad();
   train::buffer<double> grad_in;
   const auto h = m.forward(0, b.tokens, {}, b.dims, keep_activations::yes);
@@ -121,7 +103,7 @@ TEST(training_gradients, pipeline_stages_compose_to_the_whole_model) {
   randomize(whole, 4);
   for (auto* s : {&first, &second})
     for (auto& p : s->parameters()) p.value = whole.parameter_named(p.name).value;
-  const batch b = random_batch(c, 2, 6, 9);
+  const test::training_batch b = test::random_training_batch(c, 2, 6, 9);
   const double w = 1.0 / static_cast<double>(b.dims.rows());
   train::buffer<double> g;
   const double expected = whole.loss(0, whole.forward(0, b.tokens, {}, b.dims, keep_activations::yes), b.targets, b.dims,
@@ -151,7 +133,7 @@ TEST(training_forward, equals_the_inference_forward_pass) {
     train::write_model_files(dir, c, train::values_of(m), dtype::f32, {});
     cpu_backend be(1);
     auto inference = model::load(dir, be);
-    batch b = random_batch(c, 1, 12, 8);
+    test::training_batch b = test::random_training_batch(c, 1, 12, 8);
     b.targets[5] = b.targets[4];
     sequence_state state;
     const step_input in{&state, b.tokens};

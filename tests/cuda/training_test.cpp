@@ -31,24 +31,6 @@ using train::stage_range;
 #define SKIP_WITHOUT_GPU() \
   if (!cuda_backend::available()) GTEST_SKIP() << "no CUDA device"
 
-struct batch {
-  batch_dims dims;
-  std::vector<std::int32_t> tokens, targets;
-};
-
-// Random tokens with an EOS inside (the n-gram hash restarts after it) and one ignored target.
-batch random_batch(const model_config& c, std::int64_t sequences, std::int64_t seq_len, std::uint64_t seed) {
-  batch b{{sequences, seq_len}, {}, {}};
-  rng gen(seed);
-  for (std::int64_t i = 0; i < b.dims.rows(); ++i) {
-    b.tokens.push_back(static_cast<std::int32_t>(gen.next() % static_cast<std::uint64_t>(c.vocab_size)));
-    b.targets.push_back(static_cast<std::int32_t>(gen.next() % static_cast<std::uint64_t>(c.vocab_size)));
-  }
-  b.tokens[3] = c.eos_token_id;
-  b.targets[5] = -1;
-  return b;
-}
-
 // Training init plus noise on the norms and the router bias, so neither is a trivial 1 or 0.
 std::vector<train::named_array> random_values(stage_model<float>& m, std::uint64_t seed) {
   m.init(seed);
@@ -75,7 +57,7 @@ void check_against_cpu(const model_config& c, gemm_math math, double tol, std::i
   stage_model<float> cpu(c, whole);
   cuda_stage gpu(c, whole, math);
   gpu.set_values(random_values(cpu, 11));
-  const batch b = random_batch(c, sequences, seq_len, 5);
+  const test::training_batch b = test::random_training_batch(c, sequences, seq_len, 5);
   const float weight = 1.0f / static_cast<float>(b.dims.rows());
 
   const auto h_cpu = cpu.forward(0, b.tokens, {}, b.dims, keep_activations::yes);
@@ -174,7 +156,7 @@ TEST(cuda_training, pipeline_stages_and_replica_sums) {
         if (v.name == spec.name) mine.push_back(v);
     s->set_values(mine);
   }
-  const batch b = random_batch(c, 2, 10, 9);
+  const test::training_batch b = test::random_training_batch(c, 2, 10, 9);
   const float w = 1.0f / static_cast<float>(b.dims.rows());
   std::vector<float> unused, grad_in;
   const double l_whole = whole.forward_loss(0, b.tokens, {}, b.targets, b.dims, w, keep_activations::yes, unused);
@@ -201,7 +183,7 @@ TEST(cuda_training, bad_inputs_are_refused) {
   SKIP_WITHOUT_GPU();
   const model_config c = test::tiny_config();
   cuda_stage gpu(c, stage_range::split(c.num_layers, 1, 0), gemm_math::f32);
-  batch b = random_batch(c, 1, 8, 3);
+  test::training_batch b = test::random_training_batch(c, 1, 8, 3);
   b.tokens[2] = static_cast<std::int32_t>(c.vocab_size);
   EXPECT_THROW(gpu.forward(0, b.tokens, {}, b.dims, keep_activations::yes), input_error);
   EXPECT_THROW(gpu.backward(7, std::vector<float>(8 * 48), b.dims), std::logic_error);
