@@ -4,14 +4,20 @@
 
 namespace troupe {
 
-void backend::ngram_embed(const tensor& base, const tensor& tokens, const tensor& ngram_ids, std::span<const tensor> tables,
-                          std::span<const tensor> projections, tensor& out) {
+void backend::check_ngram_embed_args(const tensor& tokens, const tensor& ngram_ids, std::size_t tables) {
   const auto t = tokens.numel();
-  const auto num_tables = static_cast<std::int64_t>(tables.size());
+  const auto num_tables = static_cast<std::int64_t>(tables);
   if (tokens.type() != dtype::i64 || (num_tables && (ngram_ids.type() != dtype::i64 || ngram_ids.rank() != 2 ||
                                                      ngram_ids.dim(0) != num_tables || ngram_ids.dim(1) != t)))
     throw std::invalid_argument("backend::ngram_embed: n-gram ids " + shape_to_string(ngram_ids.shape()) + " for " +
                                 std::to_string(t) + " i64 tokens and " + std::to_string(num_tables) + " tables (want [E, T])");
+}
+
+void backend::ngram_embed(const tensor& base, const tensor& tokens, const tensor& ngram_ids, std::span<const tensor> tables,
+                          std::span<const tensor> projections, tensor& out) {
+  check_ngram_embed_args(tokens, ngram_ids, tables.size());
+  const auto t = tokens.numel();
+  const auto num_tables = static_cast<std::int64_t>(tables.size());
   gather_rows(base, tokens, out);
   for (std::int64_t i = 0; i < num_tables; ++i) {
     tensor rows = empty({t, tables[i].dim(1)}, dtype::f32);

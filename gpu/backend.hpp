@@ -205,6 +205,10 @@ class backend {
   /// running it again must be harmless. The tensors it allocates while recording stay reserved
   /// for the recording. Nothing else may use the backend meanwhile.
   virtual recording record(const std::function<tensor()>& body);
+
+ protected:
+  /// Throws std::invalid_argument unless tokens are i64 [T] and ngram_ids i64 [E, T] (ngram_embed's contract).
+  static void check_ngram_embed_args(const tensor& tokens, const tensor& ngram_ids, std::size_t num_tables);
 };
 
 }  // namespace troupe

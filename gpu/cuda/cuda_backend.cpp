@@ -3,6 +3,7 @@
 #include <cublas_v2.h>
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <cstring>
 #include <mutex>
 #include <stdexcept>
@@ -406,6 +407,43 @@ void cuda_backend::gather_rows(const tensor& table, const tensor& ids, tensor& o
   }
   const tensor d_ids = on_device(ids);
   cuda::gather_rows(table.type(), table.raw(), cols, d_ids.data<std::int64_t>(), out.data<float>(), n, as_stream(stream_));
+}
+
+void cuda_backend::ngram_embed(const tensor& base, const tensor& tokens, const tensor& ngram_ids,
+                               std::span<const tensor> tables, std::span<const tensor> projections, tensor& out) {
+  const bool host_tables = !tables.empty() && !on_gpu(ngram_ids) &&
+                           std::none_of(tables.begin(), tables.end(), [](const tensor& x) { return on_gpu(x); });
+  if (!host_tables) return backend::ngram_embed(base, tokens, ngram_ids, tables, projections, out);
+  check_ngram_embed_args(tokens, ngram_ids, tables.size());
+  // Each upload is a host call, a staging copy and a DMA of its own: the rows of all tables go
+  // as one ([E, T, d_i] back to back), and decode's embedding makes two uploads instead of E + 1.
+  const auto t = tokens.numel();
+  std::int64_t total = 0;
+  for (const auto& table : tables) total += t * table.dim(1);
+  tensor rows = tensor::empty({total}, dtype::f32);
+  std::int64_t offset = 0;
+  for (std::size_t i = 0; i < tables.size(); ++i) {
+    const auto cols = tables[i].dim(1), n_rows = tables[i].dim(0);
+    const auto row_bytes = static_cast<std::size_t>(cols) * dtype_size(tables[i].type());
+    const std::int64_t* ids = ngram_ids.data<std::int64_t>() + static_cast<std::int64_t>(i) * t;
+    for (std::int64_t r = 0; r < t; ++r) {
+      TROUPE_EXPECT(ids[r] >= 0 && ids[r] < n_rows, "ngram_embed",
+                    "row id " + std::to_string(ids[r]) + " outside a table of " + std::to_string(n_rows) + " rows");
+      convert_to_f32(tables[i].type(), static_cast<const std::byte*>(tables[i].raw()) + ids[r] * row_bytes,
+                     rows.data<float>() + offset + r * cols, static_cast<std::size_t>(cols));
+    }
+    offset += t * cols;
+  }
+  gather_rows(base, tokens, out);
+  const tensor d_rows = upload(rows, dtype::f32);
+  offset = 0;
+  for (std::size_t i = 0; i < tables.size(); ++i) {
+    const auto cols = tables[i].dim(1);
+    const tensor table_rows = d_rows.rows(offset, offset + t * cols).reshape({t, cols});
+    linear(table_rows, projections[i], out, write_mode::accumulate);
+    offset += t * cols;
+  }
+  scale(out, 1.0f / static_cast<float>(1 + tables.size()));
 }
 
 void cuda_backend::scatter_add_rows(const tensor& x, const tensor& rows, const tensor& weights, tensor& out) {

@@ -58,6 +58,10 @@ class cuda_backend final : public backend {
   void linear_pair(const tensor& x, const tensor& w1, tensor& y1, const tensor& w2, tensor& y2) override;
   void linear_swiglu(const tensor& x, const tensor& w, tensor& act) override;
   void gather_rows(const tensor& table, const tensor& ids, tensor& out) override;
+  /// Tables in host memory: every table's rows gathered on the host and sent in one copy (then
+  /// the projections on the device); otherwise the default composition.
+  void ngram_embed(const tensor& base, const tensor& tokens, const tensor& ngram_ids, std::span<const tensor> tables,
+                   std::span<const tensor> projections, tensor& out) override;
   void scatter_add_rows(const tensor& x, const tensor& rows, const tensor& weights, tensor& out) override;
   void write_latents(tensor& kv, const latent_norm& norm, const rope_table& rope, const paged_latents& where) override;
   void mla_attention(const tensor& q, const tensor& kv_b, const paged_latents& cache, const mla_dims& dims,

@@ -12,6 +12,8 @@
 
 #include <climits>
 #include <cstdint>
+#include <map>
+#include <mutex>
 
 #include "gpu/cuda/cuda_check.hpp"
 #include "gpu/cuda/cuda_kernels.hpp"
@@ -328,7 +330,18 @@ void sample(const float* logits, std::int64_t vocab, const sample_draw* draws, s
             bool penalised, std::int32_t* tokens, cudaStream_t s) {
   if (n == 0) return;
   const std::size_t bytes = sample_histogram_bytes + (penalised ? static_cast<std::size_t>((vocab + 31) / 32) * 4 : 0);
-  TROUPE_CUDA_CHECK(cudaFuncSetAttribute(sample_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  {
+    // Raised once per device to the largest size asked (a driver call, not one per step).
+    static std::mutex mutex;
+    static std::map<int, std::size_t> raised;
+    int device = 0;
+    TROUPE_CUDA_CHECK(cudaGetDevice(&device));
+    std::lock_guard lock(mutex);
+    if (raised[device] < bytes) {
+      TROUPE_CUDA_CHECK(cudaFuncSetAttribute(sample_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+      raised[device] = bytes;
+    }
+  }
   sample_kernel<<<static_cast<unsigned>(n), sample_threads, bytes, s>>>(logits, vocab, draws, context, tokens);
   TROUPE_CUDA_CHECK_LAUNCH();
 }
