@@ -409,12 +409,45 @@ void cuda_backend::gather_rows(const tensor& table, const tensor& ids, tensor& o
   cuda::gather_rows(table.type(), table.raw(), cols, d_ids.data<std::int64_t>(), out.data<float>(), n, as_stream(stream_));
 }
 
+bool cuda_backend::fused_ngram_embed(const tensor& base, const tensor& tokens, const tensor& ngram_ids,
+                                     std::span<const tensor> tables, std::span<const tensor> projections, tensor& out) {
+  const auto t = tokens.numel();
+  const auto e = static_cast<int>(tables.size());
+  if (e == 0 || !cuda::ngram_embed_fits(t, e, tables[0].dim(1)) || !on_gpu(base)) return false;
+  cuda::ngram_embed_args a{};
+  a.num_tables = e;
+  a.d = tables[0].dim(1);
+  a.h = out.dim(1);
+  a.table_type = tables[0].type();
+  for (int i = 0; i < e; ++i) {
+    const auto& table = tables[static_cast<std::size_t>(i)];
+    const auto& proj = projections[static_cast<std::size_t>(i)];
+    if (!on_gpu(table) || table.type() != a.table_type || table.dim(1) != a.d || !on_gpu(proj) || proj.type() != dtype::bf16 ||
+        proj.dim(0) != a.h || proj.dim(1) != a.d)
+      return false;
+    a.tables[i] = table.raw();
+    a.projections[i] = proj.raw();
+  }
+  TROUPE_EXPECT(base.dim(1) == a.h && out.dim(0) == t, "ngram_embed", shapes(base, out));
+  // Host ids (a step dispatched op by op) go up first, so recorded and op-by-op steps compute
+  // the embedding the same way.
+  const tensor d_tokens = on_device(tokens), d_ids = on_device(ngram_ids);
+  a.base_type = base.type();
+  a.base = base.raw();
+  a.tokens = d_tokens.data<std::int64_t>();
+  a.ids = d_ids.data<std::int64_t>();
+  a.scale = 1.0f / static_cast<float>(1 + e);
+  cuda::ngram_embed(a, t, out.data<float>(), as_stream(stream_));
+  return true;
+}
+
 void cuda_backend::ngram_embed(const tensor& base, const tensor& tokens, const tensor& ngram_ids,
                                std::span<const tensor> tables, std::span<const tensor> projections, tensor& out) {
-  const bool host_tables = !tables.empty() && !on_gpu(ngram_ids) &&
-                           std::none_of(tables.begin(), tables.end(), [](const tensor& x) { return on_gpu(x); });
-  if (!host_tables) return backend::ngram_embed(base, tokens, ngram_ids, tables, projections, out);
   check_ngram_embed_args(tokens, ngram_ids, tables.size());
+  const auto on_device = [](const tensor& x) { return on_gpu(x); };
+  if (fused_ngram_embed(base, tokens, ngram_ids, tables, projections, out)) return;
+  const bool host_tables = !tables.empty() && !on_gpu(ngram_ids) && std::none_of(tables.begin(), tables.end(), on_device);
+  if (!host_tables) return backend::ngram_embed(base, tokens, ngram_ids, tables, projections, out);
   // Each upload is a host call, a staging copy and a DMA of its own: the rows of all tables go
   // as one ([E, T, d_i] back to back), and decode's embedding makes two uploads instead of E + 1.
   const auto t = tokens.numel();

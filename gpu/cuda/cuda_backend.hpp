@@ -58,8 +58,9 @@ class cuda_backend final : public backend {
   void linear_pair(const tensor& x, const tensor& w1, tensor& y1, const tensor& w2, tensor& y2) override;
   void linear_swiglu(const tensor& x, const tensor& w, tensor& act) override;
   void gather_rows(const tensor& table, const tensor& ids, tensor& out) override;
-  /// Tables in host memory: every table's rows gathered on the host and sent in one copy (then
-  /// the projections on the device); otherwise the default composition.
+  /// Decode's few rows with everything on the device: one kernel (cuda::ngram_embed). Tables in
+  /// host memory: every table's rows gathered on the host and sent in one copy (then the
+  /// projections on the device). Otherwise the default composition.
   void ngram_embed(const tensor& base, const tensor& tokens, const tensor& ngram_ids, std::span<const tensor> tables,
                    std::span<const tensor> projections, tensor& out) override;
   void scatter_add_rows(const tensor& x, const tensor& rows, const tensor& weights, tensor& out) override;
@@ -99,6 +100,9 @@ class cuda_backend final : public backend {
   /// Copies `bytes` host bytes to `dst` on the stream without waiting for it: through pinned
   /// staging (a copy from pageable memory would first wait for the whole stream).
   void upload_async(void* dst, const void* src, std::size_t bytes);
+  /// The one-kernel n-gram embedding where its shapes and placement allow (false: not taken).
+  bool fused_ngram_embed(const tensor& base, const tensor& tokens, const tensor& ngram_ids, std::span<const tensor> tables,
+                         std::span<const tensor> projections, tensor& out);
   /// `bytes` of pinned staging that no pending copy still reads; `fill` writes into it.
   std::byte* staging(std::size_t bytes);
 

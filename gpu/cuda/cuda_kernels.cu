@@ -295,6 +295,43 @@ __global__ void gemv_kernel(const float* x, std::int64_t k, const W* w, std::int
       y[r * n + col] = accumulate ? y[r * n + col] + acc[r] : acc[r];
 }
 
+// The n-gram embedding of M <= gemv_max_rows rows in one launch (decode): every block gathers the
+// rows' n-gram table rows into shared memory ([M, E, d] floats, from L2 after the first block),
+// then each warp owns an output column: the bf16 projections' dot products with them, plus the
+// base embedding, times the scale. The projections' first loads go out before the wait (weights).
+template <int M>
+__global__ void ngram_embed_kernel(ngram_embed_args a, float* out) {
+  extern __shared__ float gathered[];  // [M, E, d]
+  const std::int64_t col = blockIdx.x * static_cast<std::int64_t>(blockDim.x / 32) + (threadIdx.x >> 5);
+  const int e_count = a.num_tables, d = static_cast<int>(a.d);
+  uint4 packed[dot_unroll];
+  const auto* first = static_cast<const __nv_bfloat16*>(a.projections[0]);
+  if (col < a.h) prefetch_row(first + col * d, d, packed);
+  follow_previous();  // the ids (and tokens) come from the kernels before
+  for (int i = threadIdx.x; i < M * e_count * d; i += blockDim.x) {
+    const int r = i / (e_count * d), t = (i / d) % e_count, c = i % d;
+    gathered[i] = load(a.table_type, a.tables[t], a.ids[static_cast<std::int64_t>(t) * M + r] * d + c);
+  }
+  __syncthreads();
+  if (col >= a.h) return;
+  float acc[M] = {};
+  for (int t = 0; t < e_count; ++t) {
+    const auto* row = static_cast<const __nv_bfloat16*>(a.projections[t]) + col * d;
+    if (t > 0) prefetch_row(row, d, packed);
+    const float* xs[M];
+#pragma unroll
+    for (int r = 0; r < M; ++r) xs[r] = gathered + (r * e_count + t) * d;
+    float part[M] = {};
+    warp_dot<M>(row, xs, d, packed, part);
+#pragma unroll
+    for (int r = 0; r < M; ++r) acc[r] += part[r];
+  }
+  if ((threadIdx.x & 31) != 0) return;
+#pragma unroll
+  for (int r = 0; r < M; ++r)
+    out[r * a.h + col] = (load(a.base_type, a.base, a.tokens[r] * a.h + col) + acc[r]) * a.scale;
+}
+
 // The routed slots grouped by expert, by one block: order[offsets[e] .. offsets[e + 1]) are the
 // slots whose expert is e (< n_routed; zero experts have no GEMVs), and active[] lists the
 // experts with slots (then -1s), so the GEMVs launch blocks only for those. Counting sort with
@@ -774,6 +811,24 @@ void moe_route(const float* logits, std::int64_t rows, const float* bias, std::i
                                 std::to_string(32 * router_max_per_lane) + ")");
   launch(moe_route_kernel, 1, 1024, static_cast<std::size_t>(n_routed) * sizeof(std::int32_t), s, logits, rows, bias, experts,
          k, scaling, n_routed, idx, gates, offsets, order, active);
+}
+
+bool ngram_embed_fits(std::int64_t m, int num_tables, std::int64_t d) {
+  return m >= 1 && m <= gemv_max_rows && num_tables >= 1 && num_tables <= max_ngram_tables &&
+         m * num_tables * d * static_cast<std::int64_t>(sizeof(float)) <= 48 * 1024;
+}
+
+void ngram_embed(const ngram_embed_args& args, std::int64_t m, float* out, cudaStream_t s) {
+  if (!ngram_embed_fits(m, args.num_tables, args.d)) throw std::logic_error("ngram_embed: shape outside ngram_embed_fits");
+  static_assert(gemv_max_rows == 4, "one instantiation per row count below");
+  const unsigned warps = threads / 32, grid = static_cast<unsigned>((args.h + warps - 1) / warps);
+  const auto shared = static_cast<std::size_t>(m * args.num_tables * args.d) * sizeof(float);
+  switch (m) {
+#define TROUPE_NGRAM_CASE(M) \
+  case M: launch(ngram_embed_kernel<M>, grid, threads, shared, s, args, out); break;
+    TROUPE_NGRAM_CASE(1) TROUPE_NGRAM_CASE(2) TROUPE_NGRAM_CASE(3) TROUPE_NGRAM_CASE(4)
+#undef TROUPE_NGRAM_CASE
+  }
 }
 
 void grouped_expert_gemv_bf16(const float* x, std::int64_t x_row_div, std::int64_t max_group, const std::int32_t* offsets,

@@ -40,6 +40,27 @@ void gemv_pair_bf16(const float* x, std::int64_t m, std::int64_t k, const std::u
 void gemv_swiglu_bf16(const float* x, std::int64_t m, std::int64_t k, const std::uint16_t* w, std::int64_t f, float* act,
                       cudaStream_t s);
 
+/// The n-gram embedding of a few rows (spec section 2) in one launch:
+/// out[r] = (base[tokens[r]] + sum_t projections[t] . tables[t][ids[t, r]]) * scale, with bf16
+/// projections [h, d], tables [*, d] and base [*, h] in bf16 or f32, ids i64 [num_tables, m]
+/// (table-major) and tokens i64 [m], all on the device.
+constexpr int max_ngram_tables = 8;
+struct ngram_embed_args {
+  const void* tables[max_ngram_tables];
+  const void* projections[max_ngram_tables];
+  int num_tables;
+  std::int64_t d, h;
+  dtype table_type, base_type;
+  const void* base;
+  const std::int64_t* tokens;
+  const std::int64_t* ids;
+  float scale;
+};
+/// Whether ngram_embed() takes m rows of num_tables tables of width d (m <= gemv_max_rows, the
+/// gathered rows fit in 48 KB of shared memory).
+bool ngram_embed_fits(std::int64_t m, int num_tables, std::int64_t d);
+void ngram_embed(const ngram_embed_args& args, std::int64_t m, float* out, cudaStream_t s);
+
 /// Most rows the model gives the MoE on the device (decode batches, verification): such a step
 /// needs no host round trip, so it can be recorded as a CUDA graph. Up to gemv_max_rows the
 /// experts run as grouped GEMVs; beyond, as two batched tensor-core GEMMs over every routed

@@ -199,6 +199,36 @@ TEST(cuda_backend, gathers_scatters_and_the_ngram_embedding) {
     b.gpu.ngram_embed(base, tokens, ngram, tables, proj_g, yg);
     EXPECT_LT(rel(b, yg, yc), 1e-2) << "ngram_embed";
   }
+  // Decode's rows with everything on the device: the one-kernel embedding against the CPU and
+  // against the backend's composition of gathers, GEMVs and scale (the same bf16 products).
+  for (const dtype table_type : {dtype::bf16, dtype::f32})
+    for (const std::int64_t t : {1, 3, 4}) {
+      const std::int64_t h = 320, d = 80;  // 320 columns: more than one block; d % 8 == 0 (16-byte loads)
+      const tensor base_c = b.cpu.upload(random({40, h}, 31), table_type);
+      std::vector<tensor> tables_c, tables_g, proj_c, proj_g;
+      for (int i = 0; i < 4; ++i) {
+        const tensor table = random({30 + i, d}, 32 + i);
+        tables_c.push_back(b.cpu.upload(table, table_type));
+        tables_g.push_back(b.gpu.upload(table, table_type));
+        const tensor p = random({h, d}, 50 + i, 0.3f);
+        proj_c.push_back(b.cpu.upload(p, dtype::bf16));
+        proj_g.push_back(b.gpu.upload(p, dtype::bf16));
+      }
+      tensor tokens = tensor::empty({t}, dtype::i64), ngram = tensor::empty({4, t}, dtype::i64);
+      for (int r = 0; r < t; ++r) {
+        tokens.data<std::int64_t>()[r] = (r * 11 + 3) % 40;
+        for (int i = 0; i < 4; ++i) ngram.data<std::int64_t>()[i * t + r] = (r * 7 + i * 5 + 1) % 30;
+      }
+      const tensor base_g = b.gpu.upload(base_c, table_type), tokens_g = b.gpu.upload(tokens, dtype::i64),
+                   ngram_g = b.gpu.upload(ngram, dtype::i64);
+      tensor yc = tensor::empty({t, h}, dtype::f32), yg = poisoned(b.gpu, {t, h}), ycomposed = poisoned(b.gpu, {t, h});
+      b.cpu.ngram_embed(base_c, tokens, ngram, tables_c, proj_c, yc);
+      b.gpu.ngram_embed(base_g, tokens_g, ngram_g, tables_g, proj_g, yg);
+      b.gpu.backend::ngram_embed(base_g, tokens_g, ngram_g, tables_g, proj_g, ycomposed);
+      EXPECT_LT(rel(b, yg, yc), 1e-2) << "fused ngram_embed vs the CPU, " << t << " rows";
+      const tensor composed = b.gpu.download(ycomposed);
+      EXPECT_LT(rel(b, yg, composed), 1e-5) << "fused ngram_embed vs the composition, " << t << " rows";
+    }
 }
 
 TEST(cuda_backend, latents_attention_and_router) {
