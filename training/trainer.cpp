@@ -238,6 +238,10 @@ class progress_bar {
 }  // namespace
 
 train_summary run_training(const train_config& config, const train_options& options) {
+  // Where each stage actor computes, checked before the corpus is read.
+  const std::string device = options.device.value_or(config.device);
+  std::vector<std::string> placement;
+  for (std::int64_t i = 0; i < config.replicas * config.stages; ++i) placement.push_back(place_stage(device, i));
   auto tok = std::make_shared<const tokenizer>(tokenizer::load(config.tokenizer));
   if (tok->vocab_size() > config.model.vocab_size)
     throw input_error("the tokenizer " + config.tokenizer.string() + " has " + std::to_string(tok->vocab_size()) +
@@ -278,9 +282,6 @@ train_summary run_training(const train_config& config, const train_options& opti
   if (state.step >= last_step) throw input_error("nothing to do: the run is already at step " + std::to_string(state.step));
   fs::create_directories(config.out);
 
-  const std::string device = options.device.value_or(config.device);
-  std::vector<std::string> placement;
-  for (std::int64_t i = 0; i < config.replicas * config.stages; ++i) placement.push_back(place_stage(device, i));
   if (device != "cpu") std::cerr << "[train] stage actors on " << device << " (GEMMs in " << config.gemm_math << ")\n";
   std::vector<std::shared_ptr<device_group>> groups;  // per pipeline depth
   for (std::int64_t s = 0; s < config.stages; ++s) {

@@ -46,6 +46,8 @@ class dbuf {
     if (n > 0) TROUPE_CUDA_CHECK(cudaMemcpyAsync(b.p_, src, static_cast<std::size_t>(n) * sizeof(T), cudaMemcpyDeviceToDevice, s));
     return b;
   }
+  // From pageable host memory (every caller's vectors): cudaMemcpyAsync returns once it has
+  // staged the bytes, so `host` may go as soon as this returns.
   static dbuf upload(std::span<const T> host, cudaStream_t s) {
     dbuf b(static_cast<std::int64_t>(host.size()), s);
     if (!host.empty()) TROUPE_CUDA_CHECK(cudaMemcpyAsync(b.p_, host.data(), host.size_bytes(), cudaMemcpyHostToDevice, s));
@@ -399,7 +401,6 @@ struct cuda_stage::impl {
     const auto total = static_cast<std::int64_t>(all_rows.size());
     c.rows = dbuf<std::int32_t>::upload(all_rows, stream);
     c.slots = dbuf<std::int32_t>::upload(all_slots, stream);
-    // The host vectors above die at return while their uploads may be queued: wait for them.
     c.x = fbuf(total * hidden, stream);
     c.y = fbuf(total * hidden, stream);
     c.experts.gate = fbuf(total * ef, stream);
@@ -416,7 +417,6 @@ struct cuda_stage::impl {
       k::combine_expert(c.y.get() + o * hidden, c.rows.get() + o, c.slots.get() + o, c.gates.get(), static_cast<int>(kk), n,
                         hidden, out.get(), stream);
     }
-    TROUPE_CUDA_CHECK(cudaStreamSynchronize(stream));
     return out;
   }
 
@@ -491,7 +491,6 @@ struct cuda_stage::impl {
         c.out = fbuf::copy_of(out.get(), t * hidden, stream);
         break;
     }
-    TROUPE_CUDA_CHECK(cudaStreamSynchronize(stream));  // the host token and id arrays die here
     return out;
   }
 
