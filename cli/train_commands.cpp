@@ -98,7 +98,7 @@ void add_train_commands(CLI::App& app, std::function<int()>& run) {
       "Train a model as an actor pipeline (data actor, pipeline stages, data-parallel replicas) from a JSON config;\n"
       "writes checkpoints that `troupe serve` loads, metrics.jsonl and a progress bar (see configs/train/)");
   train->add_option("--config", t->config, "training config (JSON)")->required()->check(CLI::ExistingFile);
-  train->add_flag("--resume", t->resume, "continue from the run directory's latest checkpoint (bitwise the same losses)");
+  train->add_flag("--resume", t->resume, "continue from the run directory's latest checkpoint (the same losses: bitwise on the CPU, to 1e-4 on GPUs)");
   train->add_option("--steps", t->steps, "stop after this step instead of the config's (the schedule keeps the config's length)");
   train->add_flag("--quiet", t->quiet, "no progress bar");
   train->add_option("--device", t->device,
