@@ -13,6 +13,7 @@
 #include "model/rope.hpp"
 #include "model/weights.hpp"
 #include "protocol/errors.hpp"
+#include "training/cuda/device_array.hpp"
 #include "training/cuda/device_group.hpp"
 #include "training/cuda/train_kernels.hpp"
 
@@ -27,103 +28,44 @@ gemm_math parse_gemm_math(const std::string& name) {
 
 namespace {
 
-// A stream-ordered device array: allocated and freed on the stage's stream, so freeing one
-// whose last use is still queued is safe and the pool reuses the memory without a sync.
-template <class T>
-class dbuf {
- public:
-  dbuf() = default;
-  dbuf(std::int64_t n, cudaStream_t s) : n_(n), s_(s) {
-    if (n > 0) TROUPE_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&p_), static_cast<std::size_t>(n) * sizeof(T), s));
-  }
-  static dbuf zeros(std::int64_t n, cudaStream_t s) {
-    dbuf b(n, s);
-    if (n > 0) TROUPE_CUDA_CHECK(cudaMemsetAsync(b.p_, 0, static_cast<std::size_t>(n) * sizeof(T), s));
-    return b;
-  }
-  static dbuf copy_of(const T* src, std::int64_t n, cudaStream_t s) {
-    dbuf b(n, s);
-    if (n > 0) TROUPE_CUDA_CHECK(cudaMemcpyAsync(b.p_, src, static_cast<std::size_t>(n) * sizeof(T), cudaMemcpyDeviceToDevice, s));
-    return b;
-  }
-  // From pageable host memory (every caller's vectors): cudaMemcpyAsync returns once it has
-  // staged the bytes, so `host` may go as soon as this returns.
-  static dbuf upload(std::span<const T> host, cudaStream_t s) {
-    dbuf b(static_cast<std::int64_t>(host.size()), s);
-    if (!host.empty()) TROUPE_CUDA_CHECK(cudaMemcpyAsync(b.p_, host.data(), host.size_bytes(), cudaMemcpyHostToDevice, s));
-    return b;
-  }
-  dbuf(dbuf&& o) noexcept : p_(o.p_), n_(o.n_), s_(o.s_) { o.p_ = nullptr; }
-  dbuf& operator=(dbuf&& o) noexcept {
-    if (this != &o) {
-      release();
-      p_ = o.p_;
-      n_ = o.n_;
-      s_ = o.s_;
-      o.p_ = nullptr;
-    }
-    return *this;
-  }
-  ~dbuf() { release(); }
-
-  T* get() const { return p_; }
-  std::int64_t size() const { return n_; }
-  std::vector<T> download() const {
-    std::vector<T> out(static_cast<std::size_t>(n_));
-    if (n_ > 0) {
-      TROUPE_CUDA_CHECK(cudaMemcpyAsync(out.data(), p_, out.size() * sizeof(T), cudaMemcpyDeviceToHost, s_));
-      TROUPE_CUDA_CHECK(cudaStreamSynchronize(s_));
-    }
-    return out;
-  }
-
- private:
-  void release() {
-    if (p_) cudaFreeAsync(p_, s_);  // a destructor must not throw; a failed free leaks at worst
-    p_ = nullptr;
-  }
-  T* p_ = nullptr;
-  std::int64_t n_ = 0;
-  cudaStream_t s_ = nullptr;
-};
-using fbuf = dbuf<float>;
+using device_floats = device_array<float>;
 
 struct device_param {
   parameter_spec spec;
   std::int64_t rows = 0, cols = 0;
-  fbuf value, grad, m, v;                // m, v: not for router biases
-  dbuf<std::uint8_t> touched;            // tables only
+  device_floats value, grad, m, v;                // m, v: not for router biases
+  device_array<std::uint8_t> touched;            // tables only
   std::int64_t numel() const { return rows * cols; }
 };
 
 // What each layer's backward needs from its forward (device arrays; inputs are owned by the
 // block's cache and passed in again).
 struct norm_cache {
-  fbuf y, rms_inv;
+  device_floats y, rms_inv;
 };
 struct mlp_cache {
-  fbuf gate, up, act;
+  device_floats gate, up, act;
 };
 struct mla_cache {
-  fbuf q_lat, q_rms, q_ln, q, kv, kv_rms, k_lat, kvb, attn, lse;
+  device_floats q_lat, q_rms, q_ln, q, kv, kv_rms, k_lat, kvb, attn, lse;
 };
 struct moe_cache {
-  fbuf probs, gates, x, y;                     // x, y: every routed row of every expert, expert by expert
-  dbuf<std::int32_t> idx, rows, slots;         // rows, slots: the same order
+  device_floats probs, gates, x, y;                     // x, y: every routed row of every expert, expert by expert
+  device_array<std::int32_t> idx, rows, slots;         // rows, slots: the same order
   std::vector<std::int64_t> offsets;           // expert e's rows are [offsets[e], offsets[e + 1])
   mlp_cache experts;                           // gate / up / act of all routed rows, same order
 };
 struct block_cache {
-  fbuf h, a, b, c;  // the block's input and its residual stream after each sublayer
+  device_floats h, a, b, c;  // the block's input and its residual stream after each sublayer
   norm_cache n0, p0, n1, p1;
   mla_cache attention[2];
   mlp_cache mlp[2];
   moe_cache moe;
 };
 struct embedding_cache {
-  dbuf<std::int64_t> tokens, ngram_ids;  // [T], [T, tables]
-  std::vector<fbuf> gathered;            // per table [T, d]
-  fbuf out, std_inv;                     // layer-norm amplification only
+  device_array<std::int64_t> tokens, ngram_ids;  // [T], [T, tables]
+  std::vector<device_floats> gathered;            // per table [T, d]
+  device_floats out, std_inv;                     // layer-norm amplification only
 };
 struct saved_batch {
   embedding_cache embedding;
@@ -147,7 +89,7 @@ struct cuda_stage::impl {
   std::map<std::string, device_param*> by_name;
   std::map<std::int64_t, saved_batch> saved;
   std::vector<std::vector<std::int64_t>> expert_load;
-  fbuf rope_cos, rope_sin;
+  device_floats rope_cos, rope_sin;
   std::int64_t rope_rows = -1, rope_seq_len = -1;
   float softmax_scale = 1;
 
@@ -198,8 +140,8 @@ struct cuda_stage::impl {
   // ---- layers ----------------------------------------------------------------------------
   void norm_forward(const std::string& name, const float* x, std::int64_t rows, norm_cache& c) {
     const auto cols = config.hidden_size;
-    c.y = fbuf(rows * cols, stream);
-    c.rms_inv = fbuf(rows, stream);
+    c.y = device_floats(rows * cols, stream);
+    c.rms_inv = device_floats(rows, stream);
     k::rms_norm_forward(x, w(name), rows, cols, cols, static_cast<float>(config.rms_norm_eps), 1.0f, c.y.get(),
                         c.rms_inv.get(), stream);
   }
@@ -210,12 +152,12 @@ struct cuda_stage::impl {
   }
 
   // SwiGLU MLP of weights prefix{gate,up,down}_proj.weight: y = down(silu(gate x) * up x).
-  fbuf mlp_forward(const std::string& prefix, const float* x, std::int64_t rows, mlp_cache& c, std::int64_t f) {
+  device_floats mlp_forward(const std::string& prefix, const float* x, std::int64_t rows, mlp_cache& c, std::int64_t f) {
     const auto h = config.hidden_size;
-    c.gate = fbuf(rows * f, stream);
-    c.up = fbuf(rows * f, stream);
-    c.act = fbuf(rows * f, stream);
-    fbuf y(rows * h, stream);
+    c.gate = device_floats(rows * f, stream);
+    c.up = device_floats(rows * f, stream);
+    c.act = device_floats(rows * f, stream);
+    device_floats y(rows * h, stream);
     mlp_forward_into(prefix, x, rows, c.gate.get(), c.up.get(), c.act.get(), y.get(), f);
     return y;
   }
@@ -230,7 +172,7 @@ struct cuda_stage::impl {
   void mlp_backward(const std::string& prefix, const float* dy, const float* x, const float* gate, const float* up,
                     const float* act, std::int64_t rows, std::int64_t f, float* dx) {
     const auto h = config.hidden_size;
-    fbuf dact(rows * f, stream), dgate(rows * f, stream), dup(rows * f, stream);
+    device_floats dact(rows * f, stream), dgate(rows * f, stream), dup(rows * f, stream);
     TROUPE_CUDA_CHECK(cudaMemsetAsync(dact.get(), 0, static_cast<std::size_t>(rows * f) * sizeof(float), stream));
     linear_backward(dy, act, w(prefix + "down_proj.weight"), rows, f, h, dact.get(), g(prefix + "down_proj.weight"));
     k::swiglu_backward(dact.get(), gate, up, dgate.get(), dup.get(), rows * f, stream);
@@ -248,18 +190,18 @@ struct cuda_stage::impl {
   }
 
   // MLA over whole sequences, explicit form (training/layers.cpp's mla_layer).
-  fbuf mla_forward(const std::string& p, const float* x, const batch_dims& dims, mla_cache& c) {
+  device_floats mla_forward(const std::string& p, const float* x, const batch_dims& dims, mla_cache& c) {
     const auto& cf = config;
     const auto t = dims.rows(), s = dims.seq_len, heads = cf.num_attention_heads, hidden = cf.hidden_size;
     const auto qk = cf.qk_head_dim(), nope = cf.qk_nope_head_dim, rope_dim = cf.qk_rope_head_dim, vd = cf.v_head_dim;
     const auto kvr = cf.kv_lora_rank, lat_w = kvr + rope_dim, kvb_w = nope + vd, half = rope_dim / 2;
     const float eps = static_cast<float>(cf.rms_norm_eps);
-    c.q = fbuf(t * heads * qk, stream);
+    c.q = device_floats(t * heads * qk, stream);
     if (cf.q_lora_rank) {
       const auto qr = cf.q_lora_rank;
-      c.q_lat = fbuf(t * qr, stream);
-      c.q_ln = fbuf(t * qr, stream);
-      c.q_rms = fbuf(t, stream);
+      c.q_lat = device_floats(t * qr, stream);
+      c.q_ln = device_floats(t * qr, stream);
+      c.q_rms = device_floats(t, stream);
       linear(x, w(p + "q_a_proj.weight"), t, hidden, qr, c.q_lat.get());
       k::rms_norm_forward(c.q_lat.get(), w(p + "q_a_layernorm.weight"), t, qr, qr, eps, 1.0f, c.q_ln.get(), c.q_rms.get(),
                           stream);
@@ -270,22 +212,22 @@ struct cuda_stage::impl {
     }
     k::rope(c.q.get(), rope_cos.get(), rope_sin.get(), t, heads, qk, nope, half, false, stream);
 
-    c.kv = fbuf(t * lat_w, stream);
+    c.kv = device_floats(t * lat_w, stream);
     linear(x, w(p + "kv_a_proj_with_mqa.weight"), t, hidden, lat_w, c.kv.get());
-    c.k_lat = fbuf::copy_of(c.kv.get(), t * lat_w, stream);
-    c.kv_rms = fbuf(t, stream);
+    c.k_lat = device_floats::copy_of(c.kv.get(), t * lat_w, stream);
+    c.kv_rms = device_floats(t, stream);
     k::rms_norm_forward(c.kv.get(), w(p + "kv_a_layernorm.weight"), t, kvr, lat_w, eps, kv_scale(), c.k_lat.get(),
                         c.kv_rms.get(), stream);
     k::rope(c.k_lat.get(), rope_cos.get(), rope_sin.get(), t, 1, lat_w, kvr, half, false, stream);
-    c.kvb = fbuf(t * heads * kvb_w, stream);
+    c.kvb = device_floats(t * heads * kvb_w, stream);
     matmul(false, true, t, heads * kvb_w, kvr, c.k_lat.get(), lat_w, w(p + "kv_b_proj.weight"), kvr, 0, c.kvb.get(),
            heads * kvb_w);
 
-    fbuf key(t * heads * qk, stream);
+    device_floats key(t * heads * qk, stream);
     k::assemble_keys(c.kvb.get(), c.k_lat.get(), t, heads, nope, rope_dim, vd, kvr, key.get(), stream);
-    c.attn = fbuf(t * heads * vd, stream);
-    c.lse = fbuf(t * heads, stream);
-    fbuf probs(heads * s * s, stream);
+    c.attn = device_floats(t * heads * vd, stream);
+    c.lse = device_floats(t * heads, stream);
+    device_floats probs(heads * s * s, stream);
     for (std::int64_t seq = 0; seq < dims.sequences; ++seq) {
       const auto r0 = seq * s;
       matmul_batched(false, true, s, s, qk, c.q.get() + r0 * heads * qk, heads * qk, qk, key.get() + r0 * heads * qk,
@@ -294,7 +236,7 @@ struct cuda_stage::impl {
       matmul_batched(false, false, s, vd, s, probs.get(), s, s * s, c.kvb.get() + r0 * heads * kvb_w + nope,
                      heads * kvb_w, kvb_w, 0, c.attn.get() + r0 * heads * vd, heads * vd, vd, heads);
     }
-    fbuf out(t * hidden, stream);
+    device_floats out(t * hidden, stream);
     linear(c.attn.get(), w(p + "o_proj.weight"), t, heads * vd, hidden, out.get());
     return out;
   }
@@ -306,16 +248,17 @@ struct cuda_stage::impl {
     const auto qk = cf.qk_head_dim(), nope = cf.qk_nope_head_dim, rope_dim = cf.qk_rope_head_dim, vd = cf.v_head_dim;
     const auto kvr = cf.kv_lora_rank, lat_w = kvr + rope_dim, kvb_w = nope + vd, half = rope_dim / 2;
 
-    fbuf dattn = fbuf::zeros(t * heads * vd, stream);
+    device_floats dattn = device_floats::zeros(t * heads * vd, stream);
     linear_backward(dy, c.attn.get(), w(p + "o_proj.weight"), t, heads * vd, hidden, dattn.get(), g(p + "o_proj.weight"));
-    fbuf delta(t * heads, stream);
+    device_floats delta(t * heads, stream);
     k::head_dots(dattn.get(), c.attn.get(), t, heads, vd, delta.get(), stream);
 
-    fbuf key(t * heads * qk, stream);
+    device_floats key(t * heads * qk, stream);
     k::assemble_keys(c.kvb.get(), c.k_lat.get(), t, heads, nope, rope_dim, vd, kvr, key.get(), stream);
-    fbuf dq = fbuf::zeros(t * heads * qk, stream), dkvb = fbuf::zeros(t * heads * kvb_w, stream);
-    fbuf dkey(t * heads * qk, stream), dk_lat = fbuf::zeros(t * lat_w, stream);
-    fbuf probs(heads * s * s, stream), dp(heads * s * s, stream);
+    auto dq = device_floats::zeros(t * heads * qk, stream), dkvb = device_floats::zeros(t * heads * kvb_w, stream);
+    auto dk_lat = device_floats::zeros(t * lat_w, stream);
+    device_floats dkey(t * heads * qk, stream);
+    device_floats probs(heads * s * s, stream), dp(heads * s * s, stream);
     for (std::int64_t seq = 0; seq < dims.sequences; ++seq) {
       const auto r0 = seq * s;
       const float* q = c.q.get() + r0 * heads * qk;
@@ -343,7 +286,7 @@ struct cuda_stage::impl {
     matmul(true, false, heads * kvb_w, kvr, t, dkvb.get(), heads * kvb_w, c.k_lat.get(), lat_w, 1,
            g(p + "kv_b_proj.weight"), kvr);
     k::rope(dk_lat.get(), rope_cos.get(), rope_sin.get(), t, 1, lat_w, kvr, half, true, stream);
-    fbuf dkv = fbuf::zeros(t * lat_w, stream);
+    device_floats dkv = device_floats::zeros(t * lat_w, stream);
     k::copy_columns(dk_lat.get() + kvr, lat_w, dkv.get() + kvr, lat_w, t, rope_dim, stream);
     k::rms_norm_backward(dk_lat.get(), c.kv.get(), w(p + "kv_a_layernorm.weight"), c.kv_rms.get(), t, kvr, lat_w,
                          kv_scale(), dkv.get(), g(p + "kv_a_layernorm.weight"), stream);
@@ -355,7 +298,7 @@ struct cuda_stage::impl {
     if (cf.q_lora_rank) {
       const auto qr = cf.q_lora_rank;
       if (cf.mla_scale_q_lora) k::scale(dq.get(), q_scale(), t * heads * qk, stream);
-      fbuf dq_ln = fbuf::zeros(t * qr, stream), dq_lat = fbuf::zeros(t * qr, stream);
+      device_floats dq_ln = device_floats::zeros(t * qr, stream), dq_lat = device_floats::zeros(t * qr, stream);
       linear_backward(dq.get(), c.q_ln.get(), w(p + "q_b_proj.weight"), t, qr, heads * qk, dq_ln.get(),
                       g(p + "q_b_proj.weight"));
       k::rms_norm_backward(dq_ln.get(), c.q_lat.get(), w(p + "q_a_layernorm.weight"), c.q_rms.get(), t, qr, qr, 1.0f,
@@ -368,14 +311,14 @@ struct cuda_stage::impl {
 
   // Router and experts (training/layers.cpp's moe_layer): the routing is computed on the device
   // and read back once (the expert GEMMs need each expert's row count on the host).
-  fbuf moe_forward(const std::string& p, const float* u, std::int64_t rows, moe_cache& c, std::vector<std::int64_t>* load) {
+  device_floats moe_forward(const std::string& p, const float* u, std::int64_t rows, moe_cache& c, std::vector<std::int64_t>* load) {
     const auto& cf = config;
     const auto hidden = cf.hidden_size, e = cf.num_router_experts(), kk = cf.moe_topk, ef = cf.expert_ffn_hidden_size;
     const auto n_routed = static_cast<std::int32_t>(cf.n_routed_experts);
-    c.probs = fbuf(rows * e, stream);
+    c.probs = device_floats(rows * e, stream);
     linear(u, w(p + "router.classifier.weight"), rows, hidden, e, c.probs.get());
-    c.idx = dbuf<std::int32_t>(rows * kk, stream);
-    c.gates = fbuf(rows * kk, stream);
+    c.idx = device_array<std::int32_t>(rows * kk, stream);
+    c.gates = device_floats(rows * kk, stream);
     k::router_forward(c.probs.get(), w(p + "router.e_score_correction_bias"), rows, e, static_cast<int>(kk),
                       static_cast<float>(cf.routed_scaling_factor), c.idx.get(), c.gates.get(), stream);
     const std::vector<std::int32_t> idx = c.idx.download();
@@ -399,14 +342,14 @@ struct cuda_stage::impl {
       c.offsets.push_back(static_cast<std::int64_t>(all_rows.size()));
     }
     const auto total = static_cast<std::int64_t>(all_rows.size());
-    c.rows = dbuf<std::int32_t>::upload(all_rows, stream);
-    c.slots = dbuf<std::int32_t>::upload(all_slots, stream);
-    c.x = fbuf(total * hidden, stream);
-    c.y = fbuf(total * hidden, stream);
-    c.experts.gate = fbuf(total * ef, stream);
-    c.experts.up = fbuf(total * ef, stream);
-    c.experts.act = fbuf(total * ef, stream);
-    fbuf out(rows * hidden, stream);
+    c.rows = device_array<std::int32_t>::upload(all_rows, stream);
+    c.slots = device_array<std::int32_t>::upload(all_slots, stream);
+    c.x = device_floats(total * hidden, stream);
+    c.y = device_floats(total * hidden, stream);
+    c.experts.gate = device_floats(total * ef, stream);
+    c.experts.up = device_floats(total * ef, stream);
+    c.experts.act = device_floats(total * ef, stream);
+    device_floats out(rows * hidden, stream);
     k::combine_zero_experts(u, c.idx.get(), c.gates.get(), rows, static_cast<int>(kk), n_routed, hidden, out.get(), stream);
     k::gather(u, c.rows.get(), total, hidden, c.x.get(), stream);
     for (std::int32_t x = 0; x < n_routed; ++x) {
@@ -426,11 +369,11 @@ struct cuda_stage::impl {
     const auto hidden = cf.hidden_size, e = cf.num_router_experts(), kk = cf.moe_topk, ef = cf.expert_ffn_hidden_size;
     const auto n_routed = static_cast<std::int32_t>(cf.n_routed_experts);
     const float scaling = static_cast<float>(cf.routed_scaling_factor);
-    fbuf dprobs = fbuf::zeros(rows * e, stream);
+    device_floats dprobs = device_floats::zeros(rows * e, stream);
     k::zero_experts_grad(dy, u, c.idx.get(), c.gates.get(), rows, static_cast<int>(kk), n_routed, e, hidden, scaling,
                          dprobs.get(), du, stream);
     const auto total = c.offsets.back();
-    fbuf dexpert(total * hidden, stream), din = fbuf::zeros(total * hidden, stream);
+    device_floats dexpert(total * hidden, stream), din = device_floats::zeros(total * hidden, stream);
     for (std::int32_t x = 0; x < n_routed; ++x) {
       const auto o = c.offsets[static_cast<std::size_t>(x)], n = c.offsets[static_cast<std::size_t>(x) + 1] - o;
       if (n == 0) continue;
@@ -442,19 +385,19 @@ struct cuda_stage::impl {
       k::scatter_add(din.get() + o * hidden, c.rows.get() + o, n, hidden, du, stream);
     }
     // Softmax backward; the top-k choice itself has no gradient.
-    fbuf dlogits(rows * e, stream);
+    device_floats dlogits(rows * e, stream);
     k::softmax_backward(c.probs.get(), dprobs.get(), rows, e, dlogits.get(), stream);
     linear_backward(dlogits.get(), u, w(p + "router.classifier.weight"), rows, hidden, e, du,
                     g(p + "router.classifier.weight"));
   }
 
   // ---- embedding, blocks, head -------------------------------------------------------------
-  fbuf embedding_forward(std::span<const std::int32_t> tokens, const batch_dims& dims, embedding_cache& c) {
+  device_floats embedding_forward(std::span<const std::int32_t> tokens, const batch_dims& dims, embedding_cache& c) {
     const auto& cf = config;
     const auto t = dims.rows(), hidden = cf.hidden_size, tables = cf.num_ngram_tables();
     std::vector<std::int64_t> tok(tokens.begin(), tokens.end());
-    c.tokens = dbuf<std::int64_t>::upload(tok, stream);
-    fbuf merged(t * hidden, stream);
+    c.tokens = device_array<std::int64_t>::upload(tok, stream);
+    device_floats merged(t * hidden, stream);
     k::gather_table_rows(w("model.embed_tokens.weight"), c.tokens.get(), 1, t, hidden, merged.get(), stream);
     std::vector<std::int64_t> ids;
     if (tables) {
@@ -465,7 +408,7 @@ struct cuda_stage::impl {
         hasher.hash(tokens.subspan(static_cast<std::size_t>(seq * dims.seq_len), static_cast<std::size_t>(dims.seq_len)),
                     context, ids.data() + seq * dims.seq_len * tables);
       }
-      c.ngram_ids = dbuf<std::int64_t>::upload(ids, stream);
+      c.ngram_ids = device_array<std::int64_t>::upload(ids, stream);
       for (std::int64_t i = 0; i < tables; ++i) {
         const std::string n = std::to_string(i);
         auto& table = param("model.ngram_embeddings.embedders." + n + ".weight");
@@ -477,7 +420,7 @@ struct cuda_stage::impl {
       }
       k::scale(merged.get(), 1.0f / static_cast<float>(1 + tables), t * hidden, stream);
     }
-    fbuf out;
+    device_floats out;
     switch (cf.embedding_amplification) {
       case amplification::none: out = std::move(merged); break;
       case amplification::sqrt_hidden:
@@ -485,10 +428,10 @@ struct cuda_stage::impl {
         out = std::move(merged);
         break;
       case amplification::layer_norm:
-        out = fbuf(t * hidden, stream);
-        c.std_inv = fbuf(t, stream);
+        out = device_floats(t * hidden, stream);
+        c.std_inv = device_floats(t, stream);
         k::layer_norm_forward(merged.get(), t, hidden, static_cast<float>(cf.rms_norm_eps), out.get(), c.std_inv.get(), stream);
-        c.out = fbuf::copy_of(out.get(), t * hidden, stream);
+        c.out = device_floats::copy_of(out.get(), t * hidden, stream);
         break;
     }
     return out;
@@ -497,7 +440,7 @@ struct cuda_stage::impl {
   void embedding_backward(const float* dy, const embedding_cache& c, const batch_dims& dims) {
     const auto& cf = config;
     const auto t = dims.rows(), hidden = cf.hidden_size, tables = cf.num_ngram_tables();
-    fbuf dmerged = fbuf::copy_of(dy, t * hidden, stream);
+    device_floats dmerged = device_floats::copy_of(dy, t * hidden, stream);
     switch (cf.embedding_amplification) {
       case amplification::none: break;
       case amplification::sqrt_hidden:
@@ -516,7 +459,7 @@ struct cuda_stage::impl {
       auto& table = param("model.ngram_embeddings.embedders." + n + ".weight");
       const auto d = table.cols;
       const std::string proj = "model.ngram_embeddings.post_projs." + n + ".weight";
-      fbuf drows = fbuf::zeros(t * d, stream);
+      device_floats drows = device_floats::zeros(t * d, stream);
       linear_backward(dmerged.get(), c.gathered[static_cast<std::size_t>(i)].get(), w(proj), t, d, hidden, drows.get(), g(proj));
       k::scatter_add_table_rows(drows.get(), c.ngram_ids.get() + i, tables, t, d, table.grad.get(), table.touched.get(),
                                 stream);
@@ -524,7 +467,7 @@ struct cuda_stage::impl {
   }
 
   // The ScMoE block (stage_model::block_forward); `c.h` holds its input.
-  fbuf block_forward(std::int64_t l, const batch_dims& dims, block_cache& c, std::vector<std::int64_t>* load) {
+  device_floats block_forward(std::int64_t l, const batch_dims& dims, block_cache& c, std::vector<std::int64_t>* load) {
     const auto t = dims.rows(), n = t * config.hidden_size;
     const std::string p = "model.layers." + std::to_string(l) + ".";
     norm_forward(p + "input_layernorm.0.weight", c.h.get(), t, c.n0);
@@ -532,38 +475,38 @@ struct cuda_stage::impl {
     k::add(c.a.get(), c.h.get(), n, stream);  // a = h + MLA_0(RMS(h))
     norm_forward(p + "post_attention_layernorm.0.weight", c.a.get(), t, c.p0);
     const float* u = c.p0.y.get();
-    fbuf moe = moe_forward(p + "mlp.", u, t, c.moe, load);
+    device_floats moe = moe_forward(p + "mlp.", u, t, c.moe, load);
     c.b = mlp_forward(p + "mlps.0.", u, t, c.mlp[0], config.ffn_hidden_size);
     k::add(c.b.get(), c.a.get(), n, stream);  // b = a + MLP_0(u)
     norm_forward(p + "input_layernorm.1.weight", c.b.get(), t, c.n1);
     c.c = mla_forward(p + "self_attn.1.", c.n1.y.get(), dims, c.attention[1]);
     k::add(c.c.get(), c.b.get(), n, stream);  // c = b + MLA_1(RMS(b))
     norm_forward(p + "post_attention_layernorm.1.weight", c.c.get(), t, c.p1);
-    fbuf out = mlp_forward(p + "mlps.1.", c.p1.y.get(), t, c.mlp[1], config.ffn_hidden_size);
+    device_floats out = mlp_forward(p + "mlps.1.", c.p1.y.get(), t, c.mlp[1], config.ffn_hidden_size);
     k::add(out.get(), c.c.get(), n, stream);
     k::add(out.get(), moe.get(), n, stream);  // (c + MLP_1(v)) + moe
     return out;
   }
 
-  fbuf block_backward(std::int64_t l, const float* dy, const batch_dims& dims, const block_cache& c) {
+  device_floats block_backward(std::int64_t l, const float* dy, const batch_dims& dims, const block_cache& c) {
     const auto t = dims.rows(), n = t * config.hidden_size, f = config.ffn_hidden_size;
     const std::string p = "model.layers." + std::to_string(l) + ".";
     // Through c + MLP_1(RMS(c)).
-    fbuf dv = fbuf::zeros(n, stream), dc = fbuf::copy_of(dy, n, stream);
+    device_floats dv = device_floats::zeros(n, stream), dc = device_floats::copy_of(dy, n, stream);
     mlp_backward(p + "mlps.1.", dy, c.p1.y.get(), c.mlp[1].gate.get(), c.mlp[1].up.get(), c.mlp[1].act.get(), t, f, dv.get());
     norm_backward(p + "post_attention_layernorm.1.weight", dv.get(), c.c.get(), c.p1, t, dc.get());
     // Through b + MLA_1(RMS(b)).
-    fbuf dn1 = fbuf::zeros(n, stream), db = fbuf::copy_of(dc.get(), n, stream);
+    device_floats dn1 = device_floats::zeros(n, stream), db = device_floats::copy_of(dc.get(), n, stream);
     mla_backward(p + "self_attn.1.", dc.get(), c.n1.y.get(), c.attention[1], dims, dn1.get());
     norm_backward(p + "input_layernorm.1.weight", dn1.get(), c.b.get(), c.n1, t, db.get());
     // Through a + MLP_0(u) and the MoE term (both read u).
-    fbuf du = fbuf::zeros(n, stream), da = fbuf::copy_of(db.get(), n, stream);
+    device_floats du = device_floats::zeros(n, stream), da = device_floats::copy_of(db.get(), n, stream);
     const float* u = c.p0.y.get();
     mlp_backward(p + "mlps.0.", db.get(), u, c.mlp[0].gate.get(), c.mlp[0].up.get(), c.mlp[0].act.get(), t, f, du.get());
     moe_backward(p + "mlp.", dy, u, c.moe, t, du.get());
     norm_backward(p + "post_attention_layernorm.0.weight", du.get(), c.a.get(), c.p0, t, da.get());
     // Through h + MLA_0(RMS(h)).
-    fbuf dn0 = fbuf::zeros(n, stream), dh = fbuf::copy_of(da.get(), n, stream);
+    device_floats dn0 = device_floats::zeros(n, stream), dh = device_floats::copy_of(da.get(), n, stream);
     mla_backward(p + "self_attn.0.", da.get(), c.n0.y.get(), c.attention[0], dims, dn0.get());
     norm_backward(p + "input_layernorm.0.weight", dn0.get(), c.h.get(), c.n0, t, dh.get());
     return dh;
@@ -573,10 +516,10 @@ struct cuda_stage::impl {
   double head(const float* h, std::span<const std::int32_t> targets, std::int64_t rows, float weight, float* dh) {
     const auto hidden = config.hidden_size, vocab = config.vocab_size;
     const std::int64_t chunk = std::max<std::int64_t>(1, (std::int64_t(256) << 20) / (vocab * 4));  // <= 256 MB of logits
-    auto tgt = dbuf<std::int32_t>::upload(targets, stream);
-    fbuf losses(rows, stream);
-    fbuf normed(std::min(chunk, rows) * hidden, stream), rms_inv(std::min(chunk, rows), stream);
-    fbuf logits(std::min(chunk, rows) * vocab, stream), dnormed(std::min(chunk, rows) * hidden, stream);
+    auto tgt = device_array<std::int32_t>::upload(targets, stream);
+    device_floats losses(rows, stream);
+    device_floats normed(std::min(chunk, rows) * hidden, stream), rms_inv(std::min(chunk, rows), stream);
+    device_floats logits(std::min(chunk, rows) * vocab, stream), dnormed(std::min(chunk, rows) * hidden, stream);
     const float* nw = w("model.norm.weight");
     const float* lw = w("lm_head.weight");
     for (std::int64_t r0 = 0; r0 < rows; r0 += chunk) {
@@ -592,7 +535,7 @@ struct cuda_stage::impl {
       k::rms_norm_backward(dnormed.get(), x, nw, rms_inv.get(), n, hidden, hidden, 1.0f, dh + r0 * hidden,
                            g("model.norm.weight"), stream);
     }
-    dbuf<double> total = dbuf<double>::zeros(1, stream);
+    device_array<double> total = device_array<double>::zeros(1, stream);
     k::add_sum(losses.get(), rows, total.get(), stream);
     return total.download()[0];
   }
@@ -603,8 +546,8 @@ struct cuda_stage::impl {
     std::vector<std::int64_t> positions(static_cast<std::size_t>(dims.rows()));
     for (std::int64_t r = 0; r < dims.rows(); ++r) positions[static_cast<std::size_t>(r)] = r % dims.seq_len;
     const auto table = make_rope_table<float>(rp.inv_freq, rp.attention_factor, positions);
-    rope_cos = fbuf::upload(table.cos, stream);
-    rope_sin = fbuf::upload(table.sin, stream);
+    rope_cos = device_floats::upload(table.cos, stream);
+    rope_sin = device_floats::upload(table.sin, stream);
     TROUPE_CUDA_CHECK(cudaStreamSynchronize(stream));
     rope_rows = dims.rows();
     rope_seq_len = dims.seq_len;
@@ -645,13 +588,13 @@ cuda_stage::cuda_stage(const model_config& config, stage_range range, gemm_math 
     p.spec = spec;
     p.rows = spec.shape[0];
     p.cols = spec.shape.size() > 1 ? spec.shape[1] : 1;
-    p.value = fbuf::zeros(p.numel(), m.stream);
-    p.grad = fbuf::zeros(p.numel(), m.stream);
+    p.value = device_floats::zeros(p.numel(), m.stream);
+    p.grad = device_floats::zeros(p.numel(), m.stream);
     if (spec.role != param_role::router_bias) {
-      p.m = fbuf::zeros(p.numel(), m.stream);
-      p.v = fbuf::zeros(p.numel(), m.stream);
+      p.m = device_floats::zeros(p.numel(), m.stream);
+      p.v = device_floats::zeros(p.numel(), m.stream);
     }
-    if (spec.role == param_role::table) p.touched = dbuf<std::uint8_t>::zeros(p.rows, m.stream);
+    if (spec.role == param_role::table) p.touched = device_array<std::uint8_t>::zeros(p.rows, m.stream);
     m.params.push_back(std::move(p));
   }
   for (auto& p : m.params) m.by_name[p.spec.name] = &p;
@@ -735,7 +678,7 @@ void cuda_stage::add_gradients(const std::vector<named_array>& grads, const std:
     const auto& src = grads.at(gi++);
     if (src.name != p.spec.name || static_cast<std::int64_t>(src.values.size()) != p.numel())
       throw std::logic_error("cuda_stage::add_gradients: " + src.name + " does not match " + p.spec.name);
-    auto incoming = fbuf::upload(src.values, m.stream);
+    auto incoming = device_floats::upload(src.values, m.stream);
     if (overwrite) {
       TROUPE_CUDA_CHECK(cudaMemcpyAsync(p.grad.get(), incoming.get(), static_cast<std::size_t>(p.numel()) * sizeof(float),
                                         cudaMemcpyDeviceToDevice, m.stream));
@@ -756,11 +699,11 @@ namespace {
 
 // The stage's forward on the device: the output stays there (forward() downloads it, forward_loss()
 // hands it to the head directly).
-fbuf forward_on_device(cuda_stage::impl& m, std::int64_t id, std::span<const std::int32_t> tokens,
+device_floats forward_on_device(cuda_stage::impl& m, std::int64_t id, std::span<const std::int32_t> tokens,
                        std::span<const float> hidden, const batch_dims& dims, keep_activations keep) {
   const auto t = dims.rows(), h = m.config.hidden_size;
   saved_batch s;
-  fbuf x;
+  device_floats x;
   if (m.range.embedding) {
     if (static_cast<std::int64_t>(tokens.size()) != t) throw std::logic_error("stage forward: token count");
     for (auto tok : tokens)
@@ -770,7 +713,7 @@ fbuf forward_on_device(cuda_stage::impl& m, std::int64_t id, std::span<const std
   } else {
     if (static_cast<std::int64_t>(hidden.size()) != t * h)
       throw std::logic_error("stage forward: hidden of " + std::to_string(hidden.size()) + " values for " + std::to_string(t) + " rows");
-    x = fbuf::upload(hidden, m.stream);
+    x = device_floats::upload(hidden, m.stream);
   }
   m.prepare_rope(dims);
   const auto blocks = m.range.end_block - m.range.first_block;
@@ -786,7 +729,7 @@ fbuf forward_on_device(cuda_stage::impl& m, std::int64_t id, std::span<const std
   return x;
 }
 
-fbuf backward_on_device(cuda_stage::impl& m, std::int64_t id, fbuf g, const batch_dims& dims) {
+device_floats backward_on_device(cuda_stage::impl& m, std::int64_t id, device_floats g, const batch_dims& dims) {
   auto it = m.saved.find(id);
   if (it == m.saved.end()) throw std::logic_error("stage backward: no activations for micro-batch " + std::to_string(id));
   m.prepare_rope(dims);
@@ -797,7 +740,7 @@ fbuf backward_on_device(cuda_stage::impl& m, std::int64_t id, fbuf g, const batc
   if (m.range.embedding) {
     m.embedding_backward(g.get(), it->second.embedding, dims);
     TROUPE_CUDA_CHECK(cudaStreamSynchronize(m.stream));
-    g = fbuf{};
+    g = device_floats{};
   }
   m.saved.erase(it);
   return g;
@@ -805,14 +748,14 @@ fbuf backward_on_device(cuda_stage::impl& m, std::int64_t id, fbuf g, const batc
 
 // The head's loss from hidden states on the device; with keep_activations::yes the backward of
 // the whole stage follows and grad_in gets the gradient for the previous stage.
-double loss_on_device(cuda_stage::impl& m, std::int64_t id, const fbuf& h, std::span<const std::int32_t> targets,
+double loss_on_device(cuda_stage::impl& m, std::int64_t id, const device_floats& h, std::span<const std::int32_t> targets,
                       const batch_dims& dims, float weight, keep_activations keep, std::vector<float>& grad_in) {
   if (!m.range.head) throw std::logic_error("cuda_stage::loss on a stage without the head");
   if (static_cast<std::int64_t>(targets.size()) != dims.rows()) throw std::logic_error("stage loss: target count");
   if (keep == keep_activations::no) return m.head(h.get(), targets, dims.rows(), weight, nullptr);
-  auto dh = fbuf::zeros(h.size(), m.stream);
+  auto dh = device_floats::zeros(h.size(), m.stream);
   const double total = m.head(h.get(), targets, dims.rows(), weight, dh.get());
-  const fbuf g = backward_on_device(m, id, std::move(dh), dims);
+  const device_floats g = backward_on_device(m, id, std::move(dh), dims);
   grad_in = g.get() ? g.download() : std::vector<float>{};
   return total;
 }
@@ -826,18 +769,18 @@ std::vector<float> cuda_stage::forward(std::int64_t id, std::span<const std::int
 
 double cuda_stage::loss(std::int64_t id, std::span<const float> hidden, std::span<const std::int32_t> targets,
                         const batch_dims& dims, float weight, keep_activations keep, std::vector<float>& grad_in) {
-  return loss_on_device(*impl_, id, fbuf::upload(hidden, impl_->stream), targets, dims, weight, keep, grad_in);
+  return loss_on_device(*impl_, id, device_floats::upload(hidden, impl_->stream), targets, dims, weight, keep, grad_in);
 }
 
 double cuda_stage::forward_loss(std::int64_t id, std::span<const std::int32_t> tokens, std::span<const float> hidden,
                                 std::span<const std::int32_t> targets, const batch_dims& dims, float weight,
                                 keep_activations keep, std::vector<float>& grad_in) {
-  const fbuf h = forward_on_device(*impl_, id, tokens, hidden, dims, keep);
+  const device_floats h = forward_on_device(*impl_, id, tokens, hidden, dims, keep);
   return loss_on_device(*impl_, id, h, targets, dims, weight, keep, grad_in);
 }
 
 std::vector<float> cuda_stage::backward(std::int64_t id, std::span<const float> grad_out, const batch_dims& dims) {
-  const fbuf g = backward_on_device(*impl_, id, fbuf::upload(grad_out, impl_->stream), dims);
+  const device_floats g = backward_on_device(*impl_, id, device_floats::upload(grad_out, impl_->stream), dims);
   return g.get() ? g.download() : std::vector<float>{};
 }
 
@@ -864,7 +807,7 @@ void cuda_stage::all_reduce() {
   }
   std::vector<std::int64_t> load;
   for (const auto& block : m.expert_load) load.insert(load.end(), block.begin(), block.end());
-  auto loads = dbuf<std::int64_t>::upload(load, m.stream);
+  auto loads = device_array<std::int64_t>::upload(load, m.stream);
   items.push_back({reduce_item::kind::i64_sum, loads.get(), load.size()});
   train::all_reduce(*m.group, m.rank, items, m.stream);
   load = loads.download();
@@ -875,7 +818,7 @@ void cuda_stage::all_reduce() {
 
 double cuda_stage::grad_square_sum() const {
   auto& m = *impl_;
-  auto sum = dbuf<double>::zeros(1, m.stream);
+  auto sum = device_array<double>::zeros(1, m.stream);
   for (const auto& p : m.params)
     if (p.spec.role != param_role::router_bias) k::add_square_sum(p.grad.get(), p.numel(), sum.get(), m.stream);
   return sum.download()[0];
