@@ -5,9 +5,11 @@
 //   troupe_bench_cuda_train CONFIG_JSON SEQUENCES SEQ_LEN STEPS [tf32|f32] [--profile]
 // First, the roof of the GEMMs themselves: cuBLAS TFLOP/s of the model's largest training GEMM
 // shape (the dense MLP's gate projection, SEQUENCES x SEQ_LEN rows) with float32 operands in each
-// math and with bf16 operands (what a bf16 stage would reach). --profile brackets the first timed step with
-// cudaProfilerStart/Stop (ncu --profile-from-start off sees one step). Then one JSON line: tokens/s, ms a step, the losses, the model FLOPs a token and the MFU
-// against the H100 SXM's dense peak for the math used (bf16 989 TFLOP/s, TF32 495, FP32 67).
+// math and with bf16 operands (what a bf16 stage would reach). --profile brackets the first timed
+// step with cudaProfilerStart/Stop (ncu --profile-from-start off sees one step).
+// Then one JSON line: tokens/s, ms a step, the losses, the model FLOPs a token and the MFU
+// against the H100 SXM's dense peak for the math used (TF32 495 TFLOP/s, FP32 67) and against
+// the bf16 peak (989), the figure mixed-precision trainers quote.
 // Model FLOPs a token: 6 x the parameters a token multiplies by (every matrix but the tables;
 // the routed experts at the share of top-k slots that went to routed experts in this run) plus
 // the causal attention's 3 x 2 x heads x (qk + v) x (SEQ_LEN + 1) / 2 per MLA layer.
