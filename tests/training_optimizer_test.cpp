@@ -6,6 +6,7 @@
 #include <fstream>
 #include <set>
 
+#include "model/npy.hpp"
 #include "protocol/errors.hpp"
 #include "test_support.hpp"
 #include "tokenizer/tokenizer.hpp"
@@ -118,6 +119,40 @@ TEST_F(training_data, packs_documents_with_eos_and_splits_off_validation) {
   EXPECT_EQ(c.train_sequence(0)[16], c.train_sequence(1)[0]);
   const auto again = token_corpus::build(o, *tok, 2);
   EXPECT_EQ(again.fingerprint(), c.fingerprint());
+}
+
+// Pre-tokenized documents (.npy of ids) join the stream as they are, each followed by EOS,
+// alongside text files; bad arrays are refused with what is wrong.
+TEST_F(training_data, npy_sources_are_documents_of_ids) {
+  const auto npy = test::temp_dir("training_npy");
+  tensor doc = tensor::empty({40}, dtype::i64);
+  for (std::int64_t i = 0; i < 40; ++i) doc.data<std::int64_t>()[i] = 3 + (i * 37) % 4000;
+  write_npy(npy / "a.npy", doc);
+  tensor doc32 = tensor::empty({30}, dtype::i32);
+  for (std::int64_t i = 0; i < 30; ++i) doc32.data<std::int32_t>()[i] = static_cast<std::int32_t>(3 + i);
+  write_npy(npy / "b.npy", doc32);
+  corpus_options o{{npy / "a.npy", npy / "b.npy"}, 8, 0.1, 4096};
+  const auto c = token_corpus::build(o, *tok, 2);
+  ASSERT_EQ(c.num_tokens(), 40 + 1 + 30 + 1);
+  const auto first = c.train_sequence(0);
+  for (std::int64_t i = 0; i < 8; ++i) EXPECT_EQ(first[static_cast<std::size_t>(i)], doc.data<std::int64_t>()[i]);
+  EXPECT_EQ(c.train_sequence(5)[0], 2);  // token 40: a.npy's EOS
+  EXPECT_EQ(c.train_sequence(5)[1], 3);  // then b.npy
+
+  auto message = [&](const tensor& t) {
+    write_npy(npy / "bad.npy", t);
+    try {
+      token_corpus::build({{npy / "bad.npy", npy / "a.npy"}, 8, 0.1, 4096}, *tok, 2);
+    } catch (const input_error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  tensor out_of_vocab = tensor::empty({5}, dtype::i32);
+  for (int i = 0; i < 5; ++i) out_of_vocab.data<std::int32_t>()[i] = i == 3 ? 5000 : 7;
+  EXPECT_NE(message(out_of_vocab).find("token id 5000 at 3 is outside the model's vocabulary of 4096"), std::string::npos);
+  EXPECT_NE(message(tensor::zeros({2, 3}, dtype::i32)).find("must be a 1-D int32 or int64 array"), std::string::npos);
+  EXPECT_NE(message(tensor::zeros({4}, dtype::f32)).find("must be a 1-D int32 or int64 array"), std::string::npos);
 }
 
 TEST_F(training_data, order_is_a_permutation_per_epoch_and_resumes_exactly) {

@@ -4,6 +4,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "model/npy.hpp"
 #include "model/sampler.hpp"
 #include "protocol/errors.hpp"
 #include "tokenizer/tokenizer.hpp"
@@ -34,6 +35,23 @@ std::vector<fs::path> expand(const std::vector<fs::path>& sources) {
   return files;
 }
 
+// A pre-tokenized document: a 1-D int32/int64 .npy of ids in [0, vocab_size).
+std::vector<std::int32_t> pretokenized(const fs::path& file, std::int64_t vocab_size) {
+  const tensor t = read_npy(file);
+  if (t.rank() != 1 || (t.type() != dtype::i32 && t.type() != dtype::i64))
+    throw input_error("training data " + file.string() + ": a .npy source must be a 1-D int32 or int64 array of token ids, not " +
+                      std::string(dtype_name(t.type())) + " " + shape_to_string(t.shape()));
+  std::vector<std::int32_t> ids(static_cast<std::size_t>(t.numel()));
+  for (std::int64_t i = 0; i < t.numel(); ++i) {
+    const std::int64_t id = t.type() == dtype::i32 ? t.data<std::int32_t>()[i] : t.data<std::int64_t>()[i];
+    if (id < 0 || (vocab_size > 0 && id >= vocab_size))
+      throw input_error("training data " + file.string() + ": token id " + std::to_string(id) + " at " + std::to_string(i) +
+                        " is outside the model's vocabulary of " + std::to_string(vocab_size));
+    ids[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(id);
+  }
+  return ids;
+}
+
 }  // namespace
 
 token_corpus token_corpus::build(const corpus_options& o, const tokenizer& tok, std::int32_t eos,
@@ -47,6 +65,15 @@ token_corpus token_corpus::build(const corpus_options& o, const tokenizer& tok, 
   token_corpus c;
   c.seq_len_ = o.seq_len;
   for (const auto& f : files) {
+    if (f.extension() == ".npy") {
+      const auto ids = pretokenized(f, o.vocab_size);
+      if (ids.empty()) continue;
+      c.tokens_.insert(c.tokens_.end(), ids.begin(), ids.end());
+      c.tokens_.push_back(eos);
+      done += fs::file_size(f);
+      if (progress) progress(done, total);
+      continue;
+    }
     std::ifstream in(f, std::ios::binary);
     if (!in) throw input_error("cannot read training data " + f.string());
     std::stringstream text;

@@ -1,6 +1,8 @@
 // Training data: text files (or folders of them) tokenized into one stream of documents
 // separated by EOS, cut into fixed-length sequences; the stream's tail is the validation
-// split; training sequences come in a deterministic shuffled order per epoch.
+// split; training sequences come in a deterministic shuffled order per epoch. A `.npy` source is
+// a document already tokenized (a 1-D int32 or int64 array of ids, e.g. from NumPy or a
+// model's own generations for distilling a draft), taken as it is.
 //
 // Invariant: the same files, tokenizer, sequence length and seed give the same sequences in
 // the same order on every machine, and an order_position is all it takes to continue the
@@ -23,13 +25,14 @@ struct corpus_options {
   std::vector<std::filesystem::path> sources;  // files, or folders read recursively (sorted)
   std::int64_t seq_len = 128;                  // tokens per sequence (each also needs its next token)
   double validation_fraction = 0.01;           // tail of the token stream kept for validation
+  std::int64_t vocab_size = 0;                 // ids of .npy sources must be below it (0: unchecked)
 };
 
 class token_corpus {
  public:
-  /// Reads and tokenizes every source (each file one document, followed by EOS). Throws
-  /// input_error for a missing source, an empty corpus, or one too small for a train and a
-  /// validation sequence. `progress(bytes_done, bytes_total)` is called as files finish.
+  /// Reads and tokenizes every source (each file one document, followed by EOS; .npy files are
+  /// ids already). Throws input_error for a missing source, an empty corpus, one too small for a
+  /// train and a validation sequence, or a .npy that is not a 1-D int array of ids in the vocabulary. `progress(bytes_done, bytes_total)` is called as files finish.
   static token_corpus build(const corpus_options& options, const tokenizer& tok, std::int32_t eos,
                             const std::function<void(std::uint64_t, std::uint64_t)>& progress = {});
 

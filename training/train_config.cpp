@@ -73,6 +73,7 @@ train_config load_train_config(const fs::path& path) {
   }
   c.data.seq_len = data.positive("seq_len");
   c.data.validation_fraction = data.number_or("validation_fraction", 0.01);
+  c.data.vocab_size = c.model.vocab_size;
 
   if (f.has("batch")) {
     const auto b = section(f, "batch", source + " (batch)");
