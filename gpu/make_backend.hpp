@@ -3,6 +3,7 @@
 #pragma once
 
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "gpu/backend.hpp"
@@ -12,5 +13,12 @@ namespace troupe {
 /// `threads`: CPU threads (0 = all cores; ignored by the GPU). Throws input_error naming the
 /// device when it is unknown, not built in, or not present.
 std::unique_ptr<backend> make_backend(const std::string& device, int threads);
+
+/// The GPU a device name picks: nullopt for "cpu", N for "cuda:N", 0 for "cuda". Throws
+/// input_error when the name is unknown or malformed, the build has no CUDA backend, or no GPU
+/// is visible. (The training stages pick their devices by the same names.)
+std::optional<int> parse_device(const std::string& device);
+/// GPUs this process sees (0 without the CUDA backend).
+int visible_gpus();
 
 }  // namespace troupe

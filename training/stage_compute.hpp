@@ -76,7 +76,7 @@ std::unique_ptr<stage_compute> make_stage_compute(const model_config& config, co
                                                   const std::string& device, const std::string& math,
                                                   std::shared_ptr<device_group> group = nullptr, int rank = 0);
 /// The device group of stages placed on `devices` (replica order: rank = replica), or null where
-/// they cannot all-reduce on their devices: fewer than two, not all on GPUs, two on one GPU, or a
+/// they cannot all-reduce on their devices: fewer than two, not all on GPUs, no GPU visible, two on one GPU, or a
 /// build without NCCL.
 std::shared_ptr<device_group> make_device_group(const std::vector<std::string>& devices);
 /// The device of stage actor `index` (replica-major) of a run on `device`: "cpu" stays, "cuda"
