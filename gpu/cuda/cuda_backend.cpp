@@ -386,25 +386,38 @@ void cuda_backend::linear_swiglu(const tensor& x, const tensor& w, tensor& act) 
                          as_stream(stream_));
 }
 
+namespace {
+
+// Rows ids[0 .. n) of a table in host memory (memory-mapped, any float dtype) as float32 into
+// dst [n, cols]: the host side of a host-table gather, whose rows alone then cross the bus.
+void gather_host_rows(const tensor& table, const std::int64_t* ids, std::int64_t n, float* dst, const char* op) {
+  const auto cols = table.dim(1), rows = table.dim(0);
+  const auto row_bytes = static_cast<std::size_t>(cols) * dtype_size(table.type());
+  for (std::int64_t r = 0; r < n; ++r) {
+    TROUPE_EXPECT(ids[r] >= 0 && ids[r] < rows, op,
+                  "row id " + std::to_string(ids[r]) + " outside a table of " + std::to_string(rows) + " rows");
+    convert_to_f32(table.type(), static_cast<const std::byte*>(table.raw()) + ids[r] * row_bytes, dst + r * cols,
+                   static_cast<std::size_t>(cols));
+  }
+}
+
+}  // namespace
+
 void cuda_backend::gather_rows(const tensor& table, const tensor& ids, tensor& out) {
   const auto n = ids.numel(), cols = table.dim(1);
   TROUPE_EXPECT(out.dim(0) == n && out.dim(1) == cols && ids.type() == dtype::i64, "gather_rows", shapes(table, out));
+  if (!on_gpu(table)) {
+    TROUPE_EXPECT(!on_gpu(ids), "gather_rows", "a host table needs host ids");
+    tensor rows = tensor::empty({n, cols}, dtype::f32);
+    gather_host_rows(table, ids.data<std::int64_t>(), n, rows.data<float>(), "gather_rows");
+    upload_async(out.raw(), rows.raw(), rows.nbytes());
+    return;
+  }
   if (!on_gpu(ids))
     for (std::int64_t r = 0; r < n; ++r)
       TROUPE_EXPECT(ids.data<std::int64_t>()[r] >= 0 && ids.data<std::int64_t>()[r] < table.dim(0), "gather_rows",
                     "row id " + std::to_string(ids.data<std::int64_t>()[r]) + " outside a table of " +
                         std::to_string(table.dim(0)) + " rows");
-  if (!on_gpu(table)) {
-    // A table in host memory (memory-mapped): gather there, ship only the rows.
-    TROUPE_EXPECT(!on_gpu(ids), "gather_rows", "a host table needs host ids");
-    tensor rows = tensor::empty({n, cols}, dtype::f32);
-    const auto row_bytes = static_cast<std::size_t>(cols) * dtype_size(table.type());
-    for (std::int64_t r = 0; r < n; ++r)
-      convert_to_f32(table.type(), static_cast<const std::byte*>(table.raw()) + ids.data<std::int64_t>()[r] * row_bytes,
-                     rows.data<float>() + r * cols, static_cast<std::size_t>(cols));
-    upload_async(out.raw(), rows.raw(), rows.nbytes());
-    return;
-  }
   const tensor d_ids = on_device(ids);
   cuda::gather_rows(table.type(), table.raw(), cols, d_ids.data<std::int64_t>(), out.data<float>(), n, as_stream(stream_));
 }
@@ -456,16 +469,9 @@ void cuda_backend::ngram_embed(const tensor& base, const tensor& tokens, const t
   tensor rows = tensor::empty({total}, dtype::f32);
   std::int64_t offset = 0;
   for (std::size_t i = 0; i < tables.size(); ++i) {
-    const auto cols = tables[i].dim(1), n_rows = tables[i].dim(0);
-    const auto row_bytes = static_cast<std::size_t>(cols) * dtype_size(tables[i].type());
-    const std::int64_t* ids = ngram_ids.data<std::int64_t>() + static_cast<std::int64_t>(i) * t;
-    for (std::int64_t r = 0; r < t; ++r) {
-      TROUPE_EXPECT(ids[r] >= 0 && ids[r] < n_rows, "ngram_embed",
-                    "row id " + std::to_string(ids[r]) + " outside a table of " + std::to_string(n_rows) + " rows");
-      convert_to_f32(tables[i].type(), static_cast<const std::byte*>(tables[i].raw()) + ids[r] * row_bytes,
-                     rows.data<float>() + offset + r * cols, static_cast<std::size_t>(cols));
-    }
-    offset += t * cols;
+    gather_host_rows(tables[i], ngram_ids.data<std::int64_t>() + static_cast<std::int64_t>(i) * t, t,
+                     rows.data<float>() + offset, "ngram_embed");
+    offset += t * tables[i].dim(1);
   }
   gather_rows(base, tokens, out);
   const tensor d_rows = upload(rows, dtype::f32);
