@@ -25,6 +25,7 @@ void add_graph_commands(CLI::App& app, std::function<int()>& run);
 void add_chat_command(CLI::App& app, std::function<int()>& run);
 void add_draft_command(CLI::App& app, std::function<int()>& run);
 void add_train_commands(CLI::App& app, std::function<int()>& run);
+void add_distill_command(CLI::App& app, std::function<int()>& run);
 
 /// Runs one request through the actor graph of `topology_spec` ("local" or a topology file),
 /// streaming its text to stdout; computing on `device` (gpu/make_backend); returns the exit status.

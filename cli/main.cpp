@@ -21,6 +21,7 @@ int main(int argc, char** argv) {
   troupe::cli::add_ngram_plan_command(app, run);
   troupe::cli::add_graph_commands(app, run);
   troupe::cli::add_train_commands(app, run);
+  troupe::cli::add_distill_command(app, run);
   troupe::cli::add_chat_command(app, run);
   troupe::cli::add_draft_command(app, run);
   try {

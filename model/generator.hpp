@@ -42,4 +42,11 @@ using text_callback = std::function<void(std::string_view text, std::int32_t id)
 generation_result generate(model& m, const tokenizer& tok, const std::vector<std::int32_t>& prompt,
                            const generation_params& params, const text_callback& on_text = {});
 
+/// Greedy continuations of `prompts` decoded together, as continuous batching runs them: one
+/// prefill forward for all, then one forward per step for every sequence still decoding. Each
+/// continuation holds up to `max_tokens` ids, ending at the first EOS (kept) when `stop_on_eos`;
+/// on the CPU each equals generate()'s at temperature 0 for that prompt alone.
+std::vector<std::vector<std::int32_t>> generate_greedy_batch(model& m, const std::vector<std::vector<std::int32_t>>& prompts,
+                                                             std::int32_t max_tokens, bool stop_on_eos);
+
 }  // namespace troupe

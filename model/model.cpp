@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <numeric>
 
 #include "model/recorded_step.hpp"
 #include "model/rope.hpp"
@@ -128,22 +129,28 @@ tensor model::token_ids(const tensor& tokens) const {
 }
 
 tensor model::embed_unamplified(const tensor& tokens, const step_layout& layout, std::span<ngram_context* const> contexts) {
-  const auto t = layout.total_rows, e = hasher_.num_tables();
+  const auto t = layout.total_rows;
   const tensor ids = token_ids(tokens);
   tensor out = be_.empty({t, config_.hidden_size}, dtype::f32);
   if (config_.embedding == embedding_kind::plain) {
     be_.gather_rows(weights_.embed, ids, out);
     return out;
   }
+  const tensor ngram = hash_ngrams(tokens, layout, contexts);
+  be_.ngram_embed(weights_.embed, ids, ngram, weights_.ngram_tables, weights_.ngram_projections, out);
+  return out;
+}
+
+tensor model::hash_ngrams(const tensor& tokens, const step_layout& layout, std::span<ngram_context* const> contexts) {
+  const auto t = layout.total_rows, e = hasher_.num_tables();
   std::vector<std::int64_t> by_row(static_cast<std::size_t>(t * e));
   for (std::size_t i = 0; i < layout.num_sequences(); ++i)
     hasher_.hash({tokens.data<std::int32_t>() + layout.row_begin[i], static_cast<std::size_t>(layout.num_rows[i])},
                  *contexts[i], by_row.data() + layout.row_begin[i] * e);
-  tensor ngram = tensor::empty({e, t}, dtype::i64);  // table-major: each table's ids contiguous
+  tensor ngram = tensor::empty({e, t}, dtype::i64);
   for (std::int64_t r = 0; r < t; ++r)
     for (std::int64_t i = 0; i < e; ++i) ngram.data<std::int64_t>()[i * t + r] = by_row[static_cast<std::size_t>(r * e + i)];
-  be_.ngram_embed(weights_.embed, ids, ngram, weights_.ngram_tables, weights_.ngram_projections, out);
-  return out;
+  return ngram;
 }
 
 std::int64_t model::claim_blocks(latent_cache& cache, std::int64_t first_position, std::int64_t rows,
@@ -380,7 +387,7 @@ tensor model::mtp_logits(const tensor& h) {
   return logits;
 }
 
-tensor model::forward(std::span<const step_input> batch, logits_mode mode) {
+tensor model::step_logits(std::span<const step_input> batch, logits_mode mode, std::vector<std::int64_t>& rows) {
   const auto& c = config_;
   std::vector<std::int64_t> num_rows, first_position;
   for (const auto& in : batch) {
@@ -404,15 +411,11 @@ tensor model::forward(std::span<const step_input> batch, logits_mode mode) {
   const bool decode_like = *std::max_element(num_rows.begin(), num_rows.end()) <= max_recorded_rows_per_sequence;
   if (recorded_steps_ && be_.records() && decode_like && layout.total_rows <= be_.routed_moe_rows()) {
     tensor all = forward_recorded(tokens, layout, batch, contexts);
-    if (all.defined()) {
-      for (const auto& in : batch) in.state->num_tokens += static_cast<std::int64_t>(in.tokens.size());
-      if (mode == logits_mode::all_tokens) return all;
-      tensor last = tensor::empty({static_cast<std::int64_t>(batch.size()), c.vocab_size}, dtype::f32);
-      const auto rows = layout.last_rows();
-      for (std::size_t i = 0; i < rows.size(); ++i)
-        std::copy_n(all.data<float>() + rows[i] * c.vocab_size, c.vocab_size, last.data<float>() + i * c.vocab_size);
-      return last;
-    }
+    for (const auto& in : batch) in.state->num_tokens += static_cast<std::int64_t>(in.tokens.size());
+    rows.resize(static_cast<std::size_t>(layout.total_rows));
+    std::iota(rows.begin(), rows.end(), 0);
+    if (mode == logits_mode::last_token) rows = layout.last_rows();
+    return all;
   }
   std::vector<latent_cache*> caches(batch.size());
   tensor h = blocks(embed(tokens, layout, contexts), [&](std::int64_t layer) {
@@ -424,7 +427,34 @@ tensor model::forward(std::span<const step_input> batch, logits_mode mode) {
     const auto last = layout.last_rows();
     h = gather(h, std::vector<std::int32_t>(last.begin(), last.end()));
   }
-  return be_.download(head(h));
+  rows.resize(static_cast<std::size_t>(h.dim(0)));
+  std::iota(rows.begin(), rows.end(), 0);
+  return head(h);
+}
+
+tensor model::forward(std::span<const step_input> batch, logits_mode mode) {
+  std::vector<std::int64_t> rows;
+  const tensor all = be_.download(step_logits(batch, mode, rows));
+  if (static_cast<std::int64_t>(rows.size()) == all.dim(0)) return all;
+  const std::int64_t vocab = all.dim(1);
+  tensor picked = tensor::empty({static_cast<std::int64_t>(rows.size()), vocab}, dtype::f32);
+  for (std::size_t i = 0; i < rows.size(); ++i)
+    std::copy_n(all.data<float>() + rows[i] * vocab, vocab, picked.data<float>() + static_cast<std::int64_t>(i) * vocab);
+  return picked;
+}
+
+std::vector<std::int32_t> model::forward_argmax(std::span<const step_input> batch, logits_mode mode) {
+  std::vector<std::int64_t> rows;
+  const tensor logits = step_logits(batch, mode, rows);
+  std::vector<token_draw> draws(rows.size());
+  for (std::size_t i = 0; i < rows.size(); ++i) {
+    draws[i].row = rows[i];
+    draws[i].params.temperature = 0;
+  }
+  tensor picked = be_.empty({static_cast<std::int64_t>(rows.size())}, dtype::i32);
+  be_.sample(logits, draws, picked);
+  const tensor ids = be_.download(picked);
+  return {ids.data<std::int32_t>(), ids.data<std::int32_t>() + ids.numel()};
 }
 
 }  // namespace troupe

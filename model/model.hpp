@@ -89,6 +89,10 @@ class model {
   /// Runs one step for a batch of sequences and returns float32 host logits:
   /// [num_sequences, V] for last_token, [total new tokens, V] for all_tokens.
   tensor forward(std::span<const step_input> batch, logits_mode mode);
+  /// The argmax (lowest id on ties) of each row forward() would return, picked where the logits
+  /// are: a GPU sends back ids, not rows of V. Greedy decoding without a penalty (the draft's
+  /// steps, greedy verification) needs nothing else.
+  std::vector<std::int32_t> forward_argmax(std::span<const step_input> batch, logits_mode mode);
 
   /// The n-gram ids the step would use for `tokens` after `context` (diagnostics and tests).
   std::vector<std::int64_t> ngram_ids(std::span<const std::int32_t> tokens, ngram_context context) const;
@@ -101,10 +105,11 @@ class model {
 
   /// Embedding of a step's tokens (i32 [T]); advances each sequence's n-gram context.
   tensor embed(const tensor& tokens, const step_layout& layout, std::span<ngram_context* const> contexts);
-  /// One token per sequence embedded where its tables are (all on the backend's device), with no
-  /// host transfer, so a recording can hold it: `ngram` (nullptr for a model without n-gram
-  /// tables) hashes tokens (i32 [T]) as its slots' next tokens into ngram_ids (i64 [E, T]), then
-  /// the gathers (rows: the same tokens as i64), projections and amplification.
+  /// A step's tokens embedded where the tables are (all on the backend's device), with no host
+  /// transfer, so a recording can hold it: `ngram`, where given (one token per sequence, a model
+  /// with n-gram tables), hashes tokens (i32 [T]) as its slots' next tokens into ngram_ids
+  /// (i64 [E, T]); otherwise ngram_ids already holds the ids (hashed on the host). Then the
+  /// gathers (rows: the same tokens as i64), projections and amplification.
   tensor embed_on_device(device_ngram* ngram, const tensor& tokens, const tensor& token_rows, tensor& ngram_ids);
   /// a and u of block `block`; appends the step's latents to caches[i] (attention layer
   /// 2*block), taking new blocks from `blocks` as needed.
@@ -163,9 +168,12 @@ class model {
   /// Every block over embedded rows h: the final hidden states [T, H] (before the final norm).
   /// `pages(a)` gives attention layer a's place in the caches.
   tensor blocks(tensor h, const std::function<paged_latents(std::int64_t)>& pages);
+  /// forward()'s step, its logits left where they were computed; `rows` gets the row of them
+  /// each of forward()'s rows is (a recorded step scores every row; forward() keeps the last).
+  tensor step_logits(std::span<const step_input> batch, logits_mode mode, std::vector<std::int64_t>& rows);
   /// forward()'s decode path: the step's inputs go into a recorded step's buffers and it replays
-  /// (recorded on first use for this number of rows). Host logits [T, V]; an undefined tensor
-  /// when the step does not fit a recording (the caller runs it op by op).
+  /// (recorded on first use for this number of rows). Logits [T, V] on the device, in the
+  /// recording's output (the next replay overwrites them).
   tensor forward_recorded(const tensor& tokens, const step_layout& layout, std::span<const step_input> batch,
                           std::span<ngram_context* const> contexts);
   tensor swiglu(const swiglu_weights& w, const tensor& x);
@@ -174,6 +182,9 @@ class model {
   float eps() const;  // rms_norm_eps as the ops take it
   tensor norm(const tensor& x, const tensor& w);
   tensor embed_unamplified(const tensor& tokens, const step_layout& layout, std::span<ngram_context* const> contexts);
+  /// The n-gram ids of a step's tokens, table-major (host i64 [E, T]: each table's ids
+  /// contiguous, as ngram_embed takes them); advances each sequence's context.
+  tensor hash_ngrams(const tensor& tokens, const step_layout& layout, std::span<ngram_context* const> contexts);
   /// The embedding amplification of the config (spec section 2), in place.
   void amplify(tensor& embedded);
   /// tokens (i32, host) as i64 row ids; input_error for an id outside the vocabulary.

@@ -3,10 +3,11 @@
 // block addresses change. So the step is recorded once per T over fixed buffers (the embedded
 // rows, positions, row-to-sequence map, one block table per attention layer) and every later
 // step refills those buffers and replays: one launch instead of a host dispatch per op.
-// With the tables on the device and one token per sequence the embedding is recorded too: the
+// With the tables on the device the embedding is recorded too: with one token per sequence the
 // device N-gram cache hashes the new tokens where the tables are (the host keeps its own copy of
-// each context to re-seed a slot); otherwise the embedding runs before the replay (host hashing,
-// rows gathered from tables that may stay in host memory).
+// each context to re-seed a slot); with several (verification) the host hashes and uploads the
+// ids. With tables in host memory the embedding runs before the replay (host hashing, rows
+// gathered where the tables are).
 #include <algorithm>
 #include <cstring>
 
@@ -28,13 +29,15 @@ tensor model::forward_recorded(const tensor& tokens, const step_layout& layout, 
   while (capacity < need) capacity *= 2;
   if (c.max_position_embeddings) capacity = std::min(capacity, std::max(need, c.max_position_embeddings));
 
-  // The embedding joins the recording when every sequence adds one token and every table it
-  // reads is on the device (with host tables only the host can gather).
-  bool embeds = layout.total_rows == static_cast<std::int64_t>(layout.num_sequences()) &&
-                weights_.embed.where() == be_.where();
+  // The embedding joins the recording when every table it reads is on the device (with host
+  // tables only the host can gather). The device N-gram cache hashes when every sequence adds
+  // one token (decode); a verification's several tokens per sequence are hashed on the host and
+  // their ids go in with the tokens.
+  bool embeds = weights_.embed.where() == be_.where();
   for (const auto& table : weights_.ngram_tables) embeds = embeds && table.where() == be_.where();
+  const bool device_hash = embeds && hasher_.num_tables() && t == static_cast<std::int64_t>(layout.num_sequences());
 
-  auto& slot = recorded_[2 * t + (embeds ? 1 : 0)];
+  auto& slot = recorded_[3 * t + (embeds ? (device_hash ? 2 : 1) : 0)];
   if (slot && slot->max_keys < need) slot.reset();  // record again with room for the longest sequence
   if (!slot) {
     slot = std::make_unique<recorded_step>();
@@ -51,8 +54,8 @@ tensor model::forward_recorded(const tensor& tokens, const step_layout& layout, 
     if (embeds) {
       slot->tokens = be_.empty({t, 1}, dtype::i32);
       slot->token_rows = be_.empty({t, 1}, dtype::i64);
-      if (hasher_.num_tables()) {
-        slot->ngram_ids = be_.empty({hasher_.num_tables(), t}, dtype::i64);
+      if (hasher_.num_tables()) slot->ngram_ids = be_.empty({hasher_.num_tables(), t}, dtype::i64);
+      if (device_hash) {
         slot->ngram = be_.make_device_ngram(c, static_cast<int>(t));
         if (!slot->ngram) throw std::logic_error("a backend that records must provide a device N-gram cache");
         slot->slot_context.resize(static_cast<std::size_t>(t));
@@ -76,9 +79,13 @@ tensor model::forward_recorded(const tensor& tokens, const step_layout& layout, 
   if (r.embeds) {
     be_.copy_rows(tokens.reshape({t, 1}), r.tokens, 0);
     be_.copy_rows(token_ids(tokens).reshape({t, 1}), r.token_rows, 0);
-    for (std::size_t i = 0; i < batch.size(); ++i) {
-      before.push_back(*contexts[i]);
-      advance_ngram(*contexts[i], batch[i].tokens);  // the host's copy stays the reference
+    if (r.ngram) {
+      for (std::size_t i = 0; i < batch.size(); ++i) {
+        before.push_back(*contexts[i]);
+        advance_ngram(*contexts[i], batch[i].tokens);  // the host's copy stays the reference
+      }
+    } else if (hasher_.num_tables()) {
+      be_.copy_rows(hash_ngrams(tokens, layout, contexts), r.ngram_ids, 0);
     }
   } else {
     be_.copy_rows(embed(tokens, layout, contexts), r.h, 0);
@@ -107,7 +114,7 @@ tensor model::forward_recorded(const tensor& tokens, const step_layout& layout, 
       r.slot_context[i] = *contexts[i];
     }
   r.recording.ops->replay();
-  return be_.download(r.recording.out);
+  return r.recording.out;  // overwritten by the next replay: the caller reads it first
 }
 
 }  // namespace troupe

@@ -71,13 +71,15 @@ namespace {
 struct spec_sequence {
   spec_sequence(const std::vector<std::int32_t>& prompt, const generation_params& p, const speculation_config& c,
                 const tokenizer& tok)
-      : params(p), greedy(p.sampling.temperature == 0), shape(p.sampling), gen(p.sampling.seed ^ 0x5bd1e995u), policy(c),
+      : params(p), greedy(p.sampling.temperature == 0),
+        argmax_only(greedy && p.sampling.repetition_penalty == 1.0f), shape(p.sampling), gen(p.sampling.seed ^ 0x5bd1e995u), policy(c),
         stream(tok, p.stop), context(prompt) {
     result.prompt_tokens = static_cast<std::int64_t>(prompt.size());
   }
 
   generation_params params;
   bool greedy;
+  bool argmax_only;  // greedy without a penalty: the models pick where the logits are
   sampler shape;  // the sampling distribution, for p and q alike
   rng gen;
   speculation_policy policy;
@@ -232,20 +234,28 @@ std::vector<generation_result> generate_speculative_batch(model& target, const d
           drafting.push_back(s);
           in.push_back({&s->ds, s->feed});
         }
-      const tensor logits = draft.forward(in, logits_mode::last_token);
+      // Greedy without a penalty needs only each row's argmax: the draft picks where its
+      // logits are (ids cross the bus, not rows of V).
+      const bool argmax_only = std::all_of(drafting.begin(), drafting.end(), [](auto* s) { return s->argmax_only; });
+      const auto ids = argmax_only ? draft.forward_argmax(in, logits_mode::last_token) : std::vector<std::int32_t>{};
+      const tensor logits = argmax_only ? tensor{} : draft.forward(in, logits_mode::last_token);
       for (std::size_t j = 0; j < drafting.size(); ++j) {
         auto& s = *drafting[j];
-        const auto l = row(logits, static_cast<std::int64_t>(j));
-        // The context (for the penalty) is the sequence's tokens plus the drafts so far.
-        s.context.insert(s.context.end(), s.drafts.begin(), s.drafts.end());
         std::int32_t d;
-        if (s.greedy) {
-          d = s.shape.greedy(l, s.context);
+        if (argmax_only) {
+          d = ids[j];
         } else {
-          s.q.push_back(s.shape.distribution(l, s.context));
-          d = draw(s.q.back(), s.gen.uniform());
+          const auto l = row(logits, static_cast<std::int64_t>(j));
+          // The context (for the penalty) is the sequence's tokens plus the drafts so far.
+          s.context.insert(s.context.end(), s.drafts.begin(), s.drafts.end());
+          if (s.greedy) {
+            d = s.shape.greedy(l, s.context);
+          } else {
+            s.q.push_back(s.shape.distribution(l, s.context));
+            d = draw(s.q.back(), s.gen.uniform());
+          }
+          s.context.resize(s.context.size() - s.drafts.size());
         }
-        s.context.resize(s.context.size() - s.drafts.size());
         s.drafts.push_back(d);
         s.feed.assign(1, d);
       }
@@ -259,15 +269,19 @@ std::vector<generation_result> generate_speculative_batch(model& target, const d
       s->verify_tokens.insert(s->verify_tokens.end(), s->drafts.begin(), s->drafts.end());
       in.push_back({&s->ts, s->verify_tokens});
     }
-    const tensor logits = target.forward(in, logits_mode::all_tokens);
+    const bool argmax_only = std::all_of(active.begin(), active.end(), [](auto* s) { return s->argmax_only; });
+    const auto choices = argmax_only ? target.forward_argmax(in, logits_mode::all_tokens) : std::vector<std::int32_t>{};
+    const tensor logits = argmax_only ? tensor{} : target.forward(in, logits_mode::all_tokens);
     std::int64_t first_row = 0;
     for (std::size_t j = 0; j < active.size(); ++j) {
       auto& s = *active[j];
       const std::int64_t k = s.k;
-      const verify_outcome v = verify_round(s.shape, s.greedy,
-                                            {logits.data<float>() + first_row * logits.dim(1),
-                                             static_cast<std::size_t>((k + 1) * logits.dim(1))},
-                                            static_cast<std::size_t>(logits.dim(1)), s.context, s.drafts, s.q, s.gen);
+      const verify_outcome v =
+          argmax_only ? verify_greedy(std::span(choices).subspan(static_cast<std::size_t>(first_row), static_cast<std::size_t>(k + 1)), s.drafts)
+                      : verify_round(s.shape, s.greedy,
+                                     {logits.data<float>() + first_row * logits.dim(1),
+                                      static_cast<std::size_t>((k + 1) * logits.dim(1))},
+                                     static_cast<std::size_t>(logits.dim(1)), s.context, s.drafts, s.q, s.gen);
       first_row += k + 1;
       const speculation_switch change = k > 0 ? s.policy.record_round(v.accepted) : s.policy.record_plain_step();
       if (k > 0) {

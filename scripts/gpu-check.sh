@@ -10,14 +10,19 @@
 #   gpu-bundle/bench.sh          batch-1 decode against the bandwidth roofline (demo, lite-1b)
 #   gpu-bundle/profile.sh        where lite-1b's graph decode step spends its time (ncu, per kernel)
 #   gpu-bundle/train_bench.sh    lite-1b training tokens/s and MFU on one GPU against PyTorch
+#   bench/speculative_gpu.sh     (after gpu-bundle/unpack.sh, with TROUPE=gpu-bundle/troupe and
+#                                BENCH="gpu-bundle/run troupe_bench_speculative") speculative
+#                                decoding with a trained lite-1b target and a distilled draft
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DTROUPE_NATIVE=OFF >/dev/null
-ninja -C build-gpu troupe troupe_cuda_tests troupe_bench_cuda_decode troupe_bench_cuda_sampling troupe_bench_cuda_train
+ninja -C build-gpu troupe troupe_cuda_tests troupe_bench_cuda_decode troupe_bench_cuda_sampling troupe_bench_cuda_train \
+  troupe_bench_speculative
 rm -rf gpu-bundle
 ../shared/scripts/gpu-bundle.sh gpu-bundle build-gpu/gpu/cuda/troupe_cuda_tests build-gpu/troupe \
-  build-gpu/bench/troupe_bench_cuda_decode build-gpu/bench/troupe_bench_cuda_sampling build-gpu/bench/troupe_bench_cuda_train
+  build-gpu/bench/troupe_bench_cuda_decode build-gpu/bench/troupe_bench_cuda_sampling build-gpu/bench/troupe_bench_cuda_train \
+  build-gpu/bench/troupe_bench_speculative
 # OpenBLAS alone is 36 MB; with the tracked tree the carry would pass 64 MiB. It travels
 # compressed and check.sh / bench.sh unpack it on the GPU machine.
 python3 -c "import lzma, shutil, sys; shutil.copyfileobj(open(sys.argv[1], 'rb'), lzma.open(sys.argv[1] + '.xz', 'wb', preset=6))" \
@@ -25,12 +30,22 @@ python3 -c "import lzma, shutil, sys; shutil.copyfileobj(open(sys.argv[1], 'rb')
 rm gpu-bundle/lib/libopenblas.so.0
 cat > gpu-bundle/unpack.sh <<'UNPACK'
 #!/usr/bin/env bash
-[ -f gpu-bundle/lib/libopenblas.so.0 ] || python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[1][:-3], 'wb'))" gpu-bundle/lib/libopenblas.so.0.xz
+unxz() { [ -f "${1%.xz}" ] || python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[1][:-3], 'wb'))" "$1"; }
+unxz gpu-bundle/lib/libopenblas.so.0.xz
+mkdir -p .deps/corpora
+for f in gpu-bundle/corpora/*.xz; do unxz "$f" && ln -sf "$PWD/${f%.xz}" .deps/corpora/; done
 UNPACK
 chmod +x gpu-bundle/unpack.sh
 mkdir -p gpu-bundle/cases
 head -c 150000 .deps/corpora/kjv.txt > gpu-bundle/cases/corpus.txt
 head -c 3000000 .deps/corpora/kjv.txt > gpu-bundle/cases/corpus-large.txt
+# The demo corpora for bench/speculative_gpu.sh (8.6 MB, 2.8 MB compressed): unpack.sh puts them
+# where the training configs look (.deps/corpora).
+mkdir -p gpu-bundle/corpora
+for f in kjv jargon fortunes; do
+  python3 -c "import lzma, shutil, sys; shutil.copyfileobj(open(sys.argv[1], 'rb'), lzma.open(sys.argv[2], 'wb', preset=6))" \
+    .deps/corpora/$f.txt gpu-bundle/corpora/$f.txt.xz
+done
 printf '#!/usr/bin/env bash\nexec "$(dirname "$0")/run" troupe "$@"\n' > gpu-bundle/troupe && chmod +x gpu-bundle/troupe
 cp tests/reference/check_transformers.py tests/reference/longcat_reference.py scripts/gpu_serve_check.py \
   scripts/gpu_profile_summary.py gpu-bundle/

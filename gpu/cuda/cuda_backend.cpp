@@ -621,6 +621,7 @@ void cuda_backend::sample(const tensor& logits, std::span<const token_draw> draw
   TROUPE_EXPECT(logits.type() == dtype::f32 && logits.rank() == 2 && tokens.type() == dtype::i32 && tokens.numel() == n,
                 "sample", "logits " + shape_to_string(logits.shape()) + ", tokens " + shape_to_string(tokens.shape()) + " for " +
                               std::to_string(n) + " draws");
+  TROUPE_EXPECT(on_gpu(logits) && on_gpu(tokens), "sample", "logits and tokens must be on the GPU");
   if (n == 0) return;
   // The draws and their contexts go up in one copy: [sample_draw x n][context ids].
   std::vector<cuda::sample_draw> packed(static_cast<std::size_t>(n));

@@ -532,5 +532,44 @@ TEST(cuda_backend, recorded_steps_equal_op_by_op_steps) {
   }
 }
 
+// Greedy decoding's ids picked on the device (forward_argmax: only ids come back) against the
+// argmax of the same steps' downloaded logits, for decode steps (the device N-gram cache hashes)
+// and verification steps (several tokens per sequence: the host hashes, the embedding is still
+// recorded), with the tables on the device and in host memory, n-gram and plain embeddings.
+TEST(cuda_backend, argmax_on_the_device_equals_the_argmax_of_the_logits) {
+  SKIP_WITHOUT_GPU();
+  cuda_backend gpu;
+  for (const bool ngram : {true, false}) {
+    const auto dir = test::make_model("cuda_argmax", test::tiny_config(R"("num_layers": 2)", ngram), 5);
+    for (const auto placement : {table_placement::device, table_placement::host}) {
+      auto m = model::load(dir, gpu, placement);
+      std::vector<sequence_state> by_logits(3), by_ids(3);
+      std::vector<std::vector<std::int32_t>> feed{{5, 9, 14, 2, 33}, {40, 3}, {7, 8, 1, 2, 3, 4}};
+      for (int step = 0; step < 12; ++step) {
+        const bool verify = step % 4 == 3;  // every fourth step scores four tokens of each sequence
+        if (verify)
+          for (auto& f : feed) f = {f[0], 11, 12, 13};
+        std::vector<step_input> a, b;
+        for (std::size_t i = 0; i < feed.size(); ++i) a.push_back({&by_logits[i], feed[i]}), b.push_back({&by_ids[i], feed[i]});
+        const auto mode = verify ? logits_mode::all_tokens : logits_mode::last_token;
+        const tensor logits = m->forward(a, mode);
+        const auto ids = m->forward_argmax(b, mode);
+        ASSERT_EQ(static_cast<std::int64_t>(ids.size()), logits.dim(0));
+        const auto vocab = static_cast<std::size_t>(logits.dim(1));
+        for (std::int64_t r = 0; r < logits.dim(0); ++r) {
+          const float* row = logits.data<float>() + r * logits.dim(1);
+          const auto id = ids[static_cast<std::size_t>(r)], host = argmax({row, vocab});
+          // The two runs are separate replays of one recording: equal ids, or an exact tie.
+          EXPECT_TRUE(id == host || row[id] == row[host]) << "step " << step << " row " << r << ": " << id << " vs " << host;
+        }
+        for (std::size_t i = 0; i < feed.size(); ++i) {
+          EXPECT_EQ(by_logits[i].ngram, by_ids[i].ngram);
+          feed[i].assign(1, ids[verify ? 4 * i + 3 : i]);
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace troupe
