@@ -82,7 +82,7 @@ int main(int argc, char** argv) {
     topo.speculation.draft = draft_dir;
     if (!adaptive) {
       topo.speculation.policy.retry_after = 0;
-      topo.speculation.max_batch = 0;
+      topo.speculation.policy.max_batch = 0;
     }
     auto graph = inference_graph::start(sys, compute, topo);
     for (int n : {1, 8, 32}) {

@@ -1,8 +1,9 @@
 // Speculative decoding against plain batched decoding, at batch 1, 8 and 32, on one device:
 // the same prompts, greedy, the same number of tokens per sequence. The plain baseline is
 // generate_greedy_batch (one target forward per step for every sequence, as continuous
-// batching does); speculation runs generate_speculative_batch with the adaptive policy and
-// always on. Then, at batch 1, what a round is made of: one target step (1 row), one
+// batching does); speculation runs generate_speculative_batch with the default policy (adaptive:
+// off below the acceptance threshold and in rounds of more than max_batch sequences) and always
+// on. Then, at batch 1, what a round is made of: one target step (1 row), one
 // verification forward (k + 1 rows) and one draft step, each timed alone. Every figure is the
 // second of two runs (the first records the CUDA graphs of each step shape).
 // On the CPU every speculative output must equal the plain one (greedy), else the run is void;
@@ -63,6 +64,28 @@ double forward_seconds(model& m, const std::vector<std::int32_t>& prompt, std::i
   return seconds_since(t0) / iterations;
 }
 
+// Where a GPU run's speculative sequence first left the plain one: the plain run's logits at
+// that token (decoded as plain decoding does), and by how much its pick led the speculative
+// one's. A margin at bf16 rounding's scale is a near-tie that the (k+1)-row verification, its
+// GEMMs on tensor cores, rounded the other way.
+void report_divergence(model& m, const std::vector<std::int32_t>& prompt, const std::vector<std::int32_t>& plain,
+                       const std::vector<std::int32_t>& speculative, int sequence) {
+  std::size_t at = 0;
+  while (at < plain.size() && at < speculative.size() && plain[at] == speculative[at]) ++at;
+  if (at == plain.size()) return;
+  sequence_state state;
+  std::vector<std::int32_t> feed = prompt;
+  tensor logits;
+  for (std::size_t i = 0; i <= at; ++i) {
+    const step_input in{&state, feed};
+    logits = m.forward({&in, 1}, logits_mode::last_token);
+    feed.assign(1, plain[i]);
+  }
+  const float* row = logits.data<float>();
+  std::printf("  sequence %d leaves the plain text at token %zu: plain %d (logit %.4f) against speculative %d (%.4f)\n",
+              sequence, at, plain[at], row[plain[at]], speculative[at], row[speculative[at]]);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -105,7 +128,7 @@ int main(int argc, char** argv) {
     for (int mode = 0; mode < 2; ++mode) {
       speculation_config config;
       config.draft_tokens = k;
-      if (mode == 1) config.retry_after = 0;  // never switch off
+      if (mode == 1) config.retry_after = config.max_batch = 0;  // never switch off, whatever the batch
       std::vector<speculation_stats> stats;
       std::vector<generation_result> results;
       rates[mode] = total / warm_seconds([&] {
@@ -117,6 +140,8 @@ int main(int argc, char** argv) {
         std::fprintf(stderr, "speculative output differs from plain decoding on the CPU: void\n");
         return 1;
       }
+      if (mode == 1 && batch == 1)
+        report_divergence(*target, prompts[0], reference[0], results[0].ids, 0);
       if (mode == 1) {
         std::int64_t rounds = 0, accepted = 0;
         for (const auto& s : stats) {

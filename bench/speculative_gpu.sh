@@ -9,7 +9,8 @@
 #      (configs/train/lite-1b-draft.json);
 #   4. troupe_bench_speculative at batch 1, 8 and 32 for each K: plain batched decoding against
 #      speculation (adaptive and always on), mean acceptance length, and the cost of one target
-#      step, one verification and one draft step.
+#      step, one verification and one draft step; then `troupe generate` (the CLI's path) with and
+#      without the draft at the last K.
 # Steps whose output exists are skipped, so a second call continues where the first stopped.
 #   bench/speculative_gpu.sh [TOKENS] [K...]
 # Environment: TROUPE (the CLI; default build/troupe), BENCH (default
@@ -43,4 +44,10 @@ log "sample: $($troupe generate --model "$target" --device "$device" --tables de
 for k in "${ks[@]}"; do
   log "k=$k, $tokens tokens per sequence"
   $bench "$target" "$draft" --tokens "$tokens" --k "$k" --device "$device" --tables device
+done
+prompt="And it came to pass"
+for draft_args in "" "--draft $draft --draft-tokens ${ks[-1]} --draft-retry-after 0"; do
+  # shellcheck disable=SC2086
+  log "troupe generate ${draft_args:-(no draft)}: $($troupe generate --model "$target" --device "$device" --tables device \
+    --prompt "$prompt" --max-tokens 256 --temperature 0 $draft_args 2>&1 >/dev/null | grep -E 'tok/s|speculation:' | tr '\n' ' ')"
 done

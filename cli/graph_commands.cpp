@@ -174,7 +174,7 @@ void add_graph_commands(CLI::App& app, std::function<int()>& run) {
   serve->add_option("--draft-retry-after", so->speculation.policy.retry_after,
                     "plain steps before drafting again (doubling after each failed retry; 0: never switch off)")
       ->capture_default_str();
-  serve->add_option("--draft-max-batch", so->speculation.max_batch,
+  serve->add_option("--draft-max-batch", so->speculation.policy.max_batch,
                     "no drafting in steps of more sequences than this (0: no cutoff)")->capture_default_str();
   serve->add_option("--threads", so->threads, "compute threads; 0 = all cores")->capture_default_str();
   serve->add_option("--device", so->device,

@@ -132,7 +132,7 @@ void add_model_commands(CLI::App& app, std::function<int()>& run) {
       if (go->draft.empty()) {
         result = generate(*m, tok, prompt, go->params, print);
       } else {
-        auto draft = model::load(go->draft, be);
+        auto draft = model::load(go->draft, be, parse_table_placement(go->tables));
         const bool quiet = go->quiet;
         result = generate_speculative(*m, *draft, tok, prompt, go->params, go->speculation, stats, print,
                                       [quiet](const std::string& line) {

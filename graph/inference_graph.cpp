@@ -136,7 +136,7 @@ inference_graph inference_graph::start(caf::actor_system& sys, shared_compute co
   limits.speculative = !spec.draft.empty();
   limits.speculation = spec.policy;
   limits.max_draft_tokens = spec.max_draft_tokens;
-  limits.speculation_max_batch = spec.max_batch;
+  limits.speculation_max_batch = spec.policy.max_batch;
   live->scheduler = spawn_scheduler(sys, entry, limits);
 
   inference_graph g;

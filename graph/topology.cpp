@@ -26,7 +26,7 @@ void validate_speculation(const speculation_setup& s) {
   if (s.policy.draft_tokens < 0 || s.policy.draft_tokens > s.max_draft_tokens)
     fail("draft_tokens must be between 0 and max_draft_tokens (" + std::to_string(s.max_draft_tokens) + ")");
   if (s.policy.window < 1) fail("window must be at least 1");
-  if (s.policy.retry_after < 0 || s.max_batch < 0) fail("retry_after and max_batch must not be negative");
+  if (s.policy.retry_after < 0 || s.policy.max_batch < 0) fail("retry_after and max_batch must not be negative");
   if (s.policy.min_acceptance_length < 0) fail("min_acceptance must not be negative");
 }
 
@@ -146,7 +146,7 @@ topology parse_topology(std::string_view json, const std::string& source, const 
     s.max_draft_tokens = integer(spec, "max_draft_tokens", s.max_draft_tokens, "speculation.max_draft_tokens");
     s.policy.window = integer(spec, "window", s.policy.window, "speculation.window");
     s.policy.retry_after = integer(spec, "retry_after", s.policy.retry_after, "speculation.retry_after");
-    s.max_batch = integer(spec, "max_batch", s.max_batch, "speculation.max_batch");
+    s.policy.max_batch = integer(spec, "max_batch", s.policy.max_batch, "speculation.max_batch");
     simdjson::dom::element e;
     if (!spec["min_acceptance"].get(e) && e.get_double().get(s.policy.min_acceptance_length))
       fail("speculation.min_acceptance", "must be a number");

@@ -28,8 +28,6 @@ struct speculation_setup {
   std::string draft;                  // draft model directory; empty: no speculation
   speculation_config policy;          // k (draft_tokens) and when to switch off and retry
   std::int64_t max_draft_tokens = 8;  // the most a request may ask for
-  std::int64_t max_batch = 4;         // no drafting in steps of more sequences than this (0: no cutoff); on the
-                                      // CPU with the demo models drafting loses from batch 8 on (bench/README.md)
 };
 
 struct topology {

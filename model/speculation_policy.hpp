@@ -16,6 +16,9 @@ struct speculation_config {
   std::int64_t window = 8;                // ...on average over this many rounds
   std::int64_t retry_after = 32;          // plain steps before speculating again (doubling each time the
                                           // retry fails too, up to 16x); 0: never turn off
+  std::int64_t max_batch = 4;             // no drafting in steps of more sequences than this (0: no cutoff):
+                                          // verifying k + 1 rows of every sequence stops paying once a step is
+                                          // compute-bound (bench/README.md: batch 8 on the CPU with the demo pair)
 };
 
 enum class speculation_switch : std::uint8_t { none, turned_off, turned_on };

@@ -214,11 +214,13 @@ std::vector<generation_result> generate_speculative_batch(model& target, const d
       }
     }
     model& draft = *current;
-    // Draft: iteration i runs the draft on every sequence still drafting (k > i), batched.
+    // Draft: iteration i runs the draft on every sequence still drafting (k > i), batched. No
+    // sequence drafts in a round of more than max_batch sequences.
+    const bool over_batch = config.max_batch > 0 && static_cast<std::int64_t>(active.size()) > config.max_batch;
     std::int64_t max_k = 0;
     for (auto* s : active) {
       const std::int64_t remaining = s->params.max_tokens - static_cast<std::int64_t>(s->result.ids.size());
-      s->k = std::min<std::int64_t>(s->policy.next_draft_tokens(), remaining - 1);
+      s->k = over_batch ? 0 : std::min<std::int64_t>(s->policy.next_draft_tokens(), remaining - 1);
       s->draft_base = s->ds.num_tokens;
       s->draft_ngram = s->ds.ngram;
       s->drafts.clear();

@@ -152,7 +152,7 @@ TEST(speculative, a_batch_with_different_draft_lengths_verifies_together) {
     params[i].sampling.seed = i;
     params[i].max_tokens = static_cast<std::int32_t>(5 + 3 * i);
   }
-  const speculation_config config{3, 1.5, 3, 4};
+  const speculation_config config{3, 1.5, 3, 4, 0};
   std::vector<speculation_stats> stats;
   const auto batch = generate_speculative_batch(*m.target, *m.draft, m.tok, prompts, params, config, stats);
   ASSERT_EQ(batch.size(), 8u);
@@ -166,6 +166,27 @@ TEST(speculative, a_batch_with_different_draft_lengths_verifies_together) {
     plain_steps += stats[i].plain_steps;
   }
   EXPECT_GT(plain_steps, 0);  // some rounds drafted nothing while others drafted
+}
+
+TEST(speculative, rounds_of_more_than_max_batch_sequences_draft_nothing) {
+  auto& m = shared();
+  const auto [prompts, params] = greedy_batch(m, 40, 6, 12);
+  for (const std::int64_t max_batch : {4, 6}) {
+    speculation_config config;
+    config.retry_after = 0;
+    config.max_batch = max_batch;
+    std::vector<speculation_stats> stats;
+    const auto batch = generate_speculative_batch(*m.target, *m.draft, m.tok, prompts, params, config, stats);
+    for (std::size_t i = 0; i < prompts.size(); ++i) {
+      EXPECT_EQ(batch[i].ids, generate(*m.target, m.tok, prompts[i], params[i]).ids) << "sequence " << i;
+      if (max_batch == 4) {  // six sequences to the end: every step plain
+        EXPECT_EQ(stats[i].rounds, 0) << "sequence " << i;
+        EXPECT_EQ(stats[i].plain_steps, params[i].max_tokens - 1) << "sequence " << i;
+      } else {
+        EXPECT_GT(stats[i].rounds, 0) << "sequence " << i;
+      }
+    }
+  }
 }
 
 TEST(speculative, hot_swapping_drafts_mid_generation_changes_no_output) {
