@@ -20,7 +20,7 @@ expect_error() {
 }
 
 # Help.
-for sub in "" init-model generate logits tokenize detokenize train-tokenizer ngram-plan train plot; do
+for sub in "" init-model generate logits tokenize detokenize train-tokenizer ngram-plan train plot distill; do
   if "$troupe" $sub --help >/dev/null 2>&1; then pass "help $sub"; else fail "help $sub"; fi
 done
 if grep -q "A subcommand is required" <<<"$("$troupe" 2>&1)"; then pass "no subcommand explains"; else fail "no subcommand"; fi
@@ -97,6 +97,23 @@ expect_error "ngram-plan: --out without --config" "needs --config" \
   "$troupe" ngram-plan --tokenizer "$tok" --corpus "$work/small.txt" --out "$work/x.json" --candidates 8
 expect_error "ngram-plan: bad --eval size" "not a positive integer" \
   "$troupe" ngram-plan --tokenizer "$tok" --corpus "$work/small.txt" --eval 12X --candidates 8
+
+# distill: the model's greedy continuations of prompts cut from text, as ids a training config reads.
+if "$troupe" distill --model "$work/m" --data "$work/small.txt" --out "$work/distill.npy" --prompts 6 --prompt-tokens 8 \
+     --max-tokens 5 --batch 4 --threads 1 2>"$work/distill.log" && [ -s "$work/distill.npy" ] \
+   && grep -q "6 prompts" "$work/distill.log"; then
+  pass "distill writes the continuations"
+else
+  fail "distill: $(tail -2 "$work/distill.log")"
+fi
+expect_error "distill: --out must be .npy" "must name a .npy" \
+  "$troupe" distill --model "$work/m" --data "$work/small.txt" --out "$work/d.txt" --threads 1
+expect_error "distill: more prompts than spans" "fewer than --prompts" \
+  "$troupe" distill --model "$work/m" --data "$work/small.txt" --out "$work/d.npy" --prompts 100000000 --threads 1
+expect_error "distill: missing data" "does not exist" \
+  "$troupe" distill --model "$work/m" --data "$work/nope.txt" --out "$work/d.npy" --threads 1
+expect_error "distill: zero prompt tokens" "at least 1" \
+  "$troupe" distill --model "$work/m" --data "$work/small.txt" --out "$work/d.npy" --prompt-tokens 0 --threads 1
 
 echo "$failures failure(s)"
 [ $failures -eq 0 ]
