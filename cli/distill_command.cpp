@@ -6,6 +6,7 @@
 // target's own greedy choices learns what verification will accept.
 #include <CLI/CLI.hpp>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>

@@ -199,7 +199,7 @@ class model {
   tensor inv_freq_;                       // rope_.inv_freq on the backend's device
   latent_block_allocator plain_blocks_;  // forward()'s blocks (unbounded; freed with each sequence_state)
   bool recorded_steps_ = true;
-  std::map<std::int64_t, std::unique_ptr<recorded_step>> recorded_;  // by rows per step
+  std::map<std::int64_t, std::unique_ptr<recorded_step>> recorded_;  // by 3 * rows + where the embedding runs
 };
 
 }  // namespace troupe

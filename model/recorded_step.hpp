@@ -14,15 +14,16 @@ constexpr std::int64_t min_recorded_keys = 256;
 
 struct model::recorded_step {
   std::int64_t rows = 0, max_blocks = 0, max_keys = 0;
-  // Embedding outside the recording (host hashing, tables anywhere): its rows go into h.
+  // Embedding outside the recording (tables in host memory): its rows go into h.
   tensor h;            // [T, H]: the step's embedded rows
-  // Embedding inside it (one token per sequence, tables on the device): the tokens go in, the
-  // device N-gram cache hashes them, the rows are gathered and projected on the device.
+  // Embedding inside it (tables on the device): the tokens go in, the rows are gathered and
+  // projected on the device; the n-gram ids are hashed there by the device N-gram cache (one
+  // token per sequence) or uploaded after the host hashed them (verification's several).
   bool embeds = false;
   tensor tokens;                            // i32 [T]
   tensor token_rows;                        // i64 [T]: the same, as table rows
   tensor ngram_ids;                         // i64 [E, T]
-  std::unique_ptr<device_ngram> ngram;      // slot i: the step's sequence i
+  std::unique_ptr<device_ngram> ngram;      // slot i: the step's sequence i (null: the host hashes)
   std::vector<ngram_context> slot_context;  // the context each slot holds (a copy of the host's)
   tensor positions;    // i64 [T]
   tensor row_seq;      // i32 [T]
