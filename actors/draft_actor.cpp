@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <map>
 #include <sstream>
 #include <unordered_map>
 
@@ -166,6 +167,29 @@ std::vector<std::vector<std::int32_t>> draft_tokens(draft_state& st, const step_
       roll_back(s.cache, valid, draft.ngram_after(std::span(s.history).first(static_cast<std::size_t>(valid))));
     feed[i].assign(s.history.begin() + valid, s.history.end());
     max_k = std::max(max_k, k[i]);
+  }
+  // Greedy without a penalty needs only each row's argmax: sequences drafting k tokens draft
+  // them in one draft_greedy call (picked on the device; ids, not rows of logits, come back).
+  bool argmax_only = true;
+  for (std::size_t i = 0; i < k.size(); ++i) {
+    const auto& s = st.seqs.at(plan.sequences[i]);
+    argmax_only = argmax_only && (k[i] == 0 || (s.greedy && s.shape.params().repetition_penalty == 1.0f));
+  }
+  if (argmax_only) {
+    std::map<std::int64_t, std::vector<std::size_t>> by_k;
+    for (std::size_t i = 0; i < k.size(); ++i)
+      if (k[i] > 0) by_k[k[i]].push_back(i);
+    for (const auto& [n, who] : by_k) {
+      std::vector<step_input> in;
+      for (auto i : who) in.push_back({&st.seqs.at(plan.sequences[i]).cache, feed[i]});
+      const auto picks = draft.draft_greedy(in, n);
+      for (std::size_t j = 0; j < who.size(); ++j) {
+        drafts[who[j]] = picks[j];
+        auto& history = st.seqs.at(plan.sequences[who[j]]).history;
+        history.insert(history.end(), picks[j].begin(), picks[j].end());
+      }
+    }
+    return drafts;
   }
   std::vector<std::vector<std::vector<float>>> q_of(k.size());
   for (std::int64_t round = 0; round < max_k; ++round) {

@@ -5,7 +5,8 @@
 // batching does); speculation runs generate_speculative_batch with the default policy (adaptive:
 // off below the acceptance threshold and in rounds of more than max_batch sequences) and always
 // on. Then, at batch 1, what a round is made of: one target step (1 row), one
-// verification forward (k + 1 rows) and one draft step, each timed alone. Every figure is the
+// verification forward (k + 1 rows), one draft step, and k greedy draft steps chained in one
+// call against one call per step, each timed alone. Every figure is the
 // second of two runs (the first records the CUDA graphs of each step shape).
 // On the CPU every speculative output must equal the plain one (greedy), else the run is void;
 // on a GPU a (k+1)-row forward rounds differently from a 1-row one (bf16), so a near-tie may
@@ -60,6 +61,27 @@ double forward_seconds(model& m, const std::vector<std::int32_t>& prompt, std::i
     if (i == 0) t0 = std::chrono::steady_clock::now();
     const step_input in{&state, tokens};
     m.forward({&in, 1}, mode);
+    roll_back(state, base, ngram);
+  }
+  return seconds_since(t0) / iterations;
+}
+
+// Mean seconds of drafting k greedy tokens after `prompt` (rolled back after each): as one
+// draft_greedy call (`chained`: on a GPU one replay) or as k calls of one step each.
+double draft_seconds(model& m, const std::vector<std::int32_t>& prompt, std::int64_t k, bool chained, int iterations) {
+  sequence_state state;
+  const step_input first{&state, prompt};
+  m.forward({&first, 1}, logits_mode::last_token);
+  const std::int64_t base = state.num_tokens;
+  const ngram_context ngram = state.ngram;
+  auto t0 = std::chrono::steady_clock::now();
+  for (int i = -2; i < iterations; ++i) {  // two warm-up rounds (recording)
+    if (i == 0) t0 = std::chrono::steady_clock::now();
+    std::vector<std::int32_t> feed{prompt.back()};
+    for (std::int64_t j = 0; j < (chained ? 1 : k); ++j) {
+      const step_input in{&state, feed};
+      feed = m.draft_greedy({&in, 1}, chained ? k : 1).front();
+    }
     roll_back(state, base, ngram);
   }
   return seconds_since(t0) / iterations;
@@ -168,8 +190,13 @@ int main(int argc, char** argv) {
   const auto prompt = tok.encode(prompts_text[0]);
   const double step = forward_seconds(*target, prompt, 1, 50), verify = forward_seconds(*target, prompt, k + 1, 50),
                draft_step = forward_seconds(*draft, prompt, 1, 50);
+  const double drafts_chained = draft_seconds(*draft, prompt, k, true, 50), drafts_single = draft_seconds(*draft, prompt, k, false, 50);
   std::printf("batch 1, one forward: target step %.3f ms, verification of %lld rows %.3f ms (%.2f steps), draft step "
               "%.3f ms (%.3f steps)\n",
               step * 1e3, static_cast<long long>(k + 1), verify * 1e3, verify / step, draft_step * 1e3, draft_step / step);
+  std::printf("batch 1, %lld greedy draft steps: in one draft_greedy call %.3f ms (%.2f target steps), one call per step "
+              "%.3f ms (%.2f target steps): %.2fx\n",
+              static_cast<long long>(k), drafts_chained * 1e3, drafts_chained / step, drafts_single * 1e3, drafts_single / step,
+              drafts_single / drafts_chained);
   return 0;
 }

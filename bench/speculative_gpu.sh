@@ -14,16 +14,16 @@
 # Steps whose output exists are skipped, so a second call continues where the first stopped.
 #   bench/speculative_gpu.sh [TOKENS] [K...]
 # Environment: TROUPE (the CLI; default build/troupe), BENCH (default
-# build/bench/troupe_bench_speculative), DEVICE (default cuda), PROMPTS (default 8192).
+# build/bench/troupe_bench_speculative), DEVICE (default cuda), PROMPTS (default 16384).
 set -euo pipefail
 tokens=${1:-128}; shift || true
 ks=("$@"); [ ${#ks[@]} -gt 0 ] || ks=(3)
 troupe=${TROUPE:-build/troupe}
 bench=${BENCH:-build/bench/troupe_bench_speculative}
 device=${DEVICE:-cuda}
-prompts=${PROMPTS:-8192}
+prompts=${PROMPTS:-16384}
 target=runs/lite-1b-spec-target/checkpoints/step-000400
-draft=runs/lite-1b-draft/checkpoints/step-000500
+draft=runs/lite-1b-draft/checkpoints/step-002000
 log() { echo "[speculative_gpu $(date -u +%T)] $*"; }
 
 if [ ! -f "$target/config.json" ]; then

@@ -56,6 +56,25 @@ void backend::sample(const tensor& logits, std::span<const token_draw> draws, te
   copy_rows(upload(picked, dtype::i32).reshape({d, 1}), column, 0);
 }
 
+void backend::argmax(const tensor& logits, tensor& ids) {
+  const std::int64_t rows = logits.rank() == 2 ? logits.dim(0) : -1;
+  if (logits.type() != dtype::f32 || ids.numel() != rows || (ids.type() != dtype::i32 && ids.type() != dtype::i64))
+    throw std::invalid_argument("backend::argmax: logits " + shape_to_string(logits.shape()) + " and ids " +
+                                shape_to_string(ids.shape()) + " (i32 or i64, one per row)");
+  const tensor host = logits.where().kind == device_kind::cpu ? logits : download(logits);
+  const auto vocab = static_cast<std::size_t>(host.dim(1));
+  tensor picked = tensor::empty({rows, 1}, ids.type());
+  token_draw greedy;
+  greedy.params.temperature = 0;
+  for (std::int64_t r = 0; r < rows; ++r) {
+    const std::int32_t id = sample_token({host.data<float>() + r * static_cast<std::int64_t>(vocab), vocab}, greedy);
+    if (ids.type() == dtype::i32) picked.data<std::int32_t>()[r] = id;
+    else picked.data<std::int64_t>()[r] = id;
+  }
+  tensor column = ids.reshape({rows, 1});  // copy_rows takes rows
+  copy_rows(ids.where() == picked.where() ? picked : upload(picked, ids.type()), column, 0);
+}
+
 backend::recording backend::record(const std::function<tensor()>&) {
   throw std::logic_error("backend " + name() + " cannot record ops (records() is false)");
 }

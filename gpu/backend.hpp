@@ -187,6 +187,11 @@ class backend {
   /// (gpu/backend.cpp); a GPU picks where the logits are, so only the tokens cross the bus.
   virtual void sample(const tensor& logits, std::span<const token_draw> draws, tensor& tokens);
 
+  /// ids[r] (i32 or i64 [R] on this device) = the argmax of row r of logits[R, V], lowest id on
+  /// ties: greedy decoding's pick with no host transfer, so a recording can hold it (k greedy
+  /// draft steps chained in one replay). The default picks on the host (gpu/backend.cpp).
+  virtual void argmax(const tensor& logits, tensor& ids);
+
   /// An N-gram cache of `slots` slots on this device for `config`'s tables; nullptr where the
   /// backend has none (the CPU hashes on the host).
   virtual std::unique_ptr<device_ngram> make_device_ngram(const model_config&, int) { return nullptr; }

@@ -387,15 +387,20 @@ tensor model::mtp_logits(const tensor& h) {
   return logits;
 }
 
+void model::check_room(const sequence_state& state, std::int64_t rows) const {
+  const auto limit = config_.max_position_embeddings;
+  if (limit && state.num_tokens + rows > limit)
+    throw input_error("sequence of " + std::to_string(state.num_tokens + rows) + " tokens exceeds max_position_embeddings = " +
+                      std::to_string(limit));
+}
+
 tensor model::step_logits(std::span<const step_input> batch, logits_mode mode, std::vector<std::int64_t>& rows) {
   const auto& c = config_;
   std::vector<std::int64_t> num_rows, first_position;
   for (const auto& in : batch) {
     num_rows.push_back(static_cast<std::int64_t>(in.tokens.size()));
     first_position.push_back(in.state->num_tokens);
-    if (c.max_position_embeddings && in.state->num_tokens + static_cast<std::int64_t>(in.tokens.size()) > c.max_position_embeddings)
-      throw input_error("sequence of " + std::to_string(in.state->num_tokens + in.tokens.size()) +
-                        " tokens exceeds max_position_embeddings = " + std::to_string(c.max_position_embeddings));
+    check_room(*in.state, num_rows.back());
   }
   const step_layout layout = step_layout::make(num_rows, first_position);
   tensor tokens = tensor::empty({layout.total_rows}, dtype::i32);
@@ -455,6 +460,29 @@ std::vector<std::int32_t> model::forward_argmax(std::span<const step_input> batc
   be_.sample(logits, draws, picked);
   const tensor ids = be_.download(picked);
   return {ids.data<std::int32_t>(), ids.data<std::int32_t>() + ids.numel()};
+}
+
+std::vector<std::vector<std::int32_t>> model::draft_greedy(std::span<const step_input> batch, std::int64_t steps) {
+  if (steps < 1) throw std::logic_error("draft_greedy: steps must be >= 1");
+  std::int64_t rows = 0;
+  std::size_t longest = 0;
+  for (const auto& in : batch) {
+    rows += static_cast<std::int64_t>(in.tokens.size());
+    longest = std::max(longest, in.tokens.size());
+  }
+  if (steps > 1 && recorded_steps_ && be_.records() && tables_on_device() && rows <= be_.routed_moe_rows() &&
+      longest <= static_cast<std::size_t>(max_recorded_rows_per_sequence))
+    return draft_recorded(batch, steps);
+  std::vector<std::vector<std::int32_t>> picks(batch.size());
+  std::vector<step_input> in(batch.begin(), batch.end());
+  for (std::int64_t j = 0; j < steps; ++j) {
+    const auto ids = forward_argmax(in, logits_mode::last_token);
+    for (std::size_t i = 0; i < in.size(); ++i) {
+      picks[i].push_back(ids[i]);
+      in[i].tokens = std::span(picks[i]).last(1);
+    }
+  }
+  return picks;
 }
 
 }  // namespace troupe

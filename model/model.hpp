@@ -8,6 +8,7 @@
 // sequence_state.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <filesystem>
 #include <map>
@@ -94,6 +95,13 @@ class model {
   /// steps, greedy verification) needs nothing else.
   std::vector<std::int32_t> forward_argmax(std::span<const step_input> batch, logits_mode mode);
 
+  /// Greedy drafting: `steps` forward_argmax(last_token) steps, the first feeding each
+  /// sequence's tokens and each later one the pick before it; returns each sequence's `steps`
+  /// picks. The caches end holding the fed tokens and every pick but the last, as that loop leaves
+  /// them. Where steps replay (a GPU, every table on the device), all the steps are one replay:
+  /// each pick feeds the next step on the device and the picks come back once.
+  std::vector<std::vector<std::int32_t>> draft_greedy(std::span<const step_input> batch, std::int64_t steps);
+
   /// The n-gram ids the step would use for `tokens` after `context` (diagnostics and tests).
   std::vector<std::int64_t> ngram_ids(std::span<const std::int32_t> tokens, ngram_context context) const;
   /// Moves an N-gram cache past `tokens` (rebuilding it after a rollback).
@@ -152,6 +160,7 @@ class model {
 
  private:
   struct recorded_step;
+  struct recorded_draft;
 
   /// Claims the blocks `cache` needs to hold rows more tokens after first_position; returns how
   /// many blocks those tokens span.
@@ -176,6 +185,20 @@ class model {
   /// recording's output (the next replay overwrites them).
   tensor forward_recorded(const tensor& tokens, const step_layout& layout, std::span<const step_input> batch,
                           std::span<ngram_context* const> contexts);
+  /// draft_greedy()'s replay: the steps recorded once per (first step's rows, sequences, steps).
+  std::vector<std::vector<std::int32_t>> draft_recorded(std::span<const step_input> batch, std::int64_t steps);
+  /// Whether the embedding and every n-gram table live on the backend's device (a recording can
+  /// then hold the embedding).
+  bool tables_on_device() const;
+  /// Throws input_error when a sequence's state plus `rows` more tokens passes max_position_embeddings.
+  void check_room(const sequence_state& state, std::int64_t rows) const;
+  /// How many keys a recording's block tables hold for sequences of up to `need` tokens.
+  std::int64_t recorded_keys(std::int64_t need) const;
+  /// Claims the blocks each sequence's rows[i] tokens from first[i] need in every attention layer
+  /// and writes the block tables: host i64 [layers * stride, max_blocks], sequence i of layer a
+  /// in row a * stride + i.
+  tensor claim_tables(std::span<const step_input> batch, std::span<const std::int64_t> first,
+                      std::span<const std::int64_t> rows, std::int64_t stride, std::int64_t max_blocks);
   tensor swiglu(const swiglu_weights& w, const tensor& x);
   /// y (=|+=) SwiGLU MLP of x: the down projection writes or adds into y.
   void swiglu(const swiglu_weights& w, const tensor& x, tensor& y, write_mode mode);
@@ -200,6 +223,7 @@ class model {
   latent_block_allocator plain_blocks_;  // forward()'s blocks (unbounded; freed with each sequence_state)
   bool recorded_steps_ = true;
   std::map<std::int64_t, std::unique_ptr<recorded_step>> recorded_;  // by 3 * rows + where the embedding runs
+  std::map<std::array<std::int64_t, 3>, std::unique_ptr<recorded_draft>> recorded_drafts_;  // by rows, sequences, steps
 };
 
 }  // namespace troupe

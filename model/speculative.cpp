@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <functional>
+#include <map>
 #include <memory>
 
 #include "model/text_stream.hpp"
@@ -214,8 +215,9 @@ std::vector<generation_result> generate_speculative_batch(model& target, const d
       }
     }
     model& draft = *current;
-    // Draft: iteration i runs the draft on every sequence still drafting (k > i), batched. No
-    // sequence drafts in a round of more than max_batch sequences.
+    // Draft, batched: greedy rounds by draft_greedy, others step by step (iteration i runs the
+    // draft on every sequence still drafting, k > i). No sequence drafts in a round of more than
+    // max_batch sequences.
     const bool over_batch = config.max_batch > 0 && static_cast<std::int64_t>(active.size()) > config.max_batch;
     std::int64_t max_k = 0;
     for (auto* s : active) {
@@ -228,28 +230,34 @@ std::vector<generation_result> generate_speculative_batch(model& target, const d
       s->feed = s->draft_pending;
       max_k = std::max(max_k, s->k);
     }
-    for (std::int64_t i = 0; i < max_k; ++i) {
-      std::vector<spec_sequence*> drafting;
-      std::vector<step_input> in;
+    if (std::all_of(active.begin(), active.end(), [](auto* s) { return s->argmax_only; })) {
+      // Greedy without a penalty needs only argmaxes: each group of sequences drafting k tokens
+      // drafts them in one draft_greedy call (on a GPU one replay; only the ids come back).
+      std::map<std::int64_t, std::vector<spec_sequence*>> by_k;
       for (auto* s : active)
-        if (s->k > i) {
-          drafting.push_back(s);
-          in.push_back({&s->ds, s->feed});
-        }
-      // Greedy without a penalty needs only each row's argmax: the draft picks where its
-      // logits are (ids cross the bus, not rows of V).
-      const bool argmax_only = std::all_of(drafting.begin(), drafting.end(), [](auto* s) { return s->argmax_only; });
-      const auto ids = argmax_only ? draft.forward_argmax(in, logits_mode::last_token) : std::vector<std::int32_t>{};
-      const tensor logits = argmax_only ? tensor{} : draft.forward(in, logits_mode::last_token);
-      for (std::size_t j = 0; j < drafting.size(); ++j) {
-        auto& s = *drafting[j];
-        std::int32_t d;
-        if (argmax_only) {
-          d = ids[j];
-        } else {
+        if (s->k > 0) by_k[s->k].push_back(s);
+      for (auto& [k, group] : by_k) {
+        std::vector<step_input> in;
+        for (auto* s : group) in.push_back({&s->ds, s->feed});
+        auto picks = draft.draft_greedy(in, k);
+        for (std::size_t j = 0; j < group.size(); ++j) group[j]->drafts = std::move(picks[j]);
+      }
+    } else {
+      for (std::int64_t i = 0; i < max_k; ++i) {
+        std::vector<spec_sequence*> drafting;
+        std::vector<step_input> in;
+        for (auto* s : active)
+          if (s->k > i) {
+            drafting.push_back(s);
+            in.push_back({&s->ds, s->feed});
+          }
+        const tensor logits = draft.forward(in, logits_mode::last_token);
+        for (std::size_t j = 0; j < drafting.size(); ++j) {
+          auto& s = *drafting[j];
           const auto l = row(logits, static_cast<std::int64_t>(j));
           // The context (for the penalty) is the sequence's tokens plus the drafts so far.
           s.context.insert(s.context.end(), s.drafts.begin(), s.drafts.end());
+          std::int32_t d;
           if (s.greedy) {
             d = s.shape.greedy(l, s.context);
           } else {
@@ -257,9 +265,9 @@ std::vector<generation_result> generate_speculative_batch(model& target, const d
             d = draw(s.q.back(), s.gen.uniform());
           }
           s.context.resize(s.context.size() - s.drafts.size());
+          s.drafts.push_back(d);
+          s.feed.assign(1, d);
         }
-        s.drafts.push_back(d);
-        s.feed.assign(1, d);
       }
     }
     // Verify: the target scores each sequence's last token and drafts in one batched forward.

@@ -98,6 +98,63 @@ TEST(generator, forward_argmax_is_the_argmax_of_forwards_rows) {
   }
 }
 
+// draft_greedy against its definition: step by step, each feeding the argmax of forward()'s
+// logits before it; the caches must end alike (the fed tokens and every pick but the last).
+TEST(generator, draft_greedy_is_a_chain_of_argmax_steps) {
+  fixture f;
+  for (const std::int64_t steps : {1, 2, 5}) {
+    std::vector<sequence_state> chained(2), stepped(2);
+    std::vector<std::vector<std::int32_t>> feed{{65, 66, 67, 68}, {70, 71}};
+    for (int round = 0; round < 3; ++round) {
+      std::vector<step_input> in;
+      for (std::size_t i = 0; i < feed.size(); ++i) in.push_back({&chained[i], feed[i]});
+      const auto picks = f.m->draft_greedy(in, steps);
+      ASSERT_EQ(picks.size(), 2u);
+      std::vector<std::vector<std::int32_t>> expect(2), next = feed;
+      for (std::int64_t j = 0; j < steps; ++j) {
+        std::vector<step_input> one;
+        for (std::size_t i = 0; i < next.size(); ++i) one.push_back({&stepped[i], next[i]});
+        const tensor logits = f.m->forward(one, logits_mode::last_token);
+        for (std::size_t i = 0; i < next.size(); ++i) {
+          const auto r = static_cast<std::int64_t>(i);
+          expect[i].push_back(argmax({logits.data<float>() + r * logits.dim(1), static_cast<std::size_t>(logits.dim(1))}));
+          next[i].assign(1, expect[i].back());
+        }
+      }
+      for (std::size_t i = 0; i < feed.size(); ++i) {
+        EXPECT_EQ(picks[i], expect[i]) << steps << " steps, round " << round << ", sequence " << i;
+        // The step-by-step loop never feeds its last pick; neither does draft_greedy.
+        EXPECT_EQ(chained[i].num_tokens, stepped[i].num_tokens);
+        EXPECT_EQ(chained[i].ngram, stepped[i].ngram);
+        feed[i].assign(1, picks[i].back());  // the next round feeds the last pick
+      }
+    }
+  }
+  sequence_state s;
+  const std::vector<std::int32_t> p{65};
+  const std::vector<step_input> in{{&s, p}};
+  EXPECT_THROW(f.m->draft_greedy(in, 0), std::logic_error);
+}
+
+TEST(generator, backend_argmax_picks_the_lowest_id_of_each_rows_largest) {
+  cpu_backend be{1};
+  tensor logits = tensor::empty({3, 5}, dtype::f32);
+  const float values[] = {0.5f, 2.0f, -1.0f, 2.0f, 1.0f,  // tie: the lower id
+                          -3.0f, -2.0f, -2.5f, -4.0f, -2.1f, 9.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+  std::copy(std::begin(values), std::end(values), logits.data<float>());
+  for (const dtype type : {dtype::i32, dtype::i64}) {
+    tensor ids = tensor::empty({3}, type);
+    be.argmax(logits, ids);
+    const std::int64_t expect[] = {1, 1, 0};
+    for (int r = 0; r < 3; ++r)
+      EXPECT_EQ(type == dtype::i32 ? ids.data<std::int32_t>()[r] : ids.data<std::int64_t>()[r], expect[r]) << "row " << r;
+  }
+  tensor wrong = tensor::empty({2}, dtype::i32);
+  EXPECT_THROW(be.argmax(logits, wrong), std::invalid_argument);
+  tensor floats = tensor::empty({3}, dtype::f32);
+  EXPECT_THROW(be.argmax(logits, floats), std::invalid_argument);
+}
+
 TEST(generator, greedy_batch_continues_each_prompt_as_generate_does_alone) {
   fixture f;
   const std::vector<std::vector<std::int32_t>> prompts{{65, 66, 67}, {70}, {80, 81, 82, 83, 84, 85}};

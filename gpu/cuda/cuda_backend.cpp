@@ -651,6 +651,16 @@ void cuda_backend::sample(const tensor& logits, std::span<const token_draw> draw
                as_stream(stream_));
 }
 
+void cuda_backend::argmax(const tensor& logits, tensor& ids) {
+  const std::int64_t rows = logits.rank() == 2 ? logits.dim(0) : -1;
+  TROUPE_EXPECT(logits.type() == dtype::f32 && ids.numel() == rows && (ids.type() == dtype::i32 || ids.type() == dtype::i64),
+                "argmax", "logits " + shape_to_string(logits.shape()) + ", ids " + shape_to_string(ids.shape()) + " (i32 or i64)");
+  TROUPE_EXPECT(on_gpu(logits) && on_gpu(ids), "argmax", "logits and ids must be on the GPU");
+  const bool narrow = ids.type() == dtype::i32;
+  cuda::argmax_rows(logits.data<float>(), rows, logits.dim(1), narrow ? ids.data<std::int32_t>() : nullptr,
+                    narrow ? nullptr : ids.data<std::int64_t>(), as_stream(stream_));
+}
+
 std::int64_t cuda_backend::routed_moe_rows() const { return cuda::routed_moe_max_rows; }
 
 void cuda_backend::routed_experts_on_tensor_cores(const tensor& u, const tensor& offsets, const tensor& order, std::int64_t k,

@@ -71,6 +71,8 @@ class cuda_backend final : public backend {
                    tensor& weights) override;
   /// One block per draw: radix selection for top-k and top-p, no sort (sample_kernel.cu).
   void sample(const tensor& logits, std::span<const token_draw> draws, tensor& tokens) override;
+  /// One block per row (sample_kernel.cu).
+  void argmax(const tensor& logits, tensor& ids) override;
   std::int64_t routed_moe_rows() const override;
   void routed_moe(const tensor& u, const moe_layer& moe, tensor& out, write_mode mode) override;
 

@@ -188,6 +188,11 @@ void mla_prefill_softmax(const float* scores, const std::int64_t* positions, con
 void router_topk(const float* logits, const float* bias, std::int64_t rows, std::int64_t experts, int k, float scaling,
                  std::int32_t* idx, float* weights, cudaStream_t s);
 
+/// ids32[r] and/or ids64[r] (either may be null) = the argmax of logits[r, 0..vocab), lowest id
+/// on ties (sample_kernel.cu).
+void argmax_rows(const float* logits, std::int64_t rows, std::int64_t vocab, std::int32_t* ids32, std::int64_t* ids64,
+                 cudaStream_t s);
+
 /// One draw of backend::sample, as the kernel reads it: row `row` of the logits, the rule, the
 /// uniform, and its context ids [context_begin, context_end) for the penalty.
 struct sample_draw {

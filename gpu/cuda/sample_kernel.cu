@@ -118,6 +118,31 @@ __device__ void merge_histograms(sample_scratch& x, sample_shared& sh, bool mass
   __syncthreads();
 }
 
+// The block's largest value(i, logit) over a row and its id, lowest id on ties (thread 0 holds
+// the result): greedy decoding's pick, and the softmax's shift.
+template <class Value>
+__device__ best block_argmax(const float* row, std::int64_t vocab, std::int64_t begin, std::int64_t per, Value&& value,
+                             cub::BlockReduce<best, sample_threads>::TempStorage& storage) {
+  best b{-INFINITY, INT_MAX};
+  for_chunk(row, vocab, begin, per, [&](std::int64_t i, float z, bool valid) {
+    z = value(i, z);
+    if (valid && (z > b.value || b.id == INT_MAX)) b = {z, static_cast<std::int32_t>(i)};
+  });
+  return cub::BlockReduce<best, sample_threads>(storage).Reduce(b, best_of{});
+}
+
+// One block per row: ids of the argmax, as i32 and/or i64 (a null pointer is skipped).
+__global__ void __launch_bounds__(sample_threads)
+    argmax_kernel(const float* logits, std::int64_t vocab, std::int32_t* ids32, std::int64_t* ids64) {
+  __shared__ cub::BlockReduce<best, sample_threads>::TempStorage storage;
+  const std::int64_t per = (vocab + sample_threads * sample_piece - 1) / (sample_threads * sample_piece) * sample_piece;
+  const best b = block_argmax(logits + blockIdx.x * vocab, vocab, per * threadIdx.x, per,
+                              [](std::int64_t, float z) { return z; }, storage);
+  if (threadIdx.x != 0) return;
+  if (ids32) ids32[blockIdx.x] = b.id;
+  if (ids64) ids64[blockIdx.x] = b.id;
+}
+
 __global__ void __launch_bounds__(sample_threads)
     sample_kernel(const float* logits, std::int64_t vocab, const sample_draw* draws, const std::int32_t* context,
                   std::int32_t* tokens) {
@@ -151,12 +176,7 @@ __global__ void __launch_bounds__(sample_threads)
   };
 
   // Greedy and the softmax's shift: the largest value, lowest id on ties.
-  best b{-INFINITY, INT_MAX};
-  for_chunk(row, vocab, begin, per, [&](std::int64_t i, float z, bool valid) {
-    z = value(i, z);
-    if (valid && (z > b.value || b.id == INT_MAX)) b = {z, static_cast<std::int32_t>(i)};
-  });
-  b = cub::BlockReduce<best, sample_threads>(sh.cub.best_reduce).Reduce(b, best_of{});
+  const best b = block_argmax(row, vocab, begin, per, value, sh.cub.best_reduce);
   if (threadIdx.x == 0) sh.max_value = b.value;
   if (d.temperature == 0.0f) {
     if (threadIdx.x == 0) tokens[blockIdx.x] = b.id;
@@ -325,6 +345,13 @@ __global__ void __launch_bounds__(sample_threads)
 }
 
 }  // namespace
+
+void argmax_rows(const float* logits, std::int64_t rows, std::int64_t vocab, std::int32_t* ids32, std::int64_t* ids64,
+                 cudaStream_t s) {
+  if (rows == 0) return;
+  argmax_kernel<<<static_cast<unsigned>(rows), sample_threads, 0, s>>>(logits, vocab, ids32, ids64);
+  TROUPE_CUDA_CHECK_LAUNCH();
+}
 
 void sample(const float* logits, std::int64_t vocab, const sample_draw* draws, std::int64_t n, const std::int32_t* context,
             bool penalised, std::int32_t* tokens, cudaStream_t s) {

@@ -16,6 +16,7 @@
 #include "model/generator.hpp"
 #include "model/model.hpp"
 #include "model/sampler.hpp"
+#include "model/speculative.hpp"
 #include "model/weights.hpp"
 #include "tests/test_support.hpp"
 #include "tokenizer/tokenizer.hpp"
@@ -398,6 +399,22 @@ TEST(cuda_backend, sampling_on_the_device_picks_the_host_rules_token) {
             << "vocab " << vocab << (ties ? " tied" : "") << " rule " << d / rows << " row " << draws[d].row;
       }
     }
+  // backend::argmax (greedy's pick inside recordings) against the host's, i32 and i64 ids.
+  for (const bool ties : {false, true}) {
+    tensor logits = random({9, 32768}, 21 + ties, 3.0f);
+    if (ties)
+      for (std::int64_t i = 0; i < logits.numel(); ++i) logits.data<float>()[i] = std::round(std::clamp(logits.data<float>()[i], -4.0f, 4.0f));
+    const tensor on_gpu = b.gpu.upload(logits, dtype::f32);
+    for (const dtype type : {dtype::i32, dtype::i64}) {
+      tensor ids = b.gpu.empty({9}, type);
+      b.gpu.argmax(on_gpu, ids);
+      const tensor got = b.gpu.download(ids);
+      for (std::int64_t r = 0; r < 9; ++r) {
+        const auto id = type == dtype::i32 ? got.data<std::int32_t>()[r] : got.data<std::int64_t>()[r];
+        EXPECT_EQ(id, argmax({logits.data<float>() + r * 32768, 32768})) << "row " << r << (ties ? " tied" : "");
+      }
+    }
+  }
   // A draw beyond the logits' rows is refused before anything runs.
   const tensor logits = b.gpu.upload(random({2, 64}, 5), dtype::f32);
   tensor picked = b.gpu.empty({1}, dtype::i32);
@@ -566,6 +583,54 @@ TEST(cuda_backend, argmax_on_the_device_equals_the_argmax_of_the_logits) {
           EXPECT_EQ(by_logits[i].ngram, by_ids[i].ngram);
           feed[i].assign(1, ids[verify ? 4 * i + 3 : i]);
         }
+      }
+    }
+  }
+}
+
+// Greedy drafting in one replay (draft_greedy: every later step fed the pick before it on the
+// device) against the same steps one at a time (each a replay of its own), over rounds that
+// roll the caches back as verification does, for n-gram (device-hashed later steps) and plain
+// embeddings. Each first step has at most four rows, so both runs score on the same GEMV path
+// and the ids must be equal. Sequence 1 starts with 250 tokens: its later rounds outgrow the
+// recorded block tables (256 keys) and record the chain again.
+TEST(cuda_backend, chained_draft_steps_equal_steps_one_at_a_time) {
+  SKIP_WITHOUT_GPU();
+  cuda_backend gpu;
+  for (const bool ngram : {true, false}) {
+    const auto dir = test::make_model("cuda_chain", test::tiny_config(R"("num_layers": 2)", ngram), 7);
+    auto chain = model::load(dir, gpu, table_placement::device);
+    auto single = model::load(dir, gpu, table_placement::device);
+    std::vector<sequence_state> sc(2), ss(2);
+    std::vector<std::vector<std::int32_t>> history(2), feed{{5, 9, 14, 2, 33}, {}};
+    for (int i = 0; i < 250; ++i) feed[1].push_back(3 + (i * 37) % 90);
+    for (int round = 0; round < 16; ++round) {
+      const std::int64_t steps = 2 + round % 6;
+      std::vector<step_input> a, b;
+      for (std::size_t i = 0; i < 2; ++i) a.push_back({&sc[i], feed[i]}), b.push_back({&ss[i], feed[i]});
+      const auto picks = chain->draft_greedy(a, steps);
+      std::vector<std::vector<std::int32_t>> expect(2);
+      for (std::int64_t j = 0; j < steps; ++j) {
+        const auto one = single->draft_greedy(b, 1);
+        for (std::size_t i = 0; i < 2; ++i) {
+          expect[i].push_back(one[i][0]);
+          b[i].tokens = std::span(expect[i]).last(1);
+        }
+      }
+      for (std::size_t i = 0; i < 2; ++i) {
+        ASSERT_EQ(picks[i], expect[i]) << (ngram ? "n-gram" : "plain") << " round " << round << " sequence " << i;
+        EXPECT_EQ(sc[i].num_tokens, ss[i].num_tokens);
+        EXPECT_EQ(sc[i].ngram, ss[i].ngram);
+        history[i].insert(history[i].end(), feed[i].begin(), feed[i].end());
+        history[i].insert(history[i].end(), picks[i].begin(), picks[i].end() - 1);
+        // Verification keeps some drafts: roll back up to two of them, as a rejection would.
+        const auto back = static_cast<std::size_t>((round + static_cast<int>(i)) % 3);
+        history[i].resize(history[i].size() - std::min(back, static_cast<std::size_t>(steps - 1)));
+        const auto kept = static_cast<std::int64_t>(history[i].size());
+        roll_back(sc[i], kept, chain->ngram_after(history[i]));
+        roll_back(ss[i], kept, single->ngram_after(history[i]));
+        feed[i] = i == 0 ? std::vector<std::int32_t>{picks[i].back(), static_cast<std::int32_t>(10 + round)}
+                         : std::vector<std::int32_t>{picks[i].back()};
       }
     }
   }
