@@ -60,11 +60,21 @@ loaded_draft load_draft(const model& target, const std::string& target_dir, cons
   const fs::path mine = fs::path(target_dir) / "tokenizer.json", theirs = fs::path(dir) / "tokenizer.json";
   if (fs::exists(mine) && fs::exists(theirs) && read_file(mine) != read_file(theirs))
     throw input_error("draft '" + dir + "' has another tokenizer (its tokenizer.json differs from the target's)");
+  // On a GPU the draft gets a stream of its own, so its steps replay recordings (k greedy steps
+  // in one) while the target's actors enqueue on theirs: its results come back to the host,
+  // so nothing orders the two streams. Where the backend has no such thing (the CPU) the draft
+  // shares it and runs op by op.
+  struct owned_draft {
+    std::unique_ptr<backend> be;  // declared first: the model goes before its backend
+    std::unique_ptr<model> net;
+  };
+  auto owned = std::make_shared<owned_draft>();
+  owned->be = target.compute().own_stream();
+  // A draft is small by design: on a GPU its tables live there too, so its steps embed inside the replay.
+  owned->net = owned->be ? model::load(dir, *owned->be, table_placement::device) : model::load(dir, target.compute());
+  if (!owned->be) owned->net->set_recorded_steps(false);  // a capture on the shared stream would take others' ops in
   loaded_draft d;
-  d.net = model::load(dir, target.compute());
-  // Other actors enqueue on the same backend while this one drafts: a recording (stream
-  // capture) would take their ops in.
-  d.net->set_recorded_steps(false);
+  d.net = std::shared_ptr<model>(owned, owned->net.get());
   if (auto why = draft_mismatch(target, *d.net); !why.empty()) throw input_error("draft '" + dir + "' refused: " + why);
   d.dir = dir;
   d.name = fs::path(dir).lexically_normal().filename().string();

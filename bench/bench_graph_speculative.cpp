@@ -1,9 +1,12 @@
 // Speculative decoding through the serving graph (draft actor -> embedding -> stages -> head,
 // continuous batching), against the same graph with drafting off (requests with
 // draft_tokens = 0), at batch 1, 8 and 32: total generated tokens/s and the mean acceptance
-// length from the requests' own usage. Greedy, and every speculative output is checked equal
-// to the baseline's, else the run is void.
-//   troupe_bench_graph_speculative TARGET_DIR DRAFT_DIR [TOKENS] [THREADS]
+// length from the requests' own usage. Greedy. On the CPU every speculative output must equal
+// the baseline's, else the run is void; on a GPU a verification of k + 1 >= 5 rows rounds in
+// bf16 on tensor cores where a decode step does not, so a near-tie may flip: the count of
+// identical outputs is reported instead.
+//   troupe_bench_graph_speculative TARGET_DIR DRAFT_DIR [--tokens N] [--threads T] [--device D] [--k K...]
+#include <CLI/CLI.hpp>
 #include <caf/actor_system.hpp>
 #include <caf/actor_system_config.hpp>
 #include <caf/io/middleman.hpp>
@@ -14,6 +17,7 @@
 #include <cstdlib>
 #include <map>
 #include <string>
+#include <vector>
 
 #include "actors/compute.hpp"
 #include "graph/inference_graph.hpp"
@@ -56,23 +60,28 @@ batch_run run_batch(caf::actor_system& sys, inference_graph& g, const std::vecto
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc < 3) {
-    std::fprintf(stderr, "usage: %s TARGET_DIR DRAFT_DIR [TOKENS] [THREADS]\n", argv[0]);
-    return 2;
-  }
-  const std::string target_dir = argv[1], draft_dir = argv[2];
-  const int tokens = argc > 3 ? std::atoi(argv[3]) : 64;
-  const int threads = argc > 4 ? std::atoi(argv[4]) : 1;
+  CLI::App app{"Speculative decoding through the serving graph against the same graph with drafting off"};
+  std::string target_dir, draft_dir, device = "cpu";
+  int tokens = 64, threads = 1;
+  std::vector<int> ks{1, 3};
+  app.add_option("target", target_dir, "the target model directory")->required();
+  app.add_option("draft", draft_dir, "the draft model directory")->required();
+  app.add_option("--tokens", tokens, "tokens generated per request")->capture_default_str();
+  app.add_option("--threads", threads, "CPU threads (cpu only)")->capture_default_str();
+  app.add_option("--device", device, "cpu or cuda[:N]")->capture_default_str();
+  app.add_option("--k", ks, "draft lengths to measure")->capture_default_str();
+  CLI11_PARSE(app, argc, argv);
+  const bool exact = device == "cpu";
   caf::actor_system_config cfg;
   add_message_types(cfg);
   cfg.load<caf::io::middleman>();
   caf::actor_system sys{cfg};
-  auto compute = load_compute(target_dir, threads);
+  auto compute = load_compute(target_dir, threads, device);
   const tokenizer tok = tokenizer::load(target_dir + "/tokenizer.json");
-  std::printf("# %s with draft %s, greedy, %d tokens per request, %d thread(s); speedup against the same graph with\n"
-              "# drafting off; acceptance = drafts accepted per verification round\n",
-              target_dir.c_str(), draft_dir.c_str(), tokens, threads);
-  std::printf("%-22s %-6s %-12s %-9s %s\n", "policy", "batch", "tok/s", "speedup", "acceptance");
+  std::printf("# %s with draft %s on %s, greedy, %d tokens per request, %d thread(s); speedup against the same graph\n"
+              "# with drafting off; acceptance = drafts accepted per verification round\n",
+              target_dir.c_str(), draft_dir.c_str(), device.c_str(), tokens, threads);
+  std::printf("%-22s %-6s %-12s %-9s %-16s %s\n", "policy", "batch", "tok/s", "speedup", "acceptance", exact ? "" : "output");
   // "always": drafting never switches off; "adaptive": the defaults (off below one accepted
   // draft per round over 8 rounds, retried after 32 plain steps; no drafting in steps of more
   // than 4 sequences).
@@ -103,9 +112,11 @@ int main(int argc, char** argv) {
       };
       run_batch(sys, graph, make(0));  // warm-up
       const auto base = run_batch(sys, graph, make(0));
-      for (int k : {1, 3}) {
+      for (int k : ks) {
         const auto spec = run_batch(sys, graph, make(k));
-        if (spec.tokens != base.tokens) {
+        int identical = 0;
+        for (const auto& [id, ids] : base.tokens) identical += spec.tokens.count(id) && spec.tokens.at(id) == ids;
+        if (exact && identical != n) {
           std::fprintf(stderr, "output differs with k=%d at batch %d: void\n", k, n);
           return 1;
         }
@@ -113,8 +124,9 @@ int main(int argc, char** argv) {
         const std::string acceptance =
             spec.rounds ? std::to_string(static_cast<double>(spec.accepted) / static_cast<double>(spec.rounds)).substr(0, 4)
                         : "- (no drafting)";
-        std::printf("%-22s %-6d %-12.0f %-9s %s\n", label.c_str(), n, spec.generated / spec.seconds,
-                    (std::to_string(base.seconds / spec.seconds).substr(0, 4) + "x").c_str(), acceptance.c_str());
+        std::printf("%-22s %-6d %-12.0f %-9s %-16s %s\n", label.c_str(), n, spec.generated / spec.seconds,
+                    (std::to_string(base.seconds / spec.seconds).substr(0, 4) + "x").c_str(), acceptance.c_str(),
+                    exact ? "" : (std::to_string(identical) + "/" + std::to_string(n) + " identical").c_str());
       }
       std::printf("%-22s %-6d %-12.0f %-9s %s\n", (std::string(policy) + " baseline").c_str(), n,
                   base.generated / base.seconds, "1.00x", "-");

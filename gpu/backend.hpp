@@ -196,6 +196,11 @@ class backend {
   /// backend has none (the CPU hashes on the host).
   virtual std::unique_ptr<device_ngram> make_device_ngram(const model_config&, int) { return nullptr; }
 
+  /// A backend on the same device with a stream of its own, for an actor that records its steps
+  /// while others enqueue on this one (a capture takes in every op on its stream); nullptr where
+  /// ops run as they are called (the CPU: nothing to keep apart).
+  virtual std::unique_ptr<backend> own_stream() const { return nullptr; }
+
   /// Whether record() works here (a GPU: replaying a recording saves the host's dispatch of
   /// every op; the CPU runs its ops as they are called anyway).
   virtual bool records() const { return false; }

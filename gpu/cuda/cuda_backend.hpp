@@ -81,6 +81,7 @@ class cuda_backend final : public backend {
   /// Records as a CUDA graph (stream capture); tensors allocated while capturing come from an
   /// arena the graph owns.
   bool records() const override { return true; }
+  std::unique_ptr<backend> own_stream() const override { return std::make_unique<cuda_backend>(index_); }
   recording record(const std::function<tensor()>& body) override;
 
  private:
