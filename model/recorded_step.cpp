@@ -213,7 +213,7 @@ std::vector<std::vector<std::int32_t>> model::draft_recorded(std::span<const ste
   for (std::int64_t j = 1; j < steps; ++j)
     for (std::int64_t i = 0; i < n; ++i) later.data<std::int64_t>()[(j - 1) * n + i] = first[i] + num_rows[i] + j - 1;
   be_.copy_rows(last, r.last_rows, 0);
-  if (steps > 1) be_.copy_rows(later, r.later_positions, 0);
+  be_.copy_rows(later, r.later_positions, 0);  // draft_greedy replays only chains of 2+ steps
 
   if (!r.recording.ops) {
     r.recording = be_.record([this, &r, block] {
