@@ -13,7 +13,11 @@
 // with the tables in host memory (read in place from the mapping; the default) and copied to
 // the device, each against its own decode step; total decode tokens/s with 16 and 64
 // sequences decoding together, against batch 1; and one sequence's prefill of 2k and 8k tokens.
-//   troupe_bench_cuda_decode MODEL_DIR [TOKENS] [PROMPT_TOKENS] [--profile]
+// With the tables on the device, batch-1 and batch-8 decode also run with the shortcut MoE on the
+// step's one stream (cuda_backend::set_concurrent_branches(false)): what its second stream gains.
+//   troupe_bench_cuda_decode MODEL_DIR|CONFIG.json [TOKENS] [PROMPT_TOKENS] [--profile]
+// A config file instead of a model directory: random weights (init-model's, seed 1) are written
+// to $TMPDIR/troupe-bench-<name> first, once.
 // --profile runs only batch-1 decode replayed from CUDA graphs with the tables on the device
 // (the whole step one graph), for a profiler such as ncu to look at.
 #include <cuda_runtime_api.h>
@@ -22,10 +26,13 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <string>
 
 #include "gpu/cuda/cuda_backend.hpp"
 #include "gpu/cuda/cuda_check.hpp"
+#include "model/config.hpp"
+#include "model/init_model.hpp"
 #include "model/model.hpp"
 #include "model/sampler.hpp"
 #include "model/weights.hpp"
@@ -123,18 +130,34 @@ double prefill_rate(model& m, int tokens, int reps = 3) {
   return best;
 }
 
+// The model directory the bench reads: `arg` itself, or for a config file a directory of random
+// weights made from it (once: a later run finds it).
+std::filesystem::path model_dir(const std::filesystem::path& arg) {
+  if (arg.extension() != ".json") return arg;
+  const auto dir = std::filesystem::temp_directory_path() / ("troupe-bench-" + arg.stem().string());
+  if (!std::filesystem::exists(dir / "config.json")) {
+    std::printf("# writing random weights for %s to %s\n", arg.c_str(), dir.c_str());
+    std::fflush(stdout);
+    init_options o;
+    o.seed = 1;
+    init_model(load_model_config(arg), dir, o);
+  }
+  return dir;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   if (argc < 2) {
-    std::fprintf(stderr, "usage: %s MODEL_DIR [TOKENS] [PROMPT_TOKENS]\n", argv[0]);
+    std::fprintf(stderr, "usage: %s MODEL_DIR|CONFIG.json [TOKENS] [PROMPT_TOKENS] [--profile]\n", argv[0]);
     return 2;
   }
   const int tokens = argc > 2 ? std::atoi(argv[2]) : 128;
   const int prompt_tokens = argc > 3 ? std::atoi(argv[3]) : 16;
+  const std::filesystem::path dir = model_dir(argv[1]);
   cuda_backend be;
   if (argc > 4 && std::string(argv[4]) == "--profile") {
-    auto m = model::load(argv[1], be, table_placement::device);
+    auto m = model::load(dir, be, table_placement::device);
     std::printf("batch-1 decode, CUDA graph, tables on the device: %.1f tok/s\n", decode_rate(*m, 1, tokens, prompt_tokens));
     return 0;
   }
@@ -142,10 +165,10 @@ int main(int argc, char** argv) {
   for (const auto placement : {table_placement::host, table_placement::device}) {
     const char* where = placement == table_placement::host ? "host" : "device";
     const auto t_load = std::chrono::steady_clock::now();
-    auto m = model::load(argv[1], be, placement);
+    auto m = model::load(dir, be, placement);
     be.synchronize();
     const auto& c = m->config();
-    std::printf("# %s on %s, tables in %s memory, loaded in %.1f s\n", argv[1], be.name().c_str(), where,
+    std::printf("# %s on %s, tables in %s memory, loaded in %.1f s\n", dir.c_str(), be.name().c_str(), where,
                 std::chrono::duration<double>(std::chrono::steady_clock::now() - t_load).count());
     sequence_state s;
     std::int32_t last = 0;
@@ -199,6 +222,18 @@ int main(int argc, char** argv) {
                   100 * tok_s / roofline);
     } else {
       std::printf("batch-1 decode: %.1f tok/s (%.3f ms/token)\n", tok_s, 1e3 / tok_s);
+    }
+    if (placement == table_placement::device) {
+      // The same steps with the MoE on the step's one stream: a fresh model records them so.
+      be.set_concurrent_branches(false);
+      auto one_stream = model::load(dir, be, placement);
+      const double one1 = decode_rate(*one_stream, 1, tokens, prompt_tokens);
+      const double one8 = decode_rate(*one_stream, 8, std::max(8, tokens / 2), prompt_tokens);
+      be.set_concurrent_branches(true);
+      const double two8 = decode_rate(*m, 8, std::max(8, tokens / 2), prompt_tokens);
+      std::printf("MoE beside the block's second half (two streams) vs after it (one stream): batch 1 %.1f vs %.1f tok/s "
+                  "(x%.3f), batch 8 %.1f vs %.1f (x%.3f)\n",
+                  tok_s, one1, tok_s / one1, two8, one8, two8 / one8);
     }
     std::printf("n-gram embedding (tables in %s memory%s): %.3f ms per token = %.1f%% of a decode step\n", where,
                 placement == table_placement::host ? ", before the replay" : ", recorded alone, replayed back to back",

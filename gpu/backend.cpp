@@ -27,6 +27,13 @@ void backend::ngram_embed(const tensor& base, const tensor& tokens, const tensor
   if (num_tables) scale(out, 1.0f / static_cast<float>(1 + num_tables));
 }
 
+void backend::ngram_embed_next(device_ngram& cache, const tensor& next, const tensor& base, const tensor& tokens,
+                               tensor& ngram_ids, std::span<const tensor> tables, std::span<const tensor> projections,
+                               tensor& out) {
+  cache.hash_next(next, ngram_ids);
+  ngram_embed(base, tokens, ngram_ids, tables, projections, out);
+}
+
 void backend::linear_pair(const tensor& x, const tensor& w1, tensor& y1, const tensor& w2, tensor& y2) {
   linear(x, w1, y1, write_mode::overwrite);
   linear(x, w2, y2, write_mode::overwrite);
@@ -73,6 +80,11 @@ void backend::argmax(const tensor& logits, tensor& ids) {
   }
   tensor column = ids.reshape({rows, 1});  // copy_rows takes rows
   copy_rows(ids.where() == picked.where() ? picked : upload(picked, ids.type()), column, 0);
+}
+
+void backend::concurrently(const std::function<void()>& side, const std::function<void()>& main) {
+  side();
+  main();
 }
 
 backend::recording backend::record(const std::function<tensor()>&) {

@@ -154,6 +154,13 @@ class backend {
   /// the tables are. The default composes gather_rows, linear and scale (gpu/backend.cpp).
   virtual void ngram_embed(const tensor& base, const tensor& tokens, const tensor& ngram_ids,
                            std::span<const tensor> tables, std::span<const tensor> projections, tensor& out);
+  /// The same for decode's next tokens, hashed where the tables are: ngram_ids (i64 [E, T], this
+  /// device) get the ids of `next` (i32 [T], this device) as the next tokens of `cache`'s slots
+  /// 0..T-1, which advance; `tokens` (i64 [T]) are the same tokens as embedding rows. The default
+  /// hashes (device_ngram::hash_next), then embeds; a GPU does both in one kernel.
+  virtual void ngram_embed_next(device_ngram& cache, const tensor& next, const tensor& base, const tensor& tokens,
+                                tensor& ngram_ids, std::span<const tensor> tables, std::span<const tensor> projections,
+                                tensor& out);
 
   /// MLA's new latent rows, prepared and stored in one pass: in place on kv[T, kv_lora + rope],
   /// the first kv_lora columns of each row become rms_norm(them) * norm * post_scale and the
@@ -200,6 +207,13 @@ class backend {
   /// while others enqueue on this one (a capture takes in every op on its stream); nullptr where
   /// ops run as they are called (the CPU: nothing to keep apart).
   virtual std::unique_ptr<backend> own_stream() const { return nullptr; }
+
+  /// Enqueues `side`'s ops, then `main`'s, as two branches that may run at the same time: neither
+  /// reads what the other writes, and ops called after this see both done. LongCat's shortcut MoE
+  /// reads only the block's first half, so it runs beside the second half. The default runs them
+  /// in turn; a GPU that records puts `side` on a second stream of the recording, so its kernels
+  /// fill the SMs that the other branch's latency-bound kernels leave idle.
+  virtual void concurrently(const std::function<void()>& side, const std::function<void()>& main);
 
   /// Whether record() works here (a GPU: replaying a recording saves the host's dispatch of
   /// every op; the CPU runs its ops as they are called anyway).

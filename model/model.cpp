@@ -184,8 +184,11 @@ paged_latents model::page(const step_layout& layout, std::span<latent_cache* con
 
 tensor model::embed_on_device(device_ngram* ngram, const tensor& tokens, const tensor& token_rows, tensor& ngram_ids) {
   tensor h = be_.empty({tokens.numel(), config_.hidden_size}, dtype::f32);
-  if (ngram) ngram->hash_next(tokens, ngram_ids);
-  be_.ngram_embed(weights_.embed, token_rows, ngram_ids, weights_.ngram_tables, weights_.ngram_projections, h);
+  if (ngram)
+    be_.ngram_embed_next(*ngram, tokens, weights_.embed, token_rows, ngram_ids, weights_.ngram_tables,
+                         weights_.ngram_projections, h);
+  else
+    be_.ngram_embed(weights_.embed, token_rows, ngram_ids, weights_.ngram_tables, weights_.ngram_projections, h);
   amplify(h);
   return h;
 }
@@ -268,8 +271,12 @@ tensor model::back_half(std::int64_t block, const block_front& front, const page
 tensor model::blocks(tensor h, const std::function<paged_latents(std::int64_t)>& pages) {
   for (std::int64_t l = 0; l < config_.num_layers; ++l) {
     const block_front front = front_half(l, h, pages(2 * l));
-    h = back_half(l, front, pages(2 * l + 1));
-    moe(l, front.u, h, write_mode::accumulate);  // out = (c + MLP_1(v)) + moe(u): the shortcut MoE adds in last
+    const paged_latents back_pages = pages(2 * l + 1);  // may upload block tables: not inside a branch
+    // The shortcut MoE reads only u, so it runs beside the block's second half (spec: ScMoE).
+    tensor moe_out = be_.empty(h.shape(), dtype::f32);
+    be_.concurrently([&] { moe(l, front.u, moe_out, write_mode::overwrite); },
+                     [&] { h = back_half(l, front, back_pages); });
+    be_.add(h, moe_out);  // out = (c + MLP_1(v)) + moe(u), summed as the actor graph's stages sum it
   }
   return h;
 }

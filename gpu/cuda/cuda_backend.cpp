@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <exception>
 #include <mutex>
 #include <stdexcept>
 
@@ -39,7 +40,42 @@ std::mutex& blas_mutex() {
   return m;
 }
 
+// A cuBLAS handle on `stream` with a workspace of its own (cuBLAS must not allocate while a
+// graph is captured; two streams must not share one). No TF32: float32 GEMMs stay float32.
+cublasHandle_t make_blas(cudaStream_t stream, void** workspace) {
+  cublasHandle_t h;
+  TROUPE_CUBLAS_CHECK(cublasCreate(&h));
+  TROUPE_CUBLAS_CHECK(cublasSetStream(h, stream));
+  TROUPE_CUBLAS_CHECK(cublasSetMathMode(h, CUBLAS_DEFAULT_MATH));
+  const std::size_t bytes = std::size_t(32) << 20;  // Hopper's recommended size
+  TROUPE_CUDA_CHECK(cudaMalloc(workspace, bytes));
+  TROUPE_CUBLAS_CHECK(cublasSetWorkspace(h, *workspace, bytes));
+  return h;
+}
+
 }  // namespace
+
+struct cuda_backend::side_branch {
+  cudaStream_t stream = nullptr;
+  cublasHandle_t blas = nullptr;
+  void* workspace = nullptr;
+  cudaEvent_t fork = nullptr, join = nullptr;
+
+  side_branch() {
+    TROUPE_CUDA_CHECK(cudaStreamCreate(&stream));
+    blas = make_blas(stream, &workspace);
+    TROUPE_CUDA_CHECK(cudaEventCreateWithFlags(&fork, cudaEventDisableTiming));
+    TROUPE_CUDA_CHECK(cudaEventCreateWithFlags(&join, cudaEventDisableTiming));
+  }
+  ~side_branch() {
+    cudaStreamSynchronize(stream);
+    cudaEventDestroy(fork);
+    cudaEventDestroy(join);
+    cublasDestroy(blas);
+    cudaFree(workspace);
+    cudaStreamDestroy(stream);
+  }
+};
 
 // Device memory of one recording: chunks claimed while capturing, handed out in order and freed
 // with the last tensor or graph that holds them.
@@ -92,6 +128,7 @@ class cuda_device_ngram final : public device_ngram {
       : cache_(config, slots), stream_(stream), slot_ids_(std::move(slot_ids)) {}
 
   void set(int slot, std::span<const std::int32_t> tail) override { cache_.set(slot, tail.data(), tail.size(), stream_); }
+  const device_ngram_cache& cache() const { return cache_; }
 
   void hash_next(const tensor& tokens, tensor& ids) override {
     const auto count = tokens.numel();
@@ -129,14 +166,7 @@ cuda_backend::cuda_backend(int index) : index_(index) {
   cudaStream_t s;
   TROUPE_CUDA_CHECK(cudaStreamCreate(&s));
   stream_ = s;
-  cublasHandle_t h;
-  TROUPE_CUBLAS_CHECK(cublasCreate(&h));
-  blas_ = h;
-  TROUPE_CUBLAS_CHECK(cublasSetStream(h, s));
-  TROUPE_CUBLAS_CHECK(cublasSetMathMode(h, CUBLAS_DEFAULT_MATH));  // no TF32: float32 GEMMs stay float32
-  const std::size_t workspace = std::size_t(32) << 20;  // Hopper's recommended size
-  TROUPE_CUDA_CHECK(cudaMalloc(&blas_workspace_, workspace));
-  TROUPE_CUBLAS_CHECK(cublasSetWorkspace(h, blas_workspace_, workspace));
+  blas_ = make_blas(s, &blas_workspace_);
   // Keep freed memory in the stream-ordered pool (the default returns it to the driver at every
   // synchronisation, and each step would allocate it again).
   cudaMemPool_t pool;
@@ -150,6 +180,7 @@ cuda_backend::cuda_backend(int index) : index_(index) {
 }
 
 cuda_backend::~cuda_backend() {
+  side_.reset();
   cudaStreamSynchronize(as_stream(stream_));
   for (auto& p : pending_) cudaEventDestroy(p.done);
   for (auto* e : spare_events_) cudaEventDestroy(e);
@@ -188,6 +219,35 @@ backend::recording cuda_backend::record(const std::function<tensor()>& body) {
   cudaGraphDestroy(graph);
   TROUPE_CUDA_CHECK(made);
   return {std::make_unique<cuda_graph>(exec, as_stream(stream_), memory), out};
+}
+
+void cuda_backend::concurrently(const std::function<void()>& side, const std::function<void()>& main) {
+  if (!recording_ || !branches_) return backend::concurrently(side, main);
+  if (in_side_) throw std::logic_error("cuda_backend::concurrently: branches do not nest");
+  if (!side_) side_ = std::make_unique<side_branch>();
+  // The side branch is enqueued with stream_ and blas_ pointing at its stream and handle, so
+  // every op reaches it unchanged; nothing else uses the backend while a graph is captured.
+  TROUPE_CUDA_CHECK(cudaEventRecord(side_->fork, as_stream(stream_)));
+  TROUPE_CUDA_CHECK(cudaStreamWaitEvent(side_->stream, side_->fork, 0));
+  CUstream_st* const own_stream = stream_;
+  cublasContext* const own_blas = blas_;
+  stream_ = side_->stream, blas_ = side_->blas, in_side_ = true;
+  std::exception_ptr failed;
+  try {
+    side();
+  } catch (...) {
+    failed = std::current_exception();
+  }
+  stream_ = own_stream, blas_ = own_blas, in_side_ = false;
+  TROUPE_CUDA_CHECK(cudaEventRecord(side_->join, side_->stream));
+  if (!failed) try {
+      main();
+    } catch (...) {
+      failed = std::current_exception();
+    }
+  // Joined even when a branch threw: the capture then ends whole and record() reports the error.
+  TROUPE_CUDA_CHECK(cudaStreamWaitEvent(as_stream(stream_), side_->join, 0));
+  if (failed) std::rethrow_exception(failed);
 }
 
 std::byte* cuda_backend::staging(std::size_t bytes) {
@@ -422,8 +482,24 @@ void cuda_backend::gather_rows(const tensor& table, const tensor& ids, tensor& o
   cuda::gather_rows(table.type(), table.raw(), cols, d_ids.data<std::int64_t>(), out.data<float>(), n, as_stream(stream_));
 }
 
+void cuda_backend::ngram_embed_next(device_ngram& cache, const tensor& next, const tensor& base, const tensor& tokens,
+                                    tensor& ngram_ids, std::span<const tensor> tables, std::span<const tensor> projections,
+                                    tensor& out) {
+  const auto* ours = dynamic_cast<const cuda_device_ngram*>(&cache);
+  const auto t = next.numel();
+  if (ours && t <= ours->cache().max_sequences() && ours->cache().num_tables() == static_cast<int>(tables.size())) {
+    TROUPE_EXPECT(on_gpu(next) && next.type() == dtype::i32 && on_gpu(ngram_ids) && ngram_ids.type() == dtype::i64 &&
+                      ngram_ids.numel() == t * static_cast<std::int64_t>(tables.size()) && tokens.numel() == t,
+                  "ngram_embed_next", "next " + shape_to_string(next.shape()) + ", ids " + shape_to_string(ngram_ids.shape()));
+    const ngram_cache_view view = ours->cache().view();
+    if (fused_ngram_embed(base, tokens, ngram_ids, tables, projections, out, &view, &next)) return;
+  }
+  backend::ngram_embed_next(cache, next, base, tokens, ngram_ids, tables, projections, out);
+}
+
 bool cuda_backend::fused_ngram_embed(const tensor& base, const tensor& tokens, const tensor& ngram_ids,
-                                     std::span<const tensor> tables, std::span<const tensor> projections, tensor& out) {
+                                     std::span<const tensor> tables, std::span<const tensor> projections, tensor& out,
+                                     const ngram_cache_view* hash, const tensor* next) {
   const auto t = tokens.numel();
   const auto e = static_cast<int>(tables.size());
   if (e == 0 || !cuda::ngram_embed_fits(t, e, tables[0].dim(1)) || !on_gpu(base)) return false;
@@ -448,8 +524,12 @@ bool cuda_backend::fused_ngram_embed(const tensor& base, const tensor& tokens, c
   a.base_type = base.type();
   a.base = base.raw();
   a.tokens = d_tokens.data<std::int64_t>();
-  a.ids = d_ids.data<std::int64_t>();
+  a.ids = d_ids.data<std::int64_t>();  // written only when hashing: then it is ngram_ids itself
   a.scale = 1.0f / static_cast<float>(1 + e);
+  if (hash) {
+    a.hash = *hash;
+    a.tokens32 = next->data<std::int32_t>();
+  }
   cuda::ngram_embed(a, t, out.data<float>(), as_stream(stream_));
   return true;
 }

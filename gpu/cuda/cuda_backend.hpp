@@ -24,6 +24,8 @@ struct cublasContext;
 
 namespace troupe {
 
+struct ngram_cache_view;
+
 class cuda_backend final : public backend {
  public:
   /// Uses GPU `index`; throws when there is none.
@@ -63,6 +65,10 @@ class cuda_backend final : public backend {
   /// projections on the device). Otherwise the default composition.
   void ngram_embed(const tensor& base, const tensor& tokens, const tensor& ngram_ids, std::span<const tensor> tables,
                    std::span<const tensor> projections, tensor& out) override;
+  /// With the device N-gram cache of this backend and shapes the fused kernel takes: the hash,
+  /// the gathers, the projections, the base row and the scale in one kernel.
+  void ngram_embed_next(device_ngram& cache, const tensor& next, const tensor& base, const tensor& tokens, tensor& ngram_ids,
+                        std::span<const tensor> tables, std::span<const tensor> projections, tensor& out) override;
   void scatter_add_rows(const tensor& x, const tensor& rows, const tensor& weights, tensor& out) override;
   void write_latents(tensor& kv, const latent_norm& norm, const rope_table& rope, const paged_latents& where) override;
   void mla_attention(const tensor& q, const tensor& kv_b, const paged_latents& cache, const mla_dims& dims,
@@ -77,6 +83,14 @@ class cuda_backend final : public backend {
   void routed_moe(const tensor& u, const moe_layer& moe, tensor& out, write_mode mode) override;
 
   std::unique_ptr<device_ngram> make_device_ngram(const model_config& config, int slots) override;
+
+  /// While recording, `side` goes to a second stream that forks from this one (with a cuBLAS
+  /// handle and workspace of its own) and joins it again after `main`: the graph holds both
+  /// branches. Op by op the two run in turn on this stream (the host's dispatch is the cost there).
+  void concurrently(const std::function<void()>& side, const std::function<void()>& main) override;
+  /// Off: recordings too run both branches in turn on one stream (the same ops: the decode bench
+  /// measures what the second stream gains). On by default.
+  void set_concurrent_branches(bool on) { branches_ = on; }
 
   /// Records as a CUDA graph (stream capture); tensors allocated while capturing come from an
   /// arena the graph owns.
@@ -103,9 +117,11 @@ class cuda_backend final : public backend {
   /// Copies `bytes` host bytes to `dst` on the stream without waiting for it: through pinned
   /// staging (a copy from pageable memory would first wait for the whole stream).
   void upload_async(void* dst, const void* src, std::size_t bytes);
-  /// The one-kernel n-gram embedding where its shapes and placement allow (false: not taken).
+  /// The one-kernel n-gram embedding where its shapes and placement allow (false: not taken);
+  /// with `hash`, the ids are hashed in it from that cache (`next`: i32 tokens) into ngram_ids.
   bool fused_ngram_embed(const tensor& base, const tensor& tokens, const tensor& ngram_ids, std::span<const tensor> tables,
-                         std::span<const tensor> projections, tensor& out);
+                         std::span<const tensor> projections, tensor& out, const ngram_cache_view* hash = nullptr,
+                         const tensor* next = nullptr);
   /// `bytes` of pinned staging that no pending copy still reads; `fill` writes into it.
   std::byte* staging(std::size_t bytes);
 
@@ -124,6 +140,11 @@ class cuda_backend final : public backend {
   std::deque<pending_range> pending_;
   std::deque<CUevent_st*> spare_events_;
   void* blas_workspace_ = nullptr;  // cuBLAS must not allocate while a graph is captured
+  // concurrently()'s second branch: its stream, cuBLAS handle and workspace (made on first use),
+  // the events that fork it from stream_ and join it back, and whether a branch is being enqueued.
+  struct side_branch;
+  std::unique_ptr<side_branch> side_;
+  bool in_side_ = false, branches_ = true;
   std::shared_ptr<arena> recording_;  // set while a graph is captured
   // routed_moe's expert pointer tables, by the first expert's address, with the addresses they
   // hold (checked on each use): uploaded once, not every step.

@@ -11,6 +11,7 @@
 
 #include "gpu/cuda/block_reduce.cuh"
 #include "gpu/cuda/cuda_check.hpp"
+#include "gpu/cuda/ngram_cache.cuh"
 
 namespace troupe::cuda {
 namespace {
@@ -295,22 +296,46 @@ __global__ void gemv_kernel(const float* x, std::int64_t k, const W* w, std::int
       y[r * n + col] = accumulate ? y[r * n + col] + acc[r] : acc[r];
 }
 
-// The n-gram embedding of M <= gemv_max_rows rows in one launch (decode): every block gathers the
-// rows' n-gram table rows into shared memory ([M, E, d] floats, from L2 after the first block),
-// then each warp owns an output column: the bf16 projections' dot products with them, plus the
-// base embedding, times the scale. The projections' first loads go out before the wait (weights).
+// The n-gram ids of a fused embedding's M rows into ids [E, M] (shared): read, or with the device
+// N-gram cache hashed by every block. Then the last block to have hashed advances the contexts
+// (no block reads them after its own hash), and block 0 publishes the ids.
+template <int M>
+__device__ void ngram_embed_ids(const ngram_embed_args& a, std::int64_t* ids) {
+  const int e_count = a.num_tables;
+  for (int i = threadIdx.x; i < M * e_count; i += blockDim.x) {
+    const int t = i / M, r = i % M;
+    ids[i] = a.hash.tails ? ngram_table_id(a.hash, r, a.tokens32[r], t) : a.ids[i];
+  }
+  __syncthreads();
+  if (!a.hash.tails || threadIdx.x != 0) return;
+  if (blockIdx.x == 0)
+    for (int i = 0; i < M * e_count; ++i) a.ids[i] = ids[i];
+  __threadfence();
+  if (atomicAdd(a.hash.arrivals, 1u) == gridDim.x - 1) {
+    for (int r = 0; r < M; ++r) ngram_advance(a.hash, r, a.tokens32[r]);
+    *a.hash.arrivals = 0;  // for the next launch, which follows this one on the stream
+  }
+}
+
+// The n-gram embedding of M <= gemv_max_rows rows in one launch (decode): every block takes the
+// rows' n-gram ids (hashing them from the device N-gram cache on decode) and gathers their table
+// rows into shared memory ([M, E, d] floats, from L2 after the first block), then each warp owns
+// an output column: the bf16 projections' dot products with them, plus the base embedding, times
+// the scale. The projections' first loads go out before the wait (weights).
 template <int M>
 __global__ void ngram_embed_kernel(ngram_embed_args a, float* out) {
   extern __shared__ float gathered[];  // [M, E, d]
+  __shared__ std::int64_t ids[M * max_ngram_tables];
   const std::int64_t col = blockIdx.x * static_cast<std::int64_t>(blockDim.x / 32) + (threadIdx.x >> 5);
   const int e_count = a.num_tables, d = static_cast<int>(a.d);
   uint4 packed[dot_unroll];
   const auto* first = static_cast<const __nv_bfloat16*>(a.projections[0]);
   if (col < a.h) prefetch_row(first + col * d, d, packed);
-  follow_previous();  // the ids (and tokens) come from the kernels before
+  follow_previous();  // the tokens, ids and contexts come from the kernels and copies before
+  ngram_embed_ids<M>(a, ids);
   for (int i = threadIdx.x; i < M * e_count * d; i += blockDim.x) {
     const int r = i / (e_count * d), t = (i / d) % e_count, c = i % d;
-    gathered[i] = load(a.table_type, a.tables[t], a.ids[static_cast<std::int64_t>(t) * M + r] * d + c);
+    gathered[i] = load(a.table_type, a.tables[t], ids[t * M + r] * d + c);
   }
   __syncthreads();
   if (col >= a.h) return;
@@ -814,8 +839,10 @@ void moe_route(const float* logits, std::int64_t rows, const float* bias, std::i
 }
 
 bool ngram_embed_fits(std::int64_t m, int num_tables, std::int64_t d) {
+  // 48 KB of shared memory in all: the gathered rows and the ids.
+  const auto ids_bytes = static_cast<std::int64_t>(gemv_max_rows * max_ngram_tables * sizeof(std::int64_t));
   return m >= 1 && m <= gemv_max_rows && num_tables >= 1 && num_tables <= max_ngram_tables &&
-         m * num_tables * d * static_cast<std::int64_t>(sizeof(float)) <= 48 * 1024;
+         m * num_tables * d * static_cast<std::int64_t>(sizeof(float)) <= 48 * 1024 - ids_bytes;
 }
 
 void ngram_embed(const ngram_embed_args& args, std::int64_t m, float* out, cudaStream_t s) {

@@ -8,6 +8,7 @@
 
 #include <cstdint>
 
+#include "gpu/cuda/ngram_cache.hpp"
 #include "gpu/dtype.hpp"
 
 namespace troupe::cuda {
@@ -44,6 +45,9 @@ void gemv_swiglu_bf16(const float* x, std::int64_t m, std::int64_t k, const std:
 /// out[r] = (base[tokens[r]] + sum_t projections[t] . tables[t][ids[t, r]]) * scale, with bf16
 /// projections [h, d], tables [*, d] and base [*, h] in bf16 or f32, ids i64 [num_tables, m]
 /// (table-major) and tokens i64 [m], all on the device.
+/// Decode on the device N-gram cache (`hash.tails` set): the ids are not read but hashed in the
+/// same launch, row r's next token tokens32[r] against slot r's context; they are written to
+/// `ids` and every slot advances past its token.
 constexpr int max_ngram_tables = 8;
 struct ngram_embed_args {
   const void* tables[max_ngram_tables];
@@ -53,8 +57,10 @@ struct ngram_embed_args {
   dtype table_type, base_type;
   const void* base;
   const std::int64_t* tokens;
-  const std::int64_t* ids;
+  std::int64_t* ids;
   float scale;
+  ngram_cache_view hash;
+  const std::int32_t* tokens32;
 };
 /// Whether ngram_embed() takes m rows of num_tables tables of width d (m <= gemv_max_rows, the
 /// gathered rows fit in 48 KB of shared memory).

@@ -3,47 +3,23 @@
 #include <algorithm>
 
 #include "gpu/cuda/cuda_check.hpp"
+#include "gpu/cuda/ngram_cache.cuh"
 #include "model/config.hpp"
 
 namespace troupe {
 namespace {
 
-// One block per sequence, one thread per table. 128-bit products are not needed on the
-// device: each term s_k * (V^k mod M) < V * M, summed in unsigned 64-bit as the CPU bound
-// check in the constructor guarantees.
+// One block per sequence, one thread per table.
 __global__ void hash_decode_kernel(const std::int32_t* tokens, const std::int32_t* slots, std::int64_t* ids,
-                                   const std::int64_t* moduli, const std::int64_t* powers, std::int32_t* tails,
-                                   std::int32_t* lengths, int num_tables, int width, std::int32_t eos, bool table_major) {
+                                   ngram_cache_view c, bool table_major) {
   const int i = blockIdx.x;
   const int slot = slots[i];
   const std::int32_t x = tokens[i];
-  std::int32_t* tail = tails + static_cast<std::int64_t>(slot) * width;
-  const int len = lengths[slot];
-  for (int t = threadIdx.x; t < num_tables; t += blockDim.x) {
-    const std::int64_t m = moduli[t];
-    unsigned long long h = static_cast<unsigned long long>(x) % m;
-    for (int k = 1; k <= width && k <= len; ++k) {
-      const unsigned long long p = static_cast<unsigned long long>(powers[t * width + k - 1]);
-      if (p == 0) break;  // beyond this table's order
-      h = (h + static_cast<unsigned long long>(tail[len - k]) * p) % m;
-    }
-    ids[table_major ? static_cast<std::int64_t>(t) * gridDim.x + i : static_cast<std::int64_t>(i) * num_tables + t] =
-        static_cast<std::int64_t>(h);
-  }
+  for (int t = threadIdx.x; t < c.num_tables; t += blockDim.x)
+    ids[table_major ? static_cast<std::int64_t>(t) * gridDim.x + i : static_cast<std::int64_t>(i) * c.num_tables + t] =
+        ngram_table_id(c, slot, x, t);
   __syncthreads();  // every table has read the old context before it moves
-  if (threadIdx.x == 0) {
-    if (x == eos) {
-      lengths[slot] = 0;
-    } else if (width > 0) {
-      if (len == width) {
-        for (int k = 1; k < width; ++k) tail[k - 1] = tail[k];
-        tail[width - 1] = x;
-      } else {
-        tail[len] = x;
-        lengths[slot] = len + 1;
-      }
-    }
-  }
+  if (threadIdx.x == 0) ngram_advance(c, slot, x);
 }
 
 }  // namespace
@@ -77,6 +53,8 @@ device_ngram_cache::device_ngram_cache(const model_config& c, int max_sequences)
   if (!powers.empty())
     TROUPE_CUDA_CHECK(cudaMemcpy(powers_, powers.data(), sizeof(std::int64_t) * powers.size(), cudaMemcpyHostToDevice));
   TROUPE_CUDA_CHECK(cudaMemset(lengths_, 0, sizeof(std::int32_t) * static_cast<std::size_t>(max_sequences)));
+  TROUPE_CUDA_CHECK(cudaMalloc(&arrivals_, sizeof(unsigned)));
+  TROUPE_CUDA_CHECK(cudaMemset(arrivals_, 0, sizeof(unsigned)));
 }
 
 device_ngram_cache::~device_ngram_cache() {
@@ -84,6 +62,7 @@ device_ngram_cache::~device_ngram_cache() {
   cudaFree(powers_);
   cudaFree(tails_);
   cudaFree(lengths_);
+  cudaFree(arrivals_);
 }
 
 void device_ngram_cache::reset_async(int slot, cudaStream_t stream) {
@@ -105,8 +84,7 @@ void device_ngram_cache::hash_decode_async(const std::int32_t* tokens, const std
                                            std::int64_t* ids, cudaStream_t stream, bool table_major) {
   if (count == 0 || num_tables_ == 0) return;
   const int threads = ((num_tables_ + 31) / 32) * 32;
-  hash_decode_kernel<<<count, threads, 0, stream>>>(tokens, slots, ids, moduli_, powers_, tails_, lengths_, num_tables_,
-                                                     width_, eos_, table_major);
+  hash_decode_kernel<<<count, threads, 0, stream>>>(tokens, slots, ids, view(), table_major);
   TROUPE_CUDA_CHECK_LAUNCH();
 }
 

@@ -14,6 +14,19 @@ namespace troupe {
 
 struct model_config;
 
+/// The cache as kernels read it (ngram_cache.cuh hashes and advances through it).
+struct ngram_cache_view {
+  const std::int64_t* moduli = nullptr;  // [E]
+  const std::int64_t* powers = nullptr;  // [E, width]: V^k mod M_i, 0 beyond the table's order
+  std::int32_t* tails = nullptr;         // [slots, width], oldest first
+  std::int32_t* lengths = nullptr;       // [slots]
+  // Blocks of one launch that have read the contexts: a kernel whose every block hashes (the
+  // fused n-gram embedding) lets the last one to arrive advance them, then sets it back to 0.
+  unsigned* arrivals = nullptr;
+  int num_tables = 0, width = 0;
+  std::int32_t eos = 0;
+};
+
 class device_ngram_cache {
  public:
   /// Space for `max_sequences` sequences of `config` (slots 0..max_sequences-1, all empty).
@@ -24,6 +37,8 @@ class device_ngram_cache {
 
   int num_tables() const { return num_tables_; }
   int context_width() const { return width_; }
+  int max_sequences() const { return max_sequences_; }
+  ngram_cache_view view() const { return {moduli_, powers_, tails_, lengths_, arrivals_, num_tables_, width_, eos_}; }
 
   /// Empties a slot (a new sequence), asynchronously on `stream`.
   void reset_async(int slot, cudaStream_t stream);
@@ -45,6 +60,7 @@ class device_ngram_cache {
   std::int64_t* powers_ = nullptr;   // [E, width]: V^k mod M_i, 0 beyond the table's order
   std::int32_t* tails_ = nullptr;    // [max_sequences, width], oldest first
   std::int32_t* lengths_ = nullptr;  // [max_sequences]
+  unsigned* arrivals_ = nullptr;     // ngram_cache_view::arrivals
 };
 
 }  // namespace troupe

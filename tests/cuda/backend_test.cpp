@@ -15,6 +15,7 @@
 #include "gpu/cuda/cuda_backend.hpp"
 #include "model/generator.hpp"
 #include "model/model.hpp"
+#include "model/ngram_hash.hpp"
 #include "model/sampler.hpp"
 #include "model/speculative.hpp"
 #include "model/weights.hpp"
@@ -154,6 +155,70 @@ TEST(cuda_backend, norms_and_elementwise_ops) {
   }
 }
 
+// concurrently(): recorded, the side branch runs on a second stream. A long side chain (GEMVs up
+// to 4 rows, cuBLAS beyond, on the side's own handle while the main branch uses the backend's)
+// must be done before the op after the call reads it: every replay, on fresh inputs, equals the
+// same ops run in turn op by op exactly, and the CPU within the operands' precision. A branch
+// that throws while recording leaves the backend usable; branches do not nest.
+TEST(cuda_backend, concurrent_branches_join_before_later_ops) {
+  SKIP_WITHOUT_GPU();
+  backends b;
+  const std::int64_t k = 512, chain = 12;
+  const tensor w_side = random({k, k}, 41, 1.0f / 22.6f), w_main = random({k, k}, 42, 1.0f / 22.6f);  // ~unit gain
+  const tensor side_c = b.cpu.upload(w_side, dtype::bf16), main_c = b.cpu.upload(w_main, dtype::bf16);
+  const tensor side_g = b.gpu.upload(w_side, dtype::bf16), main_g = b.gpu.upload(w_main, dtype::bf16);
+  for (const std::int64_t rows : {2, 12}) {
+    auto run = [&](backend& be, const tensor& x, const tensor& ws, const tensor& wm) {
+      tensor a = be.empty({rows, k}, dtype::f32), out = be.empty({rows, k}, dtype::f32);
+      be.concurrently(
+          [&] {
+            tensor in = x;
+            for (std::int64_t i = 0; i < chain; ++i) {
+              be.linear(in, ws, a, write_mode::overwrite);
+              in = a;
+              a = be.empty({rows, k}, dtype::f32);
+            }
+            a = in;
+          },
+          [&] { be.linear(x, wm, out, write_mode::overwrite); });
+      be.add(out, a);
+      return out;
+    };
+    tensor x_dev = b.gpu.empty({rows, k}, dtype::f32);
+    auto recorded = b.gpu.record([&] { return run(b.gpu, x_dev, side_g, main_g); });
+    for (int replay = 0; replay < 3; ++replay) {
+      const tensor x = random({rows, k}, 50 + static_cast<std::uint64_t>(replay) + 10 * static_cast<std::uint64_t>(rows));
+      b.gpu.copy_rows(x, x_dev, 0);
+      recorded.ops->replay();
+      const tensor got = b.gpu.download(recorded.out);
+      const tensor in_turn = b.gpu.download(run(b.gpu, b.gpu.upload(x, dtype::f32), side_g, main_g));
+      for (std::int64_t i = 0; i < got.numel(); ++i)
+        ASSERT_EQ(got.data<float>()[i], in_turn.data<float>()[i]) << rows << " rows, replay " << replay << ", element " << i;
+      const tensor cpu = run(b.cpu, x, side_c, main_c);
+      // bf16 weights; beyond 4 rows cuBLAS rounds activations to bf16 at each of the chain's GEMMs.
+      EXPECT_LT(test::relative_l2(got.data<float>(), cpu.data<float>(), static_cast<std::size_t>(cpu.numel())),
+                rows > 4 ? 3e-2 : 1e-4)
+          << rows << " rows";
+    }
+  }
+  int calls = 0;  // record() runs the body twice: the warm-up, then the capture, which fails
+  EXPECT_THROW(b.gpu.record([&] {
+    b.gpu.concurrently([&] { if (++calls == 2) throw std::runtime_error("side branch fails"); }, [] {});
+    return tensor();
+  }),
+               std::runtime_error);
+  EXPECT_THROW(b.gpu.record([&] {
+    b.gpu.concurrently([&] { b.gpu.concurrently([] {}, [] {}); }, [] {});
+    return tensor();
+  }),
+               std::logic_error);
+  const tensor x = random({2, k}, 60);
+  tensor y = b.gpu.empty({2, k}, dtype::f32), yc = tensor::empty({2, k}, dtype::f32);
+  b.gpu.linear(b.gpu.upload(x, dtype::f32), main_g, y, write_mode::overwrite);  // the stream is whole again
+  b.cpu.linear(x, main_c, yc, write_mode::overwrite);
+  EXPECT_LT(rel(b, y, yc), 1e-5);
+}
+
 TEST(cuda_backend, gathers_scatters_and_the_ngram_embedding) {
   SKIP_WITHOUT_GPU();
   backends b;
@@ -230,6 +295,55 @@ TEST(cuda_backend, gathers_scatters_and_the_ngram_embedding) {
       const tensor composed = b.gpu.download(ycomposed);
       EXPECT_LT(rel(b, yg, composed), 1e-5) << "fused ngram_embed vs the composition, " << t << " rows";
     }
+}
+
+// Decode's embedding with its ids hashed in the same kernel from the device N-gram cache: over
+// steps of 1-4 sequences (documents ended by EOS among them) the ids it publishes equal the host
+// hasher's exactly, and its rows equal the backend's composition and the CPU's embedding of the
+// host's ids. The grid has 80 blocks: a block that hashed against a context another block had
+// already moved would publish, or embed, other ids at the next step.
+TEST(cuda_backend, the_fused_ngram_embedding_hashes_on_the_device) {
+  SKIP_WITHOUT_GPU();
+  backends b;
+  const model_config c = test::tiny_config(R"("hidden_size": 640)");
+  const std::int64_t e = c.num_ngram_tables(), d = c.ngram_dim(), h = c.hidden_size;
+  const tensor base_c = b.cpu.upload(random({c.vocab_size, h}, 70), dtype::bf16), base_g = b.gpu.upload(base_c, dtype::bf16);
+  std::vector<tensor> tables_c, tables_g, proj_c, proj_g;
+  for (std::int64_t i = 0; i < e; ++i) {
+    const tensor table = random({c.ngram_table_rows(i), d}, 71 + static_cast<std::uint64_t>(i));
+    tables_c.push_back(b.cpu.upload(table, dtype::bf16));
+    tables_g.push_back(b.gpu.upload(table, dtype::bf16));
+    const tensor p = random({h, d}, 80 + static_cast<std::uint64_t>(i), 0.1f);
+    proj_c.push_back(b.cpu.upload(p, dtype::bf16));
+    proj_g.push_back(b.gpu.upload(p, dtype::bf16));
+  }
+  const ngram_hasher hasher(c);
+  std::vector<ngram_context> contexts(4);
+  auto cache = b.gpu.make_device_ngram(c, 4);
+  std::mt19937 g(5);
+  for (int step = 0; step < 24; ++step) {
+    const std::int64_t t = 1 + step % 4;
+    tensor next = tensor::empty({t}, dtype::i32), rows = tensor::empty({t}, dtype::i64), want = tensor::empty({e, t}, dtype::i64);
+    for (std::int64_t r = 0; r < t; ++r) {
+      const std::int32_t token = step % 7 == 3 && r == 0 ? c.eos_token_id : static_cast<std::int32_t>(3 + g() % (c.vocab_size - 3));
+      next.data<std::int32_t>()[r] = token;
+      rows.data<std::int64_t>()[r] = token;
+      std::vector<std::int64_t> ids(static_cast<std::size_t>(e));
+      hasher.hash({&token, 1}, contexts[static_cast<std::size_t>(r)], ids.data());
+      for (std::int64_t i = 0; i < e; ++i) want.data<std::int64_t>()[i * t + r] = ids[static_cast<std::size_t>(i)];
+    }
+    const tensor rows_g = b.gpu.upload(rows, dtype::i64);
+    tensor ids_g = b.gpu.empty({e, t}, dtype::i64), yg = poisoned(b.gpu, {t, h}), ycomposed = poisoned(b.gpu, {t, h});
+    b.gpu.ngram_embed_next(*cache, b.gpu.upload(next, dtype::i32), base_g, rows_g, ids_g, tables_g, proj_g, yg);
+    const tensor got = b.gpu.download(ids_g);
+    for (std::int64_t i = 0; i < e * t; ++i)
+      ASSERT_EQ(got.data<std::int64_t>()[i], want.data<std::int64_t>()[i]) << "step " << step << ", id " << i;
+    b.gpu.backend::ngram_embed(base_g, rows_g, b.gpu.upload(want, dtype::i64), tables_g, proj_g, ycomposed);
+    EXPECT_LT(rel(b, yg, b.gpu.download(ycomposed)), 1e-5) << "fused vs the composition, step " << step;
+    tensor yc = tensor::empty({t, h}, dtype::f32);
+    b.cpu.ngram_embed(base_c, rows, want, tables_c, proj_c, yc);
+    EXPECT_LT(rel(b, yg, yc), 1e-2) << "fused vs the CPU, step " << step;
+  }
 }
 
 TEST(cuda_backend, latents_attention_and_router) {
