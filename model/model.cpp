@@ -204,20 +204,24 @@ tensor model::attention(const mla_weights& w, const tensor& x, const paged_laten
   float q_scale = 1.0f;
   tensor q = be_.empty({t, heads * c.qk_head_dim()}, dtype::f32);  // [T, heads * (nope + rope)], rope not yet applied
   tensor kv = be_.empty({t, latent_width}, dtype::f32);             // [T, kv_lora | rope]: the cache row layout
+  const rope_table rope{inv_freq_, rope_.attention_factor};
+  const float kv_scale =
+      c.mla_scale_kv_lora ? static_cast<float>(std::sqrt(static_cast<double>(c.hidden_size) / static_cast<double>(c.kv_lora_rank))) : 1.0f;
+  auto store_latents = [&] { be_.write_latents(kv, {w.kv_a_norm, eps, kv_scale}, rope, cache); };
   if (c.q_lora_rank) {
     tensor q_lat = be_.empty({t, c.q_lora_rank}, dtype::f32);
     be_.linear_pair(x, w.q_a, q_lat, w.kv_a, kv);
-    be_.rms_norm(q_lat, w.q_a_norm, eps, q_lat);
-    be_.linear(q_lat, w.q_b, q, write_mode::overwrite);
+    // The latents' norm, RoPE and cache write need nothing of the query's second projection.
+    be_.concurrently(store_latents, [&] {
+      be_.rms_norm(q_lat, w.q_a_norm, eps, q_lat);
+      be_.linear(q_lat, w.q_b, q, write_mode::overwrite);
+    });
     if (c.mla_scale_q_lora)
       q_scale = static_cast<float>(std::sqrt(static_cast<double>(c.hidden_size) / static_cast<double>(c.q_lora_rank)));
   } else {
     be_.linear_pair(x, w.q_b, q, w.kv_a, kv);
+    store_latents();
   }
-  const rope_table rope{inv_freq_, rope_.attention_factor};
-  const float kv_scale =
-      c.mla_scale_kv_lora ? static_cast<float>(std::sqrt(static_cast<double>(c.hidden_size) / static_cast<double>(c.kv_lora_rank))) : 1.0f;
-  be_.write_latents(kv, {w.kv_a_norm, eps, kv_scale}, rope, cache);
 
   tensor attn = be_.empty({t, heads * c.v_head_dim}, dtype::f32);
   be_.mla_attention(q, w.kv_b, cache, {heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank}, rope,
@@ -249,10 +253,17 @@ tensor model::block_back_half(std::int64_t block, const block_front& front, cons
   return back_half(block, front, page(layout, caches, blocks));
 }
 
-block_front model::front_half(std::int64_t block, const tensor& h, const paged_latents& cache) {
+block_front model::front_half(std::int64_t block, const tensor& h, const paged_latents& cache, const tensor* moe) {
   const auto& b = weights_.blocks.at(static_cast<std::size_t>(block));
   block_front f;
-  f.a = attention(b.attention[0], norm(h, b.input_norm[0]), cache);
+  tensor x = be_.empty(h.shape(), dtype::f32);
+  if (moe) {
+    tensor sum = h;  // the same storage: h becomes the block before's output
+    be_.add_rms_norm(sum, *moe, b.input_norm[0], eps(), x);
+  } else {
+    be_.rms_norm(h, b.input_norm[0], eps(), x);
+  }
+  f.a = attention(b.attention[0], x, cache);
   f.u = be_.empty(h.shape(), dtype::f32);
   be_.add_rms_norm(f.a, h, b.post_attention_norm[0], eps(), f.u);  // a = h + MLA_0(RMS(h)); u = RMS(a)
   return f;
@@ -269,15 +280,18 @@ tensor model::back_half(std::int64_t block, const block_front& front, const page
 }
 
 tensor model::blocks(tensor h, const std::function<paged_latents(std::int64_t)>& pages) {
+  // A block's output is (c + MLP_1(v)) + moe(u), summed as the actor graph's stages sum it; the
+  // MoE term is added by the next block's first norm (the last block's by an add).
+  tensor moe_out;
   for (std::int64_t l = 0; l < config_.num_layers; ++l) {
-    const block_front front = front_half(l, h, pages(2 * l));
+    const block_front front = front_half(l, h, pages(2 * l), moe_out.defined() ? &moe_out : nullptr);
     const paged_latents back_pages = pages(2 * l + 1);  // may upload block tables: not inside a branch
     // The shortcut MoE reads only u, so it runs beside the block's second half (spec: ScMoE).
-    tensor moe_out = be_.empty(h.shape(), dtype::f32);
+    moe_out = be_.empty(h.shape(), dtype::f32);
     be_.concurrently([&] { moe(l, front.u, moe_out, write_mode::overwrite); },
                      [&] { h = back_half(l, front, back_pages); });
-    be_.add(h, moe_out);  // out = (c + MLP_1(v)) + moe(u), summed as the actor graph's stages sum it
   }
+  if (moe_out.defined()) be_.add(h, moe_out);
   return h;
 }
 

@@ -172,7 +172,8 @@ class model {
   /// uploads the block table.
   paged_latents page(const step_layout& layout, std::span<latent_cache* const> caches, latent_block_allocator& blocks);
   tensor attention(const mla_weights& w, const tensor& x, const paged_latents& cache);
-  block_front front_half(std::int64_t block, const tensor& h, const paged_latents& cache);
+  /// With `moe`, the block before's MoE term is first added into h (by the norm that reads h).
+  block_front front_half(std::int64_t block, const tensor& h, const paged_latents& cache, const tensor* moe = nullptr);
   tensor back_half(std::int64_t block, const block_front& front, const paged_latents& cache);
   /// Every block over embedded rows h: the final hidden states [T, H] (before the final norm).
   /// `pages(a)` gives attention layer a's place in the caches.

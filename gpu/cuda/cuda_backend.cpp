@@ -180,7 +180,7 @@ cuda_backend::cuda_backend(int index) : index_(index) {
 }
 
 cuda_backend::~cuda_backend() {
-  side_.reset();
+  sides_.clear();
   cudaStreamSynchronize(as_stream(stream_));
   for (auto& p : pending_) cudaEventDestroy(p.done);
   for (auto* e : spare_events_) cudaEventDestroy(e);
@@ -223,30 +223,34 @@ backend::recording cuda_backend::record(const std::function<tensor()>& body) {
 
 void cuda_backend::concurrently(const std::function<void()>& side, const std::function<void()>& main) {
   if (!recording_ || !branches_) return backend::concurrently(side, main);
-  if (in_side_) throw std::logic_error("cuda_backend::concurrently: branches do not nest");
-  if (!side_) side_ = std::make_unique<side_branch>();
+  if (sides_.size() == open_branches_) sides_.push_back(std::make_unique<side_branch>());
+  side_branch& branch = *sides_[open_branches_++];
+  struct release {
+    std::size_t& open;
+    ~release() { --open; }
+  } taken{open_branches_};
   // The side branch is enqueued with stream_ and blas_ pointing at its stream and handle, so
   // every op reaches it unchanged; nothing else uses the backend while a graph is captured.
-  TROUPE_CUDA_CHECK(cudaEventRecord(side_->fork, as_stream(stream_)));
-  TROUPE_CUDA_CHECK(cudaStreamWaitEvent(side_->stream, side_->fork, 0));
+  TROUPE_CUDA_CHECK(cudaEventRecord(branch.fork, as_stream(stream_)));
+  TROUPE_CUDA_CHECK(cudaStreamWaitEvent(branch.stream, branch.fork, 0));
   CUstream_st* const own_stream = stream_;
   cublasContext* const own_blas = blas_;
-  stream_ = side_->stream, blas_ = side_->blas, in_side_ = true;
+  stream_ = branch.stream, blas_ = branch.blas;
   std::exception_ptr failed;
   try {
     side();
   } catch (...) {
     failed = std::current_exception();
   }
-  stream_ = own_stream, blas_ = own_blas, in_side_ = false;
-  TROUPE_CUDA_CHECK(cudaEventRecord(side_->join, side_->stream));
+  stream_ = own_stream, blas_ = own_blas;
+  TROUPE_CUDA_CHECK(cudaEventRecord(branch.join, branch.stream));
   if (!failed) try {
       main();
     } catch (...) {
       failed = std::current_exception();
     }
   // Joined even when a branch threw: the capture then ends whole and record() reports the error.
-  TROUPE_CUDA_CHECK(cudaStreamWaitEvent(as_stream(stream_), side_->join, 0));
+  TROUPE_CUDA_CHECK(cudaStreamWaitEvent(as_stream(stream_), branch.join, 0));
   if (failed) std::rethrow_exception(failed);
 }
 

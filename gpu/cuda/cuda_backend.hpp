@@ -84,9 +84,10 @@ class cuda_backend final : public backend {
 
   std::unique_ptr<device_ngram> make_device_ngram(const model_config& config, int slots) override;
 
-  /// While recording, `side` goes to a second stream that forks from this one (with a cuBLAS
-  /// handle and workspace of its own) and joins it again after `main`: the graph holds both
-  /// branches. Op by op the two run in turn on this stream (the host's dispatch is the cost there).
+  /// While recording, `side` goes to a stream of its own that forks from the current one (with a
+  /// cuBLAS handle and workspace of its own) and joins it again after `main`: the graph holds both
+  /// branches. Branches nest (a branch's branch takes the next stream). Op by op the two run in
+  /// turn on one stream (the host's dispatch is the cost there).
   void concurrently(const std::function<void()>& side, const std::function<void()>& main) override;
   /// Off: recordings too run both branches in turn on one stream (the same ops: the decode bench
   /// measures what the second stream gains). On by default.
@@ -140,11 +141,13 @@ class cuda_backend final : public backend {
   std::deque<pending_range> pending_;
   std::deque<CUevent_st*> spare_events_;
   void* blas_workspace_ = nullptr;  // cuBLAS must not allocate while a graph is captured
-  // concurrently()'s second branch: its stream, cuBLAS handle and workspace (made on first use),
-  // the events that fork it from stream_ and join it back, and whether a branch is being enqueued.
+  // concurrently()'s side branches, one per nesting depth (a branch may hold branches of its
+  // own): each a stream, cuBLAS handle and workspace (made on first use) and the events that
+  // fork it and join it back; `open_branches_` of them are taken now.
   struct side_branch;
-  std::unique_ptr<side_branch> side_;
-  bool in_side_ = false, branches_ = true;
+  std::vector<std::unique_ptr<side_branch>> sides_;
+  std::size_t open_branches_ = 0;
+  bool branches_ = true;
   std::shared_ptr<arena> recording_;  // set while a graph is captured
   // routed_moe's expert pointer tables, by the first expert's address, with the addresses they
   // hold (checked on each use): uploaded once, not every step.
