@@ -63,7 +63,7 @@ struct ngram_embed_args {
   const std::int32_t* tokens32;
 };
 /// Whether ngram_embed() takes m rows of num_tables tables of width d (m <= gemv_max_rows, the
-/// gathered rows fit in 48 KB of shared memory).
+/// gathered rows and the ids fit in 48 KB of shared memory).
 bool ngram_embed_fits(std::int64_t m, int num_tables, std::int64_t d);
 void ngram_embed(const ngram_embed_args& args, std::int64_t m, float* out, cudaStream_t s);
 
