@@ -6,6 +6,7 @@
 #include <fstream>
 
 #include "gpu/cpu/cpu_backend.hpp"
+#include "model/latent_cache.hpp"
 #include "model/model.hpp"
 #include "protocol/errors.hpp"
 #include "tests/test_support.hpp"
@@ -32,6 +33,45 @@ tensor run(model& m, const std::vector<std::int32_t>& tokens, std::size_t step) 
     m.compute().copy_rows(part, all, static_cast<std::int64_t>(b));
   }
   return all;
+}
+
+// forward() adds each block's MoE term as the actor graph's stages do: the term on its own
+// (moe(u)), then added to the block without it (c + MLP_1(v)); forward folds the add into the
+// next block's first norm and runs the MoE as a side branch. The pieces the graph's actors call,
+// in the graph's order, give the same logits bitwise.
+TEST(model, forward_sums_the_moe_term_as_the_graphs_stages_do) {
+  cpu_backend be(1);
+  const auto dir = test::make_model("moe_term_sum", test::tiny_config(R"("num_layers": 3)"), 4);
+  auto m = model::load(dir, be, table_placement::host);
+  const std::vector<std::int32_t> tokens{5, 9, 14, 33, 7, 61, 8};
+  const auto t = static_cast<std::int64_t>(tokens.size());
+
+  sequence_state state;
+  const step_input in{&state, tokens};
+  const tensor library = m->forward({&in, 1}, logits_mode::all_tokens);
+
+  const std::vector<std::int64_t> rows{t}, first{0};
+  const step_layout layout = step_layout::make(rows, first);
+  tensor ids = tensor::empty({t}, dtype::i32);
+  std::copy(tokens.begin(), tokens.end(), ids.data<std::int32_t>());
+  ngram_context context;
+  ngram_context* contexts[] = {&context};
+  tensor h = m->embed(ids, layout, contexts);
+  const auto& c = m->config();
+  latent_block_allocator blocks(be, default_kv_block_tokens, c.kv_lora_rank + c.qk_rope_head_dim);
+  std::vector<latent_cache> caches(static_cast<std::size_t>(c.num_attention_layers()));
+  for (std::int64_t l = 0; l < c.num_layers; ++l) {
+    latent_cache* front_cache[] = {&caches[static_cast<std::size_t>(2 * l)]};
+    latent_cache* back_cache[] = {&caches[static_cast<std::size_t>(2 * l + 1)]};
+    const block_front front = m->block_front_half(l, h, layout, front_cache, blocks);
+    tensor out = m->block_back_half(l, front, layout, back_cache, blocks);
+    be.add(out, m->moe(l, front.u));
+    h = out;
+  }
+  const tensor pieces = m->head(h);
+  ASSERT_EQ(library.numel(), pieces.numel());
+  for (std::int64_t i = 0; i < library.numel(); ++i)
+    ASSERT_EQ(library.data<float>()[i], pieces.data<float>()[i]) << "logit " << i;
 }
 
 class model_variants : public ::testing::TestWithParam<std::pair<const char*, std::string>> {};
