@@ -256,12 +256,13 @@ tensor model::block_back_half(std::int64_t block, const block_front& front, cons
 block_front model::front_half(std::int64_t block, const tensor& h, const paged_latents& cache, const tensor* moe) {
   const auto& b = weights_.blocks.at(static_cast<std::size_t>(block));
   block_front f;
-  tensor x = be_.empty(h.shape(), dtype::f32);
+  tensor x;
   if (moe) {
+    x = be_.empty(h.shape(), dtype::f32);
     tensor sum = h;  // the same storage: h becomes the block before's output
     be_.add_rms_norm(sum, *moe, b.input_norm[0], eps(), x);
   } else {
-    be_.rms_norm(h, b.input_norm[0], eps(), x);
+    x = norm(h, b.input_norm[0]);
   }
   f.a = attention(b.attention[0], x, cache);
   f.u = be_.empty(h.shape(), dtype::f32);

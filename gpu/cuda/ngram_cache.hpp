@@ -1,6 +1,7 @@
 // The N-gram cache on the device: each live sequence's last N-1 tokens of its current segment
 // live in GPU memory, and one kernel per decode step hashes every sequence's new token against
-// them and advances them, so decoding needs no host round trip for the n-gram ids.
+// them and advances them (this class's own kernel, or the fused n-gram embedding through view()),
+// so decoding needs no host round trip for the n-gram ids.
 // Invariant: ids and cache contents equal the CPU ngram_hasher's for the same token stream.
 #pragma once
 
