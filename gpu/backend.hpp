@@ -42,6 +42,9 @@ struct paged_latents {
   std::int64_t block_tokens = 0;
   std::int64_t max_keys = 0;           // >= positions[r] + 1 for every row
   std::int64_t rows_per_sequence = 1;  // the most rows one sequence has here (prefill: many; decode: one)
+  // The host's row_seq and positions where the caller has them (else undefined): a backend that
+  // groups prefill rows by sequence on the host reads these rather than waiting for a download.
+  tensor host_row_seq, host_positions;
 };
 
 /// The N-gram cache on a backend's device: per slot, the last N-1 tokens of one sequence's
@@ -180,7 +183,7 @@ class backend {
                            tensor& weights) = 0;
 
   /// Up to how many rows the model should call routed_moe() instead of routing on the host
-  /// (0: never). Decode on a GPU: no host round trip for the routing, no launch per expert.
+  /// (0: never; a GPU: always). No host round trip for the routing, no launch per expert.
   virtual std::int64_t routed_moe_rows() const = 0;
   /// The MoE of rows u[T,H], routed on this device: logits = u . router^T, idx and gates as
   /// router_topk(logits, bias, top_k, scaling) gives them, then

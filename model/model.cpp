@@ -179,7 +179,7 @@ paged_latents model::page(const step_layout& layout, std::span<latent_cache* con
     block_addresses(*caches[i], need[i], table.data<std::int64_t>() + static_cast<std::int64_t>(i) * max_blocks);
   const std::int64_t rows_per_sequence = *std::max_element(layout.num_rows.begin(), layout.num_rows.end());
   return {be_.where() == table.where() ? table : be_.upload(table, dtype::i64), layout.row_seq_on(be_),
-          layout.positions_on(be_), blocks.block_tokens(), max_keys, rows_per_sequence};
+          layout.positions_on(be_), blocks.block_tokens(), max_keys, rows_per_sequence, layout.row_seq, layout.positions};
 }
 
 tensor model::embed_on_device(device_ngram* ngram, const tensor& tokens, const tensor& token_rows, tensor& ngram_ids) {
@@ -436,7 +436,8 @@ tensor model::step_logits(std::span<const step_input> batch, logits_mode mode, s
   // tokens (prefill) runs op by op: it is compute-bound, and the recorded head would score
   // every row where the op-by-op one scores only the last of each sequence.
   const bool decode_like = *std::max_element(num_rows.begin(), num_rows.end()) <= max_recorded_rows_per_sequence;
-  if (recorded_steps_ && be_.records() && decode_like && layout.total_rows <= be_.routed_moe_rows()) {
+  const std::int64_t recordable_rows = std::min(max_recorded_rows, be_.routed_moe_rows());
+  if (recorded_steps_ && be_.records() && decode_like && layout.total_rows <= recordable_rows) {
     tensor all = forward_recorded(tokens, layout, batch, contexts);
     for (const auto& in : batch) in.state->num_tokens += static_cast<std::int64_t>(in.tokens.size());
     rows.resize(static_cast<std::size_t>(layout.total_rows));
@@ -492,7 +493,8 @@ std::vector<std::vector<std::int32_t>> model::draft_greedy(std::span<const step_
     rows += static_cast<std::int64_t>(in.tokens.size());
     longest = std::max(longest, in.tokens.size());
   }
-  if (steps > 1 && recorded_steps_ && be_.records() && tables_on_device() && rows <= be_.routed_moe_rows() &&
+  const std::int64_t recordable_rows = std::min(max_recorded_rows, be_.routed_moe_rows());
+  if (steps > 1 && recorded_steps_ && be_.records() && tables_on_device() && rows <= recordable_rows &&
       longest <= static_cast<std::size_t>(max_recorded_rows_per_sequence))
     return draft_recorded(batch, steps);
   std::vector<std::vector<std::int32_t>> picks(batch.size());

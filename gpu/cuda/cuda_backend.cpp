@@ -6,6 +6,8 @@
 #include <algorithm>
 #include <cstring>
 #include <exception>
+#include <limits>
+#include <map>
 #include <mutex>
 #include <stdexcept>
 
@@ -629,8 +631,9 @@ void cuda_backend::mla_attention(const tensor& q, const tensor& kv_b, const page
 
 void cuda_backend::mla_prefill(const tensor& q, const tensor& kv_b, const paged_latents& cache, const mla_dims& d,
                                const rope_table& rope, float softmax_scale, tensor& out) {
-  const std::int64_t rows = q.dim(0), heads = d.num_heads, qk = d.nope_dim + d.rope_dim, v = d.v_dim;
-  const tensor row_seq = download(cache.row_seq), positions = download(cache.positions);
+  const std::int64_t rows = q.dim(0), heads = d.num_heads;
+  const tensor row_seq = cache.host_row_seq.defined() ? cache.host_row_seq : download(cache.row_seq);
+  const tensor positions = cache.host_positions.defined() ? cache.host_positions : download(cache.positions);
   std::map<std::int32_t, std::vector<std::int32_t>> seq_rows;  // each sequence's rows, in step order
   std::map<std::int32_t, std::int64_t> seq_keys;                // and how many of its latents they see
   for (std::int64_t r = 0; r < rows; ++r) {
@@ -643,51 +646,25 @@ void cuda_backend::mla_prefill(const tensor& q, const tensor& kv_b, const paged_
   }
   const cuda::paged_args pages = paged(cache, rows, d.kv_lora_rank + d.rope_dim);
   cudaStream_t s = as_stream(stream_);
-  zero(out);  // each sequence's rows are added in
-  for (const auto& [seq, ids] : seq_rows) {
-    const std::int64_t keys = seq_keys[seq], n = static_cast<std::int64_t>(ids.size());
+  for (const auto& [seq, ids] : seq_rows) {  // every row is in one sequence: out is written whole
+    const auto p = cuda::prefill_shape(heads, d.nope_dim, d.rope_dim, d.v_dim, static_cast<std::int64_t>(ids.size()), seq_keys[seq]);
     // Keys and values of every head from the sequence's latents: one GEMM against kv_b.
-    tensor lat = empty({keys, d.kv_lora_rank}, dtype::f32);
-    cuda::mla_prefill_gather(pages, seq, keys, d.kv_lora_rank, lat.data<float>(), s);
-    tensor kvd = empty({keys, kv_b.dim(0)}, dtype::f32);
+    tensor lat = empty({p.keys, d.kv_lora_rank}, dtype::f32);
+    cuda::mla_prefill_gather(pages, seq, p.keys, d.kv_lora_rank, lat.data<float>(), s);
+    tensor kvd = empty({p.keys, kv_b.dim(0)}, dtype::f32);
     linear(lat, kv_b, kvd, write_mode::overwrite);
-    tensor k = empty({heads, keys, qk}, dtype::bf16), vals = empty({heads, keys, v}, dtype::bf16);
-    cuda::mla_prefill_keys(pages, seq, kvd.data<float>(), keys, heads, d.nope_dim, d.rope_dim, v, d.kv_lora_rank,
-                           static_cast<std::uint16_t*>(k.raw()), static_cast<std::uint16_t*>(vals.raw()), s);
-    tensor host_ids = tensor::empty({n}, dtype::i32);
+    tensor k = empty({heads, p.keys_pad, p.qk_pad}, dtype::bf16), vt = empty({heads, p.v_pad, p.keys_pad}, dtype::bf16);
+    cuda::mla_prefill_keys(pages, seq, kvd.data<float>(), p, d.kv_lora_rank, static_cast<std::uint16_t*>(k.raw()),
+                           static_cast<std::uint16_t*>(vt.raw()), s);
+    tensor host_ids = tensor::empty({p.rows}, dtype::i32);
     std::copy(ids.begin(), ids.end(), host_ids.data<std::int32_t>());
     const tensor row_ids = upload(host_ids, dtype::i32);
-    tensor qb = empty({heads, n, qk}, dtype::bf16);
-    cuda::mla_prefill_queries(q.data<float>(), cache.positions.data<std::int64_t>(), row_ids.data<std::int32_t>(), n, heads,
-                              d.nope_dim, d.rope_dim, rope_freqs(rope), rope.attention_factor,
-                              static_cast<std::uint16_t*>(qb.raw()), s);
-    // Per chunk of rows (scores of at most 256 MB): S = Q K^T * scale per head, the causal
-    // softmax, O = P V, each head's O landing in its columns of o [n, heads * v].
-    tensor o = empty({n, heads * v}, dtype::f32);
-    const std::int64_t chunk = std::clamp<std::int64_t>((std::int64_t(256) << 20) / (heads * keys * 4), 1, n);
-    tensor scores = empty({heads, chunk, keys}, dtype::f32), p = empty({heads, chunk, keys}, dtype::bf16);
-    const float zero_beta = 0.0f, one = 1.0f;
-    for (std::int64_t c0 = 0; c0 < n; c0 += chunk) {
-      const std::int64_t cn = std::min(chunk, n - c0);
-      std::lock_guard lock(blas_mutex());
-      // Row-major S_h[cn, keys] = Q_h[cn, qk] K_h[keys, qk]^T is column-major S_h^T = K_h^T(keys x qk) Q_h^T(qk x cn).
-      TROUPE_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
-          blas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(keys), static_cast<int>(cn), static_cast<int>(qk), &softmax_scale,
-          k.raw(), CUDA_R_16BF, static_cast<int>(qk), keys * qk, static_cast<const std::uint16_t*>(qb.raw()) + c0 * qk,
-          CUDA_R_16BF, static_cast<int>(qk), n * qk, &zero_beta, scores.raw(), CUDA_R_32F, static_cast<int>(keys), cn * keys,
-          static_cast<int>(heads), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-      cuda::mla_prefill_softmax(scores.data<float>(), cache.positions.data<std::int64_t>(), row_ids.data<std::int32_t>() + c0, cn,
-                                heads, keys, static_cast<std::uint16_t*>(p.raw()), s);
-      // Row-major O_h[cn, v] = P_h[cn, keys] V_h[keys, v] is column-major O_h^T = V_h^T(v x keys) P_h^T(keys x cn).
-      TROUPE_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
-          blas_, CUBLAS_OP_N, CUBLAS_OP_N, static_cast<int>(v), static_cast<int>(cn), static_cast<int>(keys), &one,
-          vals.raw(), CUDA_R_16BF, static_cast<int>(v), keys * v, p.raw(), CUDA_R_16BF, static_cast<int>(keys), cn * keys,
-          &zero_beta, o.data<float>() + c0 * heads * v, CUDA_R_32F, static_cast<int>(heads * v), v, static_cast<int>(heads),
-          CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-    }
-    tensor host_ones = tensor::empty({n}, dtype::f32);
-    std::fill(host_ones.data<float>(), host_ones.data<float>() + n, 1.0f);
-    scatter_add_rows(o, row_ids, upload(host_ones, dtype::f32), out);
+    tensor qb = empty({heads, p.rows_pad, p.qk_pad}, dtype::bf16);
+    cuda::mla_prefill_queries(q.data<float>(), cache.positions.data<std::int64_t>(), row_ids.data<std::int32_t>(), p,
+                              rope_freqs(rope), rope.attention_factor, static_cast<std::uint16_t*>(qb.raw()), s);
+    cuda::mla_flash_prefill(p, static_cast<const std::uint16_t*>(qb.raw()), static_cast<const std::uint16_t*>(k.raw()),
+                            static_cast<const std::uint16_t*>(vt.raw()), cache.positions.data<std::int64_t>(),
+                            row_ids.data<std::int32_t>(), softmax_scale, out.data<float>(), s);
   }
 }
 
@@ -745,42 +722,7 @@ void cuda_backend::argmax(const tensor& logits, tensor& ids) {
                     narrow ? nullptr : ids.data<std::int64_t>(), as_stream(stream_));
 }
 
-std::int64_t cuda_backend::routed_moe_rows() const { return cuda::routed_moe_max_rows; }
-
-void cuda_backend::routed_experts_on_tensor_cores(const tensor& u, const tensor& offsets, const tensor& order, std::int64_t k,
-                                                  const tensor& gate_up_ptrs, const tensor& down_ptrs, std::int64_t f, tensor& y) {
-  const std::int64_t cap = u.dim(0), h = u.dim(1), n_routed = gate_up_ptrs.numel();  // an expert has at most one slot a row
-  cudaStream_t s = as_stream(stream_);
-  tensor x = empty({n_routed * cap, h}, dtype::bf16), gate_up = empty({n_routed * cap, 2 * f}, dtype::f32);
-  tensor act = empty({n_routed * cap, f}, dtype::bf16), rows = empty({n_routed * cap, h}, dtype::f32);
-  tensor ptrs = empty({4 * n_routed}, dtype::i64);  // expert e's slice of x, gate_up, act, rows
-  cuda::moe_dispatch(u.data<float>(), h, static_cast<int>(k), offsets.data<std::int32_t>(), order.data<std::int32_t>(),
-                     static_cast<std::int32_t>(n_routed), cap, static_cast<std::uint16_t*>(x.raw()), s);
-  const auto** p = static_cast<const void**>(ptrs.raw());
-  cuda::moe_gemm_pointers(static_cast<std::int32_t>(n_routed), x.raw(), cap * h, gate_up.raw(), cap * 2 * f, act.raw(), cap * f,
-                          rows.raw(), cap * h, p, s);
-  const float one = 1.0f, zero_beta = 0.0f;
-  {
-    std::lock_guard lock(blas_mutex());
-    // Row-major C_e[cap, 2f] = X_e[cap, h] W_e[2f, h]^T is column-major C_e^T = W_e^T(2f x h) X_e^T(h x cap).
-    TROUPE_CUBLAS_CHECK(cublasGemmBatchedEx(
-        blas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(2 * f), static_cast<int>(cap), static_cast<int>(h), &one,
-        static_cast<const void* const*>(gate_up_ptrs.raw()), CUDA_R_16BF, static_cast<int>(h), p, CUDA_R_16BF,
-        static_cast<int>(h), &zero_beta, const_cast<void* const*>(p + n_routed), CUDA_R_32F, static_cast<int>(2 * f),
-        static_cast<int>(n_routed), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-  }
-  cuda::swiglu_to_bf16(gate_up.data<float>(), static_cast<std::uint16_t*>(act.raw()), n_routed * cap, f, s);
-  {
-    std::lock_guard lock(blas_mutex());
-    TROUPE_CUBLAS_CHECK(cublasGemmBatchedEx(
-        blas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(h), static_cast<int>(cap), static_cast<int>(f), &one,
-        static_cast<const void* const*>(down_ptrs.raw()), CUDA_R_16BF, static_cast<int>(f), p + 2 * n_routed, CUDA_R_16BF,
-        static_cast<int>(f), &zero_beta, const_cast<void* const*>(p + 3 * n_routed), CUDA_R_32F, static_cast<int>(h),
-        static_cast<int>(n_routed), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-  }
-  cuda::moe_undispatch(rows.data<float>(), h, offsets.data<std::int32_t>(), order.data<std::int32_t>(),
-                       static_cast<std::int32_t>(n_routed), cap, y.data<float>(), s);
-}
+std::int64_t cuda_backend::routed_moe_rows() const { return std::numeric_limits<std::int64_t>::max(); }
 
 void cuda_backend::routed_moe(const tensor& u, const moe_layer& moe, tensor& out, write_mode mode) {
   const auto t = u.dim(0), h = u.dim(1), k = static_cast<std::int64_t>(moe.top_k), experts = moe.router.dim(0);
@@ -820,7 +762,12 @@ void cuda_backend::routed_moe(const tensor& u, const moe_layer& moe, tensor& out
                   idx.data<std::int32_t>(), gates.data<float>(), offsets.data<std::int32_t>(), order.data<std::int32_t>(),
                   active.data<std::int32_t>(), as_stream(stream_));
   if (t > cuda::gemv_max_rows) {
-    routed_experts_on_tensor_cores(u, offsets, order, k, d_gu, d_down, f, y);
+    tensor x = empty({slots, h}, dtype::bf16), act = empty({slots, f}, dtype::bf16);
+    cuda::expert_gemms({u.data<float>(), h, f, static_cast<int>(k), offsets.data<std::int32_t>(), order.data<std::int32_t>(),
+                        n_routed, slots, static_cast<const std::uint16_t* const*>(d_gu.raw()),
+                        static_cast<const std::uint16_t* const*>(d_down.raw()), static_cast<std::uint16_t*>(x.raw()),
+                        static_cast<std::uint16_t*>(act.raw()), y.data<float>()},
+                       as_stream(stream_));
   } else {
     // Each row picks k distinct experts: an expert has at most t slots, and at most t * k experts have any.
     const auto max_active = static_cast<std::int32_t>(std::min<std::int64_t>(n_routed, slots));

@@ -11,7 +11,9 @@
 
 #include "gpu/cuda/block_reduce.cuh"
 #include "gpu/cuda/cuda_check.hpp"
+#include "gpu/cuda/launch.cuh"
 #include "gpu/cuda/ngram_cache.cuh"
+#include "gpu/cuda/swiglu.cuh"
 
 namespace troupe::cuda {
 namespace {
@@ -20,18 +22,6 @@ constexpr int threads = 256;
 // The GEMVs' blocks: four warps, so an SM holds five blocks of the SwiGLU GEMV (98 registers a
 // thread) where it held two of eight warps: finer blocks leave a shorter last wave.
 constexpr int gemv_threads = 128;
-
-// Programmatic dependent launch (Hopper): every kernel here is launched so that it may start while
-// the kernel before it on the stream finishes (launch()). It calls follow_previous() before it
-// touches anything but weights: that waits until the previous kernel has finished and its writes
-// are visible (and so every kernel before it: each waited in turn), then lets the next kernel
-// start, so a kernel's launch and its first weight loads overlap the one before it.
-__device__ __forceinline__ void follow_previous() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
 
 unsigned blocks_for(std::int64_t n) { return static_cast<unsigned>((n + threads - 1) / threads); }
 
@@ -126,20 +116,13 @@ __global__ void add_kernel(float* y, const float* x, std::int64_t n) {
   if (i < n) y[i] += x[i];
 }
 
-// SwiGLU of one gate and up value, as the CPU computes it.
-__device__ float swiglu_value(float g, float u) { return g / (1.0f + expf(-g)) * u; }
-
-__device__ void store(float* p, float v) { *p = v; }
-__device__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16(v); }
-
-// out[r, c] = SwiGLU(gate_up[r, c], gate_up[r, f + c]), in float32 or (a tensor-core GEMM's input) bf16.
-template <typename Out>
-__global__ void swiglu_kernel(const float* gate_up, Out* out, std::int64_t rows, std::int64_t f) {
+// out[r, c] = SwiGLU(gate_up[r, c], gate_up[r, f + c]).
+__global__ void swiglu_kernel(const float* gate_up, float* out, std::int64_t rows, std::int64_t f) {
   follow_previous();
   const std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
   if (i >= rows * f) return;
   const std::int64_t r = i / f, c = i % f;
-  store(out + i, swiglu_value(gate_up[r * 2 * f + c], gate_up[r * 2 * f + f + c]));
+  out[i] = swiglu_value(gate_up[r * 2 * f + c], gate_up[r * 2 * f + f + c]);
 }
 
 __global__ void gather_rows_kernel(dtype type, const void* table, std::int64_t cols, const std::int64_t* ids, float* out,
@@ -592,10 +575,10 @@ __global__ void __launch_bounds__(mla_decode_threads) mla_decode_kernel(mla_args
   }
 }
 
-// Prefill attention on tensor cores (mla_prefill_*): MLA un-absorbed, as multi-head attention
-// with 192-wide keys (k_nope | shared rotated k_rope) and 128-wide values, the keys and values
-// decompressed from one sequence's cached latents by one GEMM; scores and P.V are batched cuBLAS
-// GEMMs over the heads. These kernels move rows between the layouts.
+// Prefill attention's operands (mla_prefill_*, then mla_flash.cu): MLA un-absorbed, as
+// multi-head attention with 192-wide keys (k_nope | shared rotated k_rope) and 128-wide values,
+// decompressed from one sequence's cached latents by one GEMM. These kernels move rows into the
+// flash kernel's padded bf16 layouts (mla_prefill_shape), zeros in the padding.
 
 // lat[j, 0:kv_lora] = latent row j of sequence `seq` (its normed compressed part).
 __global__ void mla_prefill_gather_kernel(paged_args c, std::int32_t seq, std::int64_t kv_lora, float* lat) {
@@ -604,50 +587,35 @@ __global__ void mla_prefill_gather_kernel(paged_args c, std::int32_t seq, std::i
   for (std::int64_t i = threadIdx.x; i < kv_lora; i += blockDim.x) lat[blockIdx.x * kv_lora + i] = row[i];
 }
 
-// For key j of head h: k[h, j] = [kvd[j, h, 0:nope] | latent rope columns], v[h, j] = kvd[j, h, nope:], in bf16.
-__global__ void mla_prefill_keys_kernel(paged_args c, std::int32_t seq, const float* kvd, std::int64_t keys,
-                                        std::int64_t heads, std::int64_t nope, std::int64_t rope, std::int64_t v,
-                                        std::int64_t kv_lora, __nv_bfloat16* k, __nv_bfloat16* vals) {
+// For key j of head h: k[h, j] = [kvd[j, h, 0:nope] | latent rope columns], vt[h, :, j] = kvd[j, h, nope:].
+__global__ void mla_prefill_keys_kernel(paged_args c, std::int32_t seq, const float* kvd, mla_prefill_shape p,
+                                        std::int64_t kv_lora, __nv_bfloat16* k, __nv_bfloat16* vt) {
   follow_previous();
-  const std::int64_t j = blockIdx.x, h = blockIdx.y;
-  const float* src = kvd + (j * heads + h) * (nope + v);
-  const float* lat = latent_row(c, seq, j);
-  __nv_bfloat16* kd = k + (h * keys + j) * (nope + rope);
-  for (std::int64_t i = threadIdx.x; i < nope + rope; i += blockDim.x)
-    kd[i] = __float2bfloat16(i < nope ? src[i] : lat[kv_lora + i - nope]);
-  for (std::int64_t i = threadIdx.x; i < v; i += blockDim.x) vals[(h * keys + j) * v + i] = __float2bfloat16(src[nope + i]);
+  const std::int64_t j = blockIdx.x, h = blockIdx.y, qk = p.nope + p.rope;
+  const bool real = j < p.keys;
+  const float* src = real ? kvd + (j * p.heads + h) * (p.nope + p.v) : nullptr;
+  const float* lat = real ? latent_row(c, seq, j) : nullptr;
+  __nv_bfloat16* kd = k + (h * p.keys_pad + j) * p.qk_pad;
+  for (std::int64_t i = threadIdx.x; i < p.qk_pad; i += blockDim.x)
+    kd[i] = __float2bfloat16(!real || i >= qk ? 0.0f : i < p.nope ? src[i] : lat[kv_lora + i - p.nope]);
+  for (std::int64_t i = threadIdx.x; i < p.v_pad; i += blockDim.x)
+    vt[(h * p.v_pad + i) * p.keys_pad + j] = __float2bfloat16(real && i < p.v ? src[p.nope + i] : 0.0f);
 }
 
-// q_out[h, i] = [q_nope | RoPE(q_rope) at the row's position] of row row_ids[i], in bf16.
+// q_out[h, i] = [q_nope | RoPE(q_rope) at the row's position] of row row_ids[i].
 __global__ void mla_prefill_queries_kernel(const float* q, const std::int64_t* positions, const std::int32_t* row_ids,
-                                           std::int64_t rows, std::int64_t heads, std::int64_t nope, std::int64_t rope,
-                                           const float* inv_freq, float factor, __nv_bfloat16* q_out) {
+                                           mla_prefill_shape p, const float* inv_freq, float factor,
+                                           __nv_bfloat16* q_out) {
   follow_previous();
-  const std::int64_t i = blockIdx.x, h = blockIdx.y, qk = nope + rope;
-  const float* src = q + (row_ids[i] * heads + h) * qk;
-  __nv_bfloat16* dst = q_out + (h * rows + i) * qk;
-  const std::int64_t pos = positions[row_ids[i]];
-  for (std::int64_t c = threadIdx.x; c < qk; c += blockDim.x)
-    dst[c] = __float2bfloat16(c < nope ? src[c] : rope_value(src + nope, c - nope, pos, inv_freq, factor));
-}
-
-// p[h, i, :] = softmax of scores[h, i, :] over keys 0..positions[row_ids[i]] (later keys get 0), in bf16.
-__global__ void mla_prefill_softmax_kernel(const float* scores, const std::int64_t* positions, const std::int32_t* row_ids,
-                                           std::int64_t rows, std::int64_t keys, __nv_bfloat16* p) {
-  follow_previous();
-  __shared__ float reduce[32];
-  const std::int64_t i = blockIdx.x, h = blockIdx.y, visible = min(keys, positions[row_ids[i]] + 1);
-  const float* s = scores + (h * rows + i) * keys;
-  __nv_bfloat16* out = p + (h * rows + i) * keys;
-  float m = -INFINITY;
-  for (std::int64_t j = threadIdx.x; j < visible; j += blockDim.x) m = fmaxf(m, s[j]);
-  m = block_reduce<true>(m, reduce);
-  float sum = 0.0f;
-  for (std::int64_t j = threadIdx.x; j < visible; j += blockDim.x) sum += expf(s[j] - m);
-  sum = block_reduce<false>(sum, reduce);
-  const float inv = 1.0f / sum;
-  for (std::int64_t j = threadIdx.x; j < keys; j += blockDim.x)
-    out[j] = __float2bfloat16(j < visible ? expf(s[j] - m) * inv : 0.0f);
+  const std::int64_t i = blockIdx.x, h = blockIdx.y, qk = p.nope + p.rope;
+  const bool real = i < p.rows;
+  const float* src = real ? q + (row_ids[i] * p.heads + h) * qk : nullptr;
+  const std::int64_t pos = real ? positions[row_ids[i]] : 0;
+  __nv_bfloat16* dst = q_out + (h * p.rows_pad + i) * p.qk_pad;
+  for (std::int64_t c = threadIdx.x; c < p.qk_pad; c += blockDim.x)
+    dst[c] = __float2bfloat16(!real || c >= qk ? 0.0f
+                              : c < p.nope  ? src[c]
+                                            : rope_value(src + p.nope, c - p.nope, pos, inv_freq, factor));
 }
 
 // Router top-k of one row by one warp, in registers: lane l holds experts l, l + 32, ...;
@@ -721,59 +689,12 @@ __global__ void moe_route_kernel(const float* logits, std::int64_t rows, const f
   group_slots_block(idx, rows * k, n_routed, next, offsets, order, active);
 }
 
-// The routed MoE beyond gemv_max_rows on tensor cores (moe_dispatch / moe_undispatch around
-// two batched cuBLAS GEMMs): expert e's slots become rows [e * cap, e * cap + count_e) of a
-// padded bf16 matrix (the padding zeros), and come back to slot order after the GEMMs.
-__global__ void moe_dispatch_kernel(const float* u, std::int64_t h, int k, const std::int32_t* offsets,
-                                    const std::int32_t* order, std::int64_t cap, __nv_bfloat16* x) {
+// The grouping alone, for steps whose top-k ran over many blocks (router_topk).
+__global__ void group_slots_kernel(const std::int32_t* idx, std::int64_t slots, std::int32_t n_routed, std::int32_t* offsets,
+                                   std::int32_t* order, std::int32_t* active) {
+  extern __shared__ std::int32_t next[];  // [n_routed]
   follow_previous();
-  const std::int64_t e = blockIdx.x, j = blockIdx.y;
-  const std::int32_t begin = offsets[e], count = offsets[e + 1] - begin;
-  __nv_bfloat16* dst = x + (e * cap + j) * h;
-  const float* src = j < count ? u + static_cast<std::int64_t>(order[begin + j] / k) * h : nullptr;
-  for (std::int64_t c = threadIdx.x; c < h; c += blockDim.x) dst[c] = __float2bfloat16(src ? src[c] : 0.0f);
-}
-
-// y[s] = out_rows[e * cap + j] for the j-th slot s of expert e.
-__global__ void moe_undispatch_kernel(const float* out_rows, std::int64_t h, const std::int32_t* offsets,
-                                      const std::int32_t* order, std::int64_t cap, float* y) {
-  follow_previous();
-  const std::int64_t e = blockIdx.x, j = blockIdx.y;
-  const std::int32_t begin = offsets[e];
-  if (j >= offsets[e + 1] - begin) return;
-  const float* src = out_rows + (e * cap + j) * h;
-  float* dst = y + static_cast<std::int64_t>(order[begin + j]) * h;
-  for (std::int64_t c = threadIdx.x; c < h; c += blockDim.x) dst[c] = src[c];
-}
-
-// The batched GEMMs' pointer arrays: expert e's slice of each padded buffer.
-__global__ void moe_gemm_pointers_kernel(std::int32_t n_routed, const void* x, std::int64_t x_stride, void* gate_up,
-                                         std::int64_t gate_up_stride, const void* act, std::int64_t act_stride, void* out,
-                                         std::int64_t out_stride, const void** ptrs) {
-  follow_previous();
-  const std::int32_t e = static_cast<std::int32_t>(threadIdx.x);
-  if (e >= n_routed) return;
-  ptrs[e] = static_cast<const __nv_bfloat16*>(x) + e * x_stride;
-  ptrs[n_routed + e] = static_cast<float*>(gate_up) + e * gate_up_stride;
-  ptrs[2 * n_routed + e] = static_cast<const __nv_bfloat16*>(act) + e * act_stride;
-  ptrs[3 * n_routed + e] = static_cast<float*>(out) + e * out_stride;
-}
-
-// Launches `kernel` with programmatic stream serialisation (see follow_previous()); the launch
-// is checked.
-template <typename... Params, typename... Args>
-void launch(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t shared, cudaStream_t s, Args&&... args) {
-  cudaLaunchAttribute overlap{};
-  overlap.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  overlap.val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t config{};
-  config.gridDim = grid;
-  config.blockDim = block;
-  config.dynamicSmemBytes = shared;
-  config.stream = s;
-  config.attrs = &overlap;
-  config.numAttrs = 1;
-  TROUPE_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
+  group_slots_block(idx, slots, n_routed, next, offsets, order, active);
 }
 
 }  // namespace
@@ -837,8 +758,17 @@ void moe_route(const float* logits, std::int64_t rows, const float* bias, std::i
   if (experts > 32 * router_max_per_lane)
     throw std::invalid_argument("moe_route: " + std::to_string(experts) + " experts (at most " +
                                 std::to_string(32 * router_max_per_lane) + ")");
-  launch(moe_route_kernel, 1, 1024, static_cast<std::size_t>(n_routed) * sizeof(std::int32_t), s, logits, rows, bias, experts,
-         k, scaling, n_routed, idx, gates, offsets, order, active);
+  const auto shared = static_cast<std::size_t>(n_routed) * sizeof(std::int32_t);
+  // Past 4 rows a warp, one block's warps would take their rows' top-k one after another: the
+  // top-k then spreads over the GPU first (prefill) and one block groups the slots.
+  constexpr std::int64_t one_block_rows = 128;
+  if (rows <= one_block_rows) {
+    launch(moe_route_kernel, 1, 1024, shared, s, logits, rows, bias, experts, k, scaling, n_routed, idx, gates, offsets, order,
+           active);
+  } else {
+    router_topk(logits, bias, rows, experts, k, scaling, idx, gates, s);
+    launch(group_slots_kernel, 1, 1024, shared, s, idx, rows * k, n_routed, offsets, order, active);
+  }
 }
 
 bool ngram_embed_fits(std::int64_t m, int num_tables, std::int64_t d) {
@@ -881,26 +811,6 @@ void grouped_expert_gemv_bf16(const float* x, std::int64_t x_row_div, std::int64
   else
     TROUPE_GROUPED_CASE(4);
 #undef TROUPE_GROUPED_CASE
-}
-
-void moe_dispatch(const float* u, std::int64_t h, int k, const std::int32_t* offsets, const std::int32_t* order,
-                  std::int32_t n_routed, std::int64_t cap, std::uint16_t* x, cudaStream_t s) {
-  launch(moe_dispatch_kernel, dim3(static_cast<unsigned>(n_routed), static_cast<unsigned>(cap)), threads, 0, s, u, h, k,
-         offsets, order, cap, reinterpret_cast<__nv_bfloat16*>(x));
-}
-
-void moe_undispatch(const float* out_rows, std::int64_t h, const std::int32_t* offsets, const std::int32_t* order,
-                    std::int32_t n_routed, std::int64_t cap, float* y, cudaStream_t s) {
-  launch(moe_undispatch_kernel, dim3(static_cast<unsigned>(n_routed), static_cast<unsigned>(cap)), threads, 0, s, out_rows, h,
-         offsets, order, cap, y);
-}
-
-void moe_gemm_pointers(std::int32_t n_routed, const void* x, std::int64_t x_stride, void* gate_up, std::int64_t gate_up_stride,
-                       const void* act, std::int64_t act_stride, void* out, std::int64_t out_stride, const void** ptrs,
-                       cudaStream_t s) {
-  if (n_routed > 1024) throw std::invalid_argument("moe_gemm_pointers: more than 1024 routed experts");
-  launch(moe_gemm_pointers_kernel, 1, static_cast<unsigned>(n_routed), 0, s, n_routed, x, x_stride, gate_up, gate_up_stride,
-         act, act_stride, out, out_stride, ptrs);
 }
 
 void moe_combine(const float* u, const float* y, const std::int32_t* idx, const float* gates, std::int64_t rows, int k,
@@ -946,13 +856,7 @@ void add(float* y, const float* x, std::int64_t n, cudaStream_t s) {
 
 void swiglu(const float* gate_up, float* out, std::int64_t rows, std::int64_t f, cudaStream_t s) {
   if (rows * f == 0) return;
-  launch(swiglu_kernel<float>, blocks_for(rows * f), threads, 0, s, gate_up, out, rows, f);
-}
-
-void swiglu_to_bf16(const float* gate_up, std::uint16_t* out, std::int64_t rows, std::int64_t f, cudaStream_t s) {
-  if (rows * f == 0) return;
-  launch(swiglu_kernel<__nv_bfloat16>, blocks_for(rows * f), threads, 0, s, gate_up, reinterpret_cast<__nv_bfloat16*>(out),
-         rows, f);
+  launch(swiglu_kernel, blocks_for(rows * f), threads, 0, s, gate_up, out, rows, f);
 }
 
 void gather_rows(dtype type, const void* table, std::int64_t cols, const std::int64_t* ids, float* out, std::int64_t n,
@@ -997,27 +901,19 @@ void mla_prefill_gather(const paged_args& c, std::int32_t seq, std::int64_t keys
   launch(mla_prefill_gather_kernel, static_cast<unsigned>(keys), threads, 0, s, c, seq, kv_lora, lat);
 }
 
-void mla_prefill_keys(const paged_args& c, std::int32_t seq, const float* kvd, std::int64_t keys, std::int64_t heads,
-                      std::int64_t nope, std::int64_t rope, std::int64_t v, std::int64_t kv_lora, std::uint16_t* k,
-                      std::uint16_t* vals, cudaStream_t s) {
-  if (keys == 0) return;
-  launch(mla_prefill_keys_kernel, dim3(static_cast<unsigned>(keys), static_cast<unsigned>(heads)), 128, 0, s, c, seq, kvd,
-         keys, heads, nope, rope, v, kv_lora, reinterpret_cast<__nv_bfloat16*>(k), reinterpret_cast<__nv_bfloat16*>(vals));
+void mla_prefill_keys(const paged_args& c, std::int32_t seq, const float* kvd, const mla_prefill_shape& p,
+                      std::int64_t kv_lora, std::uint16_t* k, std::uint16_t* vt, cudaStream_t s) {
+  if (p.keys == 0) return;
+  launch(mla_prefill_keys_kernel, dim3(static_cast<unsigned>(p.keys_pad), static_cast<unsigned>(p.heads)), 128, 0, s, c, seq,
+         kvd, p, kv_lora, reinterpret_cast<__nv_bfloat16*>(k), reinterpret_cast<__nv_bfloat16*>(vt));
 }
 
-void mla_prefill_queries(const float* q, const std::int64_t* positions, const std::int32_t* row_ids, std::int64_t rows,
-                         std::int64_t heads, std::int64_t nope, std::int64_t rope, const float* inv_freq, float factor,
-                         std::uint16_t* q_out, cudaStream_t s) {
-  if (rows == 0) return;
-  launch(mla_prefill_queries_kernel, dim3(static_cast<unsigned>(rows), static_cast<unsigned>(heads)), 128, 0, s, q,
-         positions, row_ids, rows, heads, nope, rope, inv_freq, factor, reinterpret_cast<__nv_bfloat16*>(q_out));
-}
-
-void mla_prefill_softmax(const float* scores, const std::int64_t* positions, const std::int32_t* row_ids, std::int64_t rows,
-                         std::int64_t heads, std::int64_t keys, std::uint16_t* p, cudaStream_t s) {
-  if (rows == 0) return;
-  launch(mla_prefill_softmax_kernel, dim3(static_cast<unsigned>(rows), static_cast<unsigned>(heads)), threads, 0, s, scores,
-         positions, row_ids, rows, keys, reinterpret_cast<__nv_bfloat16*>(p));
+void mla_prefill_queries(const float* q, const std::int64_t* positions, const std::int32_t* row_ids,
+                         const mla_prefill_shape& p, const float* inv_freq, float factor, std::uint16_t* q_out,
+                         cudaStream_t s) {
+  if (p.rows == 0) return;
+  launch(mla_prefill_queries_kernel, dim3(static_cast<unsigned>(p.rows_pad), static_cast<unsigned>(p.heads)), 128, 0, s, q,
+         positions, row_ids, p, inv_freq, factor, reinterpret_cast<__nv_bfloat16*>(q_out));
 }
 
 void router_topk(const float* logits, const float* bias, std::int64_t rows, std::int64_t experts, int k, float scaling,

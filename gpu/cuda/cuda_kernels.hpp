@@ -67,13 +67,10 @@ struct ngram_embed_args {
 bool ngram_embed_fits(std::int64_t m, int num_tables, std::int64_t d);
 void ngram_embed(const ngram_embed_args& args, std::int64_t m, float* out, cudaStream_t s);
 
-/// Most rows the model gives the MoE on the device (decode batches, verification): such a step
-/// needs no host round trip, so it can be recorded as a CUDA graph. Up to gemv_max_rows the
-/// experts run as grouped GEMVs; beyond, as two batched tensor-core GEMMs over every routed
-/// expert's slots padded to the row count (moe_dispatch below). Larger steps (prefill) route on
-/// the host, where each expert's GEMM covers exactly its rows.
-constexpr std::int64_t routed_moe_max_rows = 64;
-/// The routing of routed_moe in one launch: router_topk's idx and gates [rows, k]
+/// Every step's MoE runs on the device (backend::routed_moe): up to gemv_max_rows rows the experts
+/// are grouped GEMVs, beyond that a grouped tensor-core GEMM over exactly each expert's slots
+/// (expert_gemms). Neither needs a host round trip, so decode steps can be recorded as CUDA graphs.
+/// The routing of routed_moe in one launch (two past 128 rows): router_topk's idx and gates [rows, k]
 /// from the router's logits [rows, experts], then the slots grouped by expert:
 /// order[offsets[e] .. offsets[e + 1]) are the slots s with idx[s] == e < n_routed (offsets
 /// [n_routed + 1], order [rows * k]); active [n_routed] lists the experts that have slots, in
@@ -90,18 +87,26 @@ void grouped_expert_gemv_bf16(const float* x, std::int64_t x_row_div, std::int64
                               const std::int32_t* order, const std::int32_t* active, std::int32_t max_active,
                               const std::uint16_t* const* weights, std::int64_t n, std::int64_t k, bool swiglu, float* y,
                               cudaStream_t s);
-/// The tensor-core MoE's data movement: x [n_routed, cap, h] (bf16) gets expert e's slots' rows of
-/// u in rows [0, count_e) of its slice (zeros after);
-void moe_dispatch(const float* u, std::int64_t h, int k, const std::int32_t* offsets, const std::int32_t* order,
-                  std::int32_t n_routed, std::int64_t cap, std::uint16_t* x, cudaStream_t s);
-/// (between the two GEMMs, swiglu_to_bf16;) y [slots, h] gets each slot's row back from out_rows [n_routed, cap, h];
-void moe_undispatch(const float* out_rows, std::int64_t h, const std::int32_t* offsets, const std::int32_t* order,
-                    std::int32_t n_routed, std::int64_t cap, float* y, cudaStream_t s);
-/// ptrs [4 * n_routed] = expert e's slices of x, gate_up, act and out (strides in elements), for
-/// cublasGemmBatchedEx, written on the device so a recording holds them.
-void moe_gemm_pointers(std::int32_t n_routed, const void* x, std::int64_t x_stride, void* gate_up, std::int64_t gate_up_stride,
-                       const void* act, std::int64_t act_stride, void* out, std::int64_t out_stride, const void** ptrs,
-                       cudaStream_t s);
+/// The routed experts beyond gemv_max_rows rows (expert_gemm.cu), over the slots as moe_route
+/// groups them (offsets, order): x [slots, h] (bf16 scratch) gets u's row of each slot in expert
+/// order; act [slots, f] (bf16 scratch) = SwiGLU(x . W_gate_up_e^T); y[slot] = act . W_down_e^T.
+/// `slots` = rows * k bounds the routed slots: the grid covers it and blocks past the routed tiles
+/// exit. h and f even; rows of 8-multiple widths load by 16-byte asynchronous copies.
+struct expert_gemm_args {
+  const float* u;  // [rows, h]
+  std::int64_t h, f;
+  int k;
+  const std::int32_t* offsets;  // [n_routed + 1]
+  const std::int32_t* order;    // [slots]
+  std::int32_t n_routed;
+  std::int64_t slots;
+  const std::uint16_t* const* gate_up;  // n_routed device pointers to bf16 [2f, h]
+  const std::uint16_t* const* down;     // and to bf16 [h, f]
+  std::uint16_t* x;
+  std::uint16_t* act;
+  float* y;  // [slots, h]
+};
+void expert_gemms(const expert_gemm_args& a, cudaStream_t s);
 /// out[t, c] (=|+=) sum_j gates[t, j] * (idx[t, j] < n_routed ? y[t * k + j, c] : u[t, c]).
 void moe_combine(const float* u, const float* y, const std::int32_t* idx, const float* gates, std::int64_t rows, int k,
                  std::int32_t n_routed, std::int64_t h, bool accumulate, float* out, cudaStream_t s);
@@ -119,8 +124,6 @@ void scale(float* y, std::int64_t n, float factor, cudaStream_t s);
 void add(float* y, const float* x, std::int64_t n, cudaStream_t s);
 /// out[r, c] = silu(gate_up[r, c]) * gate_up[r, F + c]
 void swiglu(const float* gate_up, float* out, std::int64_t rows, std::int64_t f, cudaStream_t s);
-/// The same with bf16 out, the input of a tensor-core GEMM.
-void swiglu_to_bf16(const float* gate_up, std::uint16_t* out, std::int64_t rows, std::int64_t f, cudaStream_t s);
 /// out[r] = float(table[ids[r]]) for a bf16/f16/f32 table on the device.
 void gather_rows(dtype type, const void* table, std::int64_t cols, const std::int64_t* ids, float* out, std::int64_t n,
                  cudaStream_t s);
@@ -171,23 +174,37 @@ void mla_attention(const mla_args& a, cudaStream_t s);
 /// From this many rows per sequence, mla_attention is prefill: un-absorbed on tensor cores
 /// (cuda_backend::mla_prefill runs the GEMMs) instead of a block per (row, head) re-reading kv_b.
 constexpr std::int64_t mla_prefill_min_rows = 16;
-/// Prefill attention on tensor cores, MLA un-absorbed:
+/// Prefill attention, MLA un-absorbed, per sequence: its keys and values decompressed from its
+/// cached latents by one GEMM against kv_b, then causal attention on tensor cores
+/// (mla_flash_prefill). The bf16 operands are padded with zeros to whole tiles: head widths to 16
+/// query/key and 8 value columns, rows and keys to mla_prefill_tile.
+constexpr std::int64_t mla_prefill_tile = 64;
+struct mla_prefill_shape {
+  std::int64_t heads, nope, rope, v, rows, keys;
+  std::int64_t qk_pad, v_pad, rows_pad, keys_pad;
+};
+inline mla_prefill_shape prefill_shape(std::int64_t heads, std::int64_t nope, std::int64_t rope, std::int64_t v,
+                                       std::int64_t rows, std::int64_t keys) {
+  const auto up = [](std::int64_t x, std::int64_t m) { return (x + m - 1) / m * m; };
+  return {heads, nope, rope, v, rows, keys, up(nope + rope, 16), up(v, 8), up(rows, mla_prefill_tile), up(keys, mla_prefill_tile)};
+}
 /// lat [keys, kv_lora] = the compressed part of sequence seq's cached latent rows 0..keys-1;
 void mla_prefill_gather(const paged_args& c, std::int32_t seq, std::int64_t keys, std::int64_t kv_lora, float* lat,
                         cudaStream_t s);
-/// from kvd = lat . kv_b^T [keys, heads, nope + v]: bf16 keys k [heads, keys, nope + rope] (the rope
-/// part the cached, rotated latent columns) and values vals [heads, keys, v];
-void mla_prefill_keys(const paged_args& c, std::int32_t seq, const float* kvd, std::int64_t keys, std::int64_t heads,
-                      std::int64_t nope, std::int64_t rope, std::int64_t v, std::int64_t kv_lora, std::uint16_t* k,
-                      std::uint16_t* vals, cudaStream_t s);
-/// bf16 queries q_out [heads, rows, nope + rope] of q's rows row_ids[0..rows) with their rope part rotated;
-void mla_prefill_queries(const float* q, const std::int64_t* positions, const std::int32_t* row_ids, std::int64_t rows,
-                         std::int64_t heads, std::int64_t nope, std::int64_t rope, const float* inv_freq, float factor,
-                         std::uint16_t* q_out, cudaStream_t s);
-/// p [heads, rows, keys] (bf16) = the causal softmax of scores [heads, rows, keys] (row i sees keys
-/// 0..positions[row_ids[i]]).
-void mla_prefill_softmax(const float* scores, const std::int64_t* positions, const std::int32_t* row_ids, std::int64_t rows,
-                         std::int64_t heads, std::int64_t keys, std::uint16_t* p, cudaStream_t s);
+/// from kvd = lat . kv_b^T [keys, heads, nope + v]: bf16 keys k [heads, keys_pad, qk_pad] (the rope
+/// part the cached, rotated latent columns) and values transposed, vt [heads, v_pad, keys_pad];
+void mla_prefill_keys(const paged_args& c, std::int32_t seq, const float* kvd, const mla_prefill_shape& p,
+                      std::int64_t kv_lora, std::uint16_t* k, std::uint16_t* vt, cudaStream_t s);
+/// bf16 queries q_out [heads, rows_pad, qk_pad] of q's rows row_ids[0..rows) with their rope part rotated;
+void mla_prefill_queries(const float* q, const std::int64_t* positions, const std::int32_t* row_ids,
+                         const mla_prefill_shape& p, const float* inv_freq, float factor, std::uint16_t* q_out,
+                         cudaStream_t s);
+/// out[row_ids[i], h * v .. (h + 1) * v) = causal softmax(q_i . k^T * scale) . v of head h, query
+/// row i seeing keys 0..positions[row_ids[i]] (mla_flash.cu). Heads of at most 192 query/key and
+/// 128 value columns.
+void mla_flash_prefill(const mla_prefill_shape& p, const std::uint16_t* q, const std::uint16_t* k, const std::uint16_t* vt,
+                       const std::int64_t* positions, const std::int32_t* row_ids, float softmax_scale, float* out,
+                       cudaStream_t s);
 
 /// Router: p = softmax(logits[r]); idx = top-k of p + bias (ties: lower id first);
 /// weights = p[idx] * scaling.

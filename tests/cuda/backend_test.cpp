@@ -347,6 +347,45 @@ TEST(cuda_backend, the_fused_ngram_embedding_hashes_on_the_device) {
   }
 }
 
+// Sequences' paged latent caches on both backends, filled with random latent rows: shape[s] is
+// {rows this step, first position} of sequence s; the step's rows interleave the sequences in
+// `order`, one row of each in turn. blocks holds each cache block, CPU then GPU.
+struct paged_caches {
+  std::vector<tensor> blocks;
+  tensor row_seq, positions;  // host
+  paged_latents cpu, gpu;
+  paged_caches(backends& b, const std::vector<std::array<std::int64_t, 2>>& shape, const std::vector<std::size_t>& order,
+               std::int64_t block, std::int64_t width, std::int64_t max_blocks, std::int64_t max_keys,
+               std::int64_t rows_per_sequence) {
+    const auto n = static_cast<std::int64_t>(shape.size());
+    tensor table_c = tensor::zeros({n, max_blocks}, dtype::i64), table_g = tensor::zeros({n, max_blocks}, dtype::i64);
+    std::vector<std::int32_t> seqs;
+    std::vector<std::int64_t> pos;
+    std::int64_t most = 0;
+    for (std::size_t s = 0; s < shape.size(); ++s) {
+      const auto [rows, first] = shape[s];
+      most = std::max(most, rows);
+      for (std::int64_t k = 0, b_i = 0; k < first + rows; k += block, ++b_i) {
+        const tensor lat = random({block, width}, 100 + s * 10 + static_cast<std::uint64_t>(k));
+        blocks.push_back(lat), blocks.push_back(b.gpu.upload(lat, dtype::f32));
+        table_c.data<std::int64_t>()[static_cast<std::int64_t>(s) * max_blocks + b_i] = reinterpret_cast<std::int64_t>(lat.raw());
+        table_g.data<std::int64_t>()[static_cast<std::int64_t>(s) * max_blocks + b_i] =
+            reinterpret_cast<std::int64_t>(blocks.back().raw());
+      }
+    }
+    for (std::int64_t j = 0; j < most; ++j)
+      for (std::size_t s : order)
+        if (j < shape[s][0]) seqs.push_back(static_cast<std::int32_t>(s)), pos.push_back(shape[s][1] + j);
+    const auto rows = static_cast<std::int64_t>(seqs.size());
+    row_seq = tensor::empty({rows}, dtype::i32), positions = tensor::empty({rows}, dtype::i64);
+    std::copy(seqs.begin(), seqs.end(), row_seq.data<std::int32_t>());
+    std::copy(pos.begin(), pos.end(), positions.data<std::int64_t>());
+    cpu = {table_c, row_seq, positions, block, max_keys, rows_per_sequence};
+    gpu = {b.gpu.upload(table_g, dtype::i64), b.gpu.upload(row_seq, dtype::i32), b.gpu.upload(positions, dtype::i64), block,
+           max_keys, rows_per_sequence};
+  }
+};
+
 TEST(cuda_backend, latents_attention_and_router) {
   SKIP_WITHOUT_GPU();
   backends b;
@@ -360,32 +399,13 @@ TEST(cuda_backend, latents_attention_and_router) {
     const rope_table rope_c{freq, 1.3f}, rope_g{b.gpu.upload(freq, dtype::f32), 1.3f};
     const tensor latent_w = random({d.kv_lora_rank}, 35);
     const std::int64_t block = 16, width = d.kv_lora_rank + d.rope_dim;
-    const std::vector<std::array<std::int64_t, 2>> shape{{1, 37}, {5, 0}, {3, 20}};  // rows, first position
-    const std::int64_t max_blocks = 4, max_keys = 60;
-    tensor table_c = tensor::zeros({3, max_blocks}, dtype::i64), table_g = tensor::zeros({3, max_blocks}, dtype::i64);
-    std::vector<tensor> keep;
-    std::vector<std::int32_t> row_seq;
-    std::vector<std::int64_t> positions;
-    for (std::size_t s = 0; s < shape.size(); ++s) {
-      const auto [rows, first] = shape[s];
-      for (std::int64_t k = 0, b_i = 0; k < first + rows; k += block, ++b_i) {
-        const tensor lat = random({block, width}, 100 + s * 10 + static_cast<std::uint64_t>(k));
-        const tensor lg = b.gpu.upload(lat, dtype::f32);
-        keep.push_back(lat), keep.push_back(lg);
-        table_c.data<std::int64_t>()[s * max_blocks + b_i] = reinterpret_cast<std::int64_t>(lat.raw());
-        table_g.data<std::int64_t>()[s * max_blocks + b_i] = reinterpret_cast<std::int64_t>(lg.raw());
-      }
-    }
-    for (std::int64_t j = 0; j < 5; ++j)  // interleave: s1 r0, s2 r0, s0, s1 r1, ...
-      for (std::size_t s : {1u, 2u, 0u})
-        if (j < shape[s][0]) row_seq.push_back(static_cast<std::int32_t>(s)), positions.push_back(shape[s][1] + j);
-    const auto row = static_cast<std::int64_t>(row_seq.size());
-    tensor seq_t = tensor::empty({row}, dtype::i32), pos_t = tensor::empty({row}, dtype::i64);
-    std::copy(row_seq.begin(), row_seq.end(), seq_t.data<std::int32_t>());
-    std::copy(positions.begin(), positions.end(), pos_t.data<std::int64_t>());
-    const paged_latents pc{table_c, seq_t, pos_t, block, max_keys, 16};
-    const paged_latents pg{b.gpu.upload(table_g, dtype::i64), b.gpu.upload(seq_t, dtype::i32), b.gpu.upload(pos_t, dtype::i64),
-                           block, max_keys, 16};  // claims many rows per sequence: prefill on tensor cores
+    // Rows interleaved: s1 r0, s2 r0, s0, s1 r1, ...; the GPU cache claims many rows per
+    // sequence, so attention takes the prefill path on tensor cores.
+    const paged_caches caches(b, {{1, 37}, {5, 0}, {3, 20}}, {1, 2, 0}, block, width, 4, 60, 16);
+    const paged_latents &pc = caches.cpu, &pg = caches.gpu;
+    const tensor &table_c = caches.cpu.block_table, &seq_t = caches.row_seq, &pos_t = caches.positions;
+    const std::int64_t row = seq_t.numel(), max_keys = 60;
+    const std::vector<tensor>& keep = caches.blocks;
     tensor kv = random({row, width}, 34), kv_g = b.gpu.upload(kv, dtype::f32);
     b.cpu.write_latents(kv, {latent_w, 1e-6f, 1.7f}, rope_c, pc);
     b.gpu.write_latents(kv_g, {b.gpu.upload(latent_w, dtype::f32), 1e-6f, 1.7f}, rope_g, pg);
@@ -438,36 +458,60 @@ TEST(cuda_backend, latents_attention_and_router) {
   }
 }
 
+// The flash prefill kernel with the Lite model's head widths (192 query/key and 128 value
+// columns): three sequences, two continuing after cached tokens, their rows ending mid-tile and
+// their keys in several 64-key tiles, against the CPU (bf16 operands: < 1e-2).
+TEST(cuda_backend, flash_prefill_attention_over_many_key_tiles) {
+  SKIP_WITHOUT_GPU();
+  backends b;
+  const mla_dims d{3, 128, 64, 128, 96};
+  tensor freq = tensor::empty({d.rope_dim / 2}, dtype::f32);
+  for (int i = 0; i < d.rope_dim / 2; ++i) freq.data<float>()[i] = std::pow(10000.0f, -2.0f * static_cast<float>(i) / d.rope_dim);
+  const rope_table rope_c{freq, 1.0f}, rope_g{b.gpu.upload(freq, dtype::f32), 1.0f};
+  const paged_caches caches(b, {{150, 40}, {70, 0}, {20, 200}}, {0, 1, 2}, 16, d.kv_lora_rank + d.rope_dim, 14, 220, 20);
+  const std::int64_t rows = caches.row_seq.numel(), cols = d.num_heads * d.v_dim;
+  const tensor q = random({rows, d.num_heads * (d.nope_dim + d.rope_dim)}, 81);
+  const tensor kv_b = random({d.num_heads * (d.nope_dim + d.v_dim), d.kv_lora_rank}, 82, 0.1f);
+  tensor yc = tensor::empty({rows, cols}, dtype::f32), yg = poisoned(b.gpu, {rows, cols});
+  b.cpu.mla_attention(q, kv_b, caches.cpu, d, rope_c, 0.07f, yc);
+  b.gpu.mla_attention(b.gpu.upload(q, dtype::f32), b.gpu.upload(kv_b, dtype::f32), caches.gpu, d, rope_g, 0.07f, yg);
+  EXPECT_LT(rel(b, yg, yc), 1e-2) << "flash prefill, " << rows << " rows";
+}
+
+// The routed MoE on the device against the CPU's, from a float32 router over 5 routed and 3
+// zero experts, overwriting and then added into an output that holds values. 1-4 rows: each
+// width of the grouped GEMV (float32 activations, < 1e-5). From 8 rows: the grouped tensor-core
+// GEMM over exactly each expert's slots (bf16 activations as in linear()'s cuBLAS path, < 1e-2):
+// 8 and 64 rows, and 300 (several 64-slot tiles an expert); widths of one and of several
+// tiles, and a width that is no multiple of 8 (element-wise loads).
 TEST(cuda_backend, routed_moe_on_the_device) {
   SKIP_WITHOUT_GPU();
   backends b;
-  const std::int64_t h = 64, f = 40, n_routed = 5;
+  const std::int64_t n_routed = 5;
   const int k = 4;
-  std::vector<tensor> gu_c, down_c, gu_g, down_g;
-  for (int e = 0; e < n_routed; ++e) {
-    const tensor gu = random({2 * f, h}, 50 + e, 0.2f), d = random({h, f}, 60 + e, 0.2f);
-    gu_c.push_back(b.cpu.upload(gu, dtype::bf16));
-    down_c.push_back(b.cpu.upload(d, dtype::bf16));
-    gu_g.push_back(b.gpu.upload(gu, dtype::bf16));
-    down_g.push_back(b.gpu.upload(d, dtype::bf16));
-  }
-  // 1, 2, 3 and 4 rows (decode, verification: each width of the grouped GEMV, float32
-  // activations), then 8, 12 and 64 (batched decode: the experts on tensor cores, their slots padded
-  // to the row count, bf16 activations as in linear()'s cuBLAS path), routed on the device from
-  // a float32 router over 5 routed and 3 zero experts; then the same added into an output that
-  // holds values.
-  const tensor router = random({8, h}, 72, 0.5f), bias = random({8}, 73, 0.05f);
-  const moe_layer layer_c{router, bias, k, 2.5f, gu_c, down_c};
-  const moe_layer layer_g{b.gpu.upload(router, dtype::f32), b.gpu.upload(bias, dtype::f32), k, 2.5f, gu_g, down_g};
-  for (const std::int64_t t : {std::int64_t{1}, std::int64_t{2}, std::int64_t{3}, std::int64_t{4}, std::int64_t{8}, std::int64_t{12}, std::int64_t{64}})
-    for (const auto mode : {write_mode::overwrite, write_mode::accumulate}) {
-      const tensor u = random({t, h}, 70 + t), y0 = random({t, h}, 74 + t);
-      tensor yc = b.cpu.upload(y0, dtype::f32);
-      tensor yg = mode == write_mode::overwrite ? poisoned(b.gpu, {t, h}) : b.gpu.upload(y0, dtype::f32);
-      b.cpu.routed_moe(u, layer_c, yc, mode);
-      b.gpu.routed_moe(b.gpu.upload(u, dtype::f32), layer_g, yg, mode);
-      EXPECT_LT(rel(b, yg, yc), t > 4 ? 1e-2 : 1e-5) << "routed_moe, " << t << " rows" << (mode == write_mode::accumulate ? ", added" : "");
+  for (const auto [h, f] : {std::array<std::int64_t, 2>{64, 40}, {256, 200}, {48, 12}}) {
+    std::vector<tensor> gu_c, down_c, gu_g, down_g;
+    for (int e = 0; e < n_routed; ++e) {
+      const tensor gu = random({2 * f, h}, 50 + e, 0.2f), d = random({h, f}, 60 + e, 0.2f);
+      gu_c.push_back(b.cpu.upload(gu, dtype::bf16));
+      down_c.push_back(b.cpu.upload(d, dtype::bf16));
+      gu_g.push_back(b.gpu.upload(gu, dtype::bf16));
+      down_g.push_back(b.gpu.upload(d, dtype::bf16));
     }
+    const tensor router = random({8, h}, 72, 0.5f), bias = random({8}, 73, 0.05f);
+    const moe_layer layer_c{router, bias, k, 2.5f, gu_c, down_c};
+    const moe_layer layer_g{b.gpu.upload(router, dtype::f32), b.gpu.upload(bias, dtype::f32), k, 2.5f, gu_g, down_g};
+    for (const std::int64_t t : {1, 2, 3, 4, 8, 64, 300})
+      for (const auto mode : {write_mode::overwrite, write_mode::accumulate}) {
+        const tensor u = random({t, h}, 70 + static_cast<std::uint64_t>(t)), y0 = random({t, h}, 74 + static_cast<std::uint64_t>(t));
+        tensor yc = b.cpu.upload(y0, dtype::f32);
+        tensor yg = mode == write_mode::overwrite ? poisoned(b.gpu, {t, h}) : b.gpu.upload(y0, dtype::f32);
+        b.cpu.routed_moe(u, layer_c, yc, mode);
+        b.gpu.routed_moe(b.gpu.upload(u, dtype::f32), layer_g, yg, mode);
+        EXPECT_LT(rel(b, yg, yc), t > 4 ? 1e-2 : 1e-5)
+            << "routed_moe, h " << h << ", f " << f << ", " << t << " rows" << (mode == write_mode::accumulate ? ", added" : "");
+      }
+  }
 }
 
 // Device sampling against the host rule (sample_token) on the same logits and uniforms: ids
