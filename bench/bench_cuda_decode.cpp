@@ -15,7 +15,9 @@
 // sequences decoding together, against batch 1; and one sequence's prefill of 2k and 8k tokens.
 // With the tables on the device, batch-1 and batch-8 decode also run with the shortcut MoE on the
 // step's one stream (cuda_backend::set_concurrent_branches(false)): what its second stream gains.
-//   troupe_bench_cuda_decode MODEL_DIR|CONFIG.json [TOKENS] [PROMPT_TOKENS] [--profile]
+//   troupe_bench_cuda_decode MODEL_DIR|CONFIG.json [TOKENS] [PROMPT_TOKENS] [--profile [BATCH] | --prefill]
+// --profile: only recorded decode steps of BATCH sequences (default 1); --prefill: only one
+// prefill of TOKENS tokens after a warm-up one (short runs for ncu: gpu-bundle/profile.sh).
 // A config file instead of a model directory: random weights (init-model's, seed 1) are written
 // to $TMPDIR/troupe-bench-<name> first, once.
 // --profile runs only batch-1 decode replayed from CUDA graphs with the tables on the device
@@ -149,16 +151,25 @@ std::filesystem::path model_dir(const std::filesystem::path& arg) {
 
 int main(int argc, char** argv) {
   if (argc < 2) {
-    std::fprintf(stderr, "usage: %s MODEL_DIR|CONFIG.json [TOKENS] [PROMPT_TOKENS] [--profile]\n", argv[0]);
+    std::fprintf(stderr, "usage: %s MODEL_DIR|CONFIG.json [TOKENS] [PROMPT_TOKENS] [--profile [BATCH] | --prefill]\n", argv[0]);
     return 2;
   }
   const int tokens = argc > 2 ? std::atoi(argv[2]) : 128;
   const int prompt_tokens = argc > 3 ? std::atoi(argv[3]) : 16;
   const std::filesystem::path dir = model_dir(argv[1]);
   cuda_backend be;
+  // Short runs for a profiler: recorded decode steps of one batch size, or one prefill of TOKENS
+  // tokens (after a warm-up one).
   if (argc > 4 && std::string(argv[4]) == "--profile") {
+    const int batch = argc > 5 ? std::atoi(argv[5]) : 1;
     auto m = model::load(dir, be, table_placement::device);
-    std::printf("batch-1 decode, CUDA graph, tables on the device: %.1f tok/s\n", decode_rate(*m, 1, tokens, prompt_tokens));
+    std::printf("batch-%d decode, CUDA graph, tables on the device: %.1f tok/s\n", batch,
+                decode_rate(*m, batch, tokens, prompt_tokens));
+    return 0;
+  }
+  if (argc > 4 && std::string(argv[4]) == "--prefill") {
+    auto m = model::load(dir, be, table_placement::host);
+    std::printf("prefill of %d tokens: %.0f tok/s\n", tokens, prefill_rate(*m, tokens, 1));
     return 0;
   }
   const double bandwidth = copy_bandwidth();

@@ -183,7 +183,7 @@ class backend {
                            tensor& weights) = 0;
 
   /// Up to how many rows the model should call routed_moe() instead of routing on the host
-  /// (0: never; a GPU: always). No host round trip for the routing, no launch per expert.
+  /// (0: never). Decode on a GPU: no host round trip for the routing, no launch per expert.
   virtual std::int64_t routed_moe_rows() const = 0;
   /// The MoE of rows u[T,H], routed on this device: logits = u . router^T, idx and gates as
   /// router_topk(logits, bias, top_k, scaling) gives them, then

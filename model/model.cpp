@@ -436,8 +436,7 @@ tensor model::step_logits(std::span<const step_input> batch, logits_mode mode, s
   // tokens (prefill) runs op by op: it is compute-bound, and the recorded head would score
   // every row where the op-by-op one scores only the last of each sequence.
   const bool decode_like = *std::max_element(num_rows.begin(), num_rows.end()) <= max_recorded_rows_per_sequence;
-  const std::int64_t recordable_rows = std::min(max_recorded_rows, be_.routed_moe_rows());
-  if (recorded_steps_ && be_.records() && decode_like && layout.total_rows <= recordable_rows) {
+  if (recorded_steps_ && be_.records() && decode_like && layout.total_rows <= be_.routed_moe_rows()) {
     tensor all = forward_recorded(tokens, layout, batch, contexts);
     for (const auto& in : batch) in.state->num_tokens += static_cast<std::int64_t>(in.tokens.size());
     rows.resize(static_cast<std::size_t>(layout.total_rows));
@@ -493,8 +492,7 @@ std::vector<std::vector<std::int32_t>> model::draft_greedy(std::span<const step_
     rows += static_cast<std::int64_t>(in.tokens.size());
     longest = std::max(longest, in.tokens.size());
   }
-  const std::int64_t recordable_rows = std::min(max_recorded_rows, be_.routed_moe_rows());
-  if (steps > 1 && recorded_steps_ && be_.records() && tables_on_device() && rows <= recordable_rows &&
+  if (steps > 1 && recorded_steps_ && be_.records() && tables_on_device() && rows <= be_.routed_moe_rows() &&
       longest <= static_cast<std::size_t>(max_recorded_rows_per_sequence))
     return draft_recorded(batch, steps);
   std::vector<std::vector<std::int32_t>> picks(batch.size());

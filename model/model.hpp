@@ -154,7 +154,7 @@ class model {
   tensor gather(const tensor& x, std::span<const std::int32_t> rows);
 
   /// Whether forward() replays recorded decode steps (CUDA graphs) where the backend records
-  /// and a step has at most max_recorded_rows rows, its MoE on the device; on by default. Off: every op is dispatched
+  /// and a step has at most routed_moe_rows() rows; on by default. Off: every op is dispatched
   /// from the host each step (the baseline the bench compares against).
   void set_recorded_steps(bool on) { recorded_steps_ = on; }
 

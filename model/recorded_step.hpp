@@ -9,9 +9,6 @@ namespace troupe {
 
 /// The most rows one sequence may add in a recorded step (decode: 1; verification: k + 1).
 constexpr std::int64_t max_recorded_rows_per_sequence = 8;
-/// The most rows of a recorded step: one recording per row count, and past this a step's work
-/// hides its launches anyway.
-constexpr std::int64_t max_recorded_rows = 64;
 
 /// The fewest keys a recorded step's block tables have room for (more as sequences grow).
 constexpr std::int64_t min_recorded_keys = 256;

@@ -6,7 +6,6 @@
 #include <algorithm>
 #include <cstring>
 #include <exception>
-#include <limits>
 #include <map>
 #include <mutex>
 #include <stdexcept>
@@ -722,7 +721,42 @@ void cuda_backend::argmax(const tensor& logits, tensor& ids) {
                     narrow ? nullptr : ids.data<std::int64_t>(), as_stream(stream_));
 }
 
-std::int64_t cuda_backend::routed_moe_rows() const { return std::numeric_limits<std::int64_t>::max(); }
+std::int64_t cuda_backend::routed_moe_rows() const { return cuda::routed_moe_max_rows; }
+
+void cuda_backend::routed_experts_on_tensor_cores(const tensor& u, const tensor& offsets, const tensor& order, std::int64_t k,
+                                                  const tensor& gate_up_ptrs, const tensor& down_ptrs, std::int64_t f, tensor& y) {
+  const std::int64_t cap = u.dim(0), h = u.dim(1), n_routed = gate_up_ptrs.numel();  // an expert has at most one slot a row
+  cudaStream_t s = as_stream(stream_);
+  tensor x = empty({n_routed * cap, h}, dtype::bf16), gate_up = empty({n_routed * cap, 2 * f}, dtype::f32);
+  tensor act = empty({n_routed * cap, f}, dtype::bf16), rows = empty({n_routed * cap, h}, dtype::f32);
+  tensor ptrs = empty({4 * n_routed}, dtype::i64);  // expert e's slice of x, gate_up, act, rows
+  cuda::moe_dispatch(u.data<float>(), h, static_cast<int>(k), offsets.data<std::int32_t>(), order.data<std::int32_t>(),
+                     static_cast<std::int32_t>(n_routed), cap, static_cast<std::uint16_t*>(x.raw()), s);
+  const auto** p = static_cast<const void**>(ptrs.raw());
+  cuda::moe_gemm_pointers(static_cast<std::int32_t>(n_routed), x.raw(), cap * h, gate_up.raw(), cap * 2 * f, act.raw(), cap * f,
+                          rows.raw(), cap * h, p, s);
+  const float one = 1.0f, zero_beta = 0.0f;
+  {
+    std::lock_guard lock(blas_mutex());
+    // Row-major C_e[cap, 2f] = X_e[cap, h] W_e[2f, h]^T is column-major C_e^T = W_e^T(2f x h) X_e^T(h x cap).
+    TROUPE_CUBLAS_CHECK(cublasGemmBatchedEx(
+        blas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(2 * f), static_cast<int>(cap), static_cast<int>(h), &one,
+        static_cast<const void* const*>(gate_up_ptrs.raw()), CUDA_R_16BF, static_cast<int>(h), p, CUDA_R_16BF,
+        static_cast<int>(h), &zero_beta, const_cast<void* const*>(p + n_routed), CUDA_R_32F, static_cast<int>(2 * f),
+        static_cast<int>(n_routed), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  }
+  cuda::swiglu_to_bf16(gate_up.data<float>(), static_cast<std::uint16_t*>(act.raw()), n_routed * cap, f, s);
+  {
+    std::lock_guard lock(blas_mutex());
+    TROUPE_CUBLAS_CHECK(cublasGemmBatchedEx(
+        blas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(h), static_cast<int>(cap), static_cast<int>(f), &one,
+        static_cast<const void* const*>(down_ptrs.raw()), CUDA_R_16BF, static_cast<int>(f), p + 2 * n_routed, CUDA_R_16BF,
+        static_cast<int>(f), &zero_beta, const_cast<void* const*>(p + 3 * n_routed), CUDA_R_32F, static_cast<int>(h),
+        static_cast<int>(n_routed), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  }
+  cuda::moe_undispatch(rows.data<float>(), h, offsets.data<std::int32_t>(), order.data<std::int32_t>(),
+                       static_cast<std::int32_t>(n_routed), cap, y.data<float>(), s);
+}
 
 void cuda_backend::routed_moe(const tensor& u, const moe_layer& moe, tensor& out, write_mode mode) {
   const auto t = u.dim(0), h = u.dim(1), k = static_cast<std::int64_t>(moe.top_k), experts = moe.router.dim(0);
@@ -762,12 +796,7 @@ void cuda_backend::routed_moe(const tensor& u, const moe_layer& moe, tensor& out
                   idx.data<std::int32_t>(), gates.data<float>(), offsets.data<std::int32_t>(), order.data<std::int32_t>(),
                   active.data<std::int32_t>(), as_stream(stream_));
   if (t > cuda::gemv_max_rows) {
-    tensor x = empty({slots, h}, dtype::bf16), act = empty({slots, f}, dtype::bf16);
-    cuda::expert_gemms({u.data<float>(), h, f, static_cast<int>(k), offsets.data<std::int32_t>(), order.data<std::int32_t>(),
-                        n_routed, slots, static_cast<const std::uint16_t* const*>(d_gu.raw()),
-                        static_cast<const std::uint16_t* const*>(d_down.raw()), static_cast<std::uint16_t*>(x.raw()),
-                        static_cast<std::uint16_t*>(act.raw()), y.data<float>()},
-                       as_stream(stream_));
+    routed_experts_on_tensor_cores(u, offsets, order, k, d_gu, d_down, f, y);
   } else {
     // Each row picks k distinct experts: an expert has at most t slots, and at most t * k experts have any.
     const auto max_active = static_cast<std::int32_t>(std::min<std::int64_t>(n_routed, slots));

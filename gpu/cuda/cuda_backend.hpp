@@ -106,6 +106,11 @@ class cuda_backend final : public backend {
   /// cores (bf16 operands, float32 sums; cuda::mla_flash_prefill).
   void mla_prefill(const tensor& q, const tensor& kv_b, const paged_latents& cache, const mla_dims& d,
                    const rope_table& rope, float softmax_scale, tensor& out);
+  /// routed_moe's experts beyond gemv_max_rows rows: every routed expert's slots (grouped by
+  /// moe_route: offsets, order) padded to u's row count, two batched bf16 GEMMs on tensor cores
+  /// with SwiGLU between; y [rows * k, h] gets each slot's expert output.
+  void routed_experts_on_tensor_cores(const tensor& u, const tensor& offsets, const tensor& order, std::int64_t k,
+                                      const tensor& gate_up_ptrs, const tensor& down_ptrs, std::int64_t f, tensor& y);
   /// Throws when a host transfer is asked for while recording (a replay would repeat stale data).
   void expect_not_recording(const char* what) const;
   /// `t` on this device: itself, or an upload of a host tensor (index arguments).

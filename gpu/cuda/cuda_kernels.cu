@@ -13,7 +13,6 @@
 #include "gpu/cuda/cuda_check.hpp"
 #include "gpu/cuda/launch.cuh"
 #include "gpu/cuda/ngram_cache.cuh"
-#include "gpu/cuda/swiglu.cuh"
 
 namespace troupe::cuda {
 namespace {
@@ -116,13 +115,20 @@ __global__ void add_kernel(float* y, const float* x, std::int64_t n) {
   if (i < n) y[i] += x[i];
 }
 
-// out[r, c] = SwiGLU(gate_up[r, c], gate_up[r, f + c]).
-__global__ void swiglu_kernel(const float* gate_up, float* out, std::int64_t rows, std::int64_t f) {
+// SwiGLU of one gate and up value, as the CPU computes it.
+__device__ float swiglu_value(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+
+__device__ void store(float* p, float v) { *p = v; }
+__device__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16(v); }
+
+// out[r, c] = SwiGLU(gate_up[r, c], gate_up[r, f + c]), in float32 or (a tensor-core GEMM's input) bf16.
+template <typename Out>
+__global__ void swiglu_kernel(const float* gate_up, Out* out, std::int64_t rows, std::int64_t f) {
   follow_previous();
   const std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
   if (i >= rows * f) return;
   const std::int64_t r = i / f, c = i % f;
-  out[i] = swiglu_value(gate_up[r * 2 * f + c], gate_up[r * 2 * f + f + c]);
+  store(out + i, swiglu_value(gate_up[r * 2 * f + c], gate_up[r * 2 * f + f + c]));
 }
 
 __global__ void gather_rows_kernel(dtype type, const void* table, std::int64_t cols, const std::int64_t* ids, float* out,
@@ -689,12 +695,42 @@ __global__ void moe_route_kernel(const float* logits, std::int64_t rows, const f
   group_slots_block(idx, rows * k, n_routed, next, offsets, order, active);
 }
 
-// The grouping alone, for steps whose top-k ran over many blocks (router_topk).
-__global__ void group_slots_kernel(const std::int32_t* idx, std::int64_t slots, std::int32_t n_routed, std::int32_t* offsets,
-                                   std::int32_t* order, std::int32_t* active) {
-  extern __shared__ std::int32_t next[];  // [n_routed]
+// The routed MoE beyond gemv_max_rows on tensor cores (moe_dispatch / moe_undispatch around
+// two batched cuBLAS GEMMs): expert e's slots become rows [e * cap, e * cap + count_e) of a
+// padded bf16 matrix (the padding zeros), and come back to slot order after the GEMMs.
+__global__ void moe_dispatch_kernel(const float* u, std::int64_t h, int k, const std::int32_t* offsets,
+                                    const std::int32_t* order, std::int64_t cap, __nv_bfloat16* x) {
   follow_previous();
-  group_slots_block(idx, slots, n_routed, next, offsets, order, active);
+  const std::int64_t e = blockIdx.x, j = blockIdx.y;
+  const std::int32_t begin = offsets[e], count = offsets[e + 1] - begin;
+  __nv_bfloat16* dst = x + (e * cap + j) * h;
+  const float* src = j < count ? u + static_cast<std::int64_t>(order[begin + j] / k) * h : nullptr;
+  for (std::int64_t c = threadIdx.x; c < h; c += blockDim.x) dst[c] = __float2bfloat16(src ? src[c] : 0.0f);
+}
+
+// y[s] = out_rows[e * cap + j] for the j-th slot s of expert e.
+__global__ void moe_undispatch_kernel(const float* out_rows, std::int64_t h, const std::int32_t* offsets,
+                                      const std::int32_t* order, std::int64_t cap, float* y) {
+  follow_previous();
+  const std::int64_t e = blockIdx.x, j = blockIdx.y;
+  const std::int32_t begin = offsets[e];
+  if (j >= offsets[e + 1] - begin) return;
+  const float* src = out_rows + (e * cap + j) * h;
+  float* dst = y + static_cast<std::int64_t>(order[begin + j]) * h;
+  for (std::int64_t c = threadIdx.x; c < h; c += blockDim.x) dst[c] = src[c];
+}
+
+// The batched GEMMs' pointer arrays: expert e's slice of each padded buffer.
+__global__ void moe_gemm_pointers_kernel(std::int32_t n_routed, const void* x, std::int64_t x_stride, void* gate_up,
+                                         std::int64_t gate_up_stride, const void* act, std::int64_t act_stride, void* out,
+                                         std::int64_t out_stride, const void** ptrs) {
+  follow_previous();
+  const std::int32_t e = static_cast<std::int32_t>(threadIdx.x);
+  if (e >= n_routed) return;
+  ptrs[e] = static_cast<const __nv_bfloat16*>(x) + e * x_stride;
+  ptrs[n_routed + e] = static_cast<float*>(gate_up) + e * gate_up_stride;
+  ptrs[2 * n_routed + e] = static_cast<const __nv_bfloat16*>(act) + e * act_stride;
+  ptrs[3 * n_routed + e] = static_cast<float*>(out) + e * out_stride;
 }
 
 }  // namespace
@@ -758,17 +794,8 @@ void moe_route(const float* logits, std::int64_t rows, const float* bias, std::i
   if (experts > 32 * router_max_per_lane)
     throw std::invalid_argument("moe_route: " + std::to_string(experts) + " experts (at most " +
                                 std::to_string(32 * router_max_per_lane) + ")");
-  const auto shared = static_cast<std::size_t>(n_routed) * sizeof(std::int32_t);
-  // Past 4 rows a warp, one block's warps would take their rows' top-k one after another: the
-  // top-k then spreads over the GPU first (prefill) and one block groups the slots.
-  constexpr std::int64_t one_block_rows = 128;
-  if (rows <= one_block_rows) {
-    launch(moe_route_kernel, 1, 1024, shared, s, logits, rows, bias, experts, k, scaling, n_routed, idx, gates, offsets, order,
-           active);
-  } else {
-    router_topk(logits, bias, rows, experts, k, scaling, idx, gates, s);
-    launch(group_slots_kernel, 1, 1024, shared, s, idx, rows * k, n_routed, offsets, order, active);
-  }
+  launch(moe_route_kernel, 1, 1024, static_cast<std::size_t>(n_routed) * sizeof(std::int32_t), s, logits, rows, bias, experts,
+         k, scaling, n_routed, idx, gates, offsets, order, active);
 }
 
 bool ngram_embed_fits(std::int64_t m, int num_tables, std::int64_t d) {
@@ -811,6 +838,26 @@ void grouped_expert_gemv_bf16(const float* x, std::int64_t x_row_div, std::int64
   else
     TROUPE_GROUPED_CASE(4);
 #undef TROUPE_GROUPED_CASE
+}
+
+void moe_dispatch(const float* u, std::int64_t h, int k, const std::int32_t* offsets, const std::int32_t* order,
+                  std::int32_t n_routed, std::int64_t cap, std::uint16_t* x, cudaStream_t s) {
+  launch(moe_dispatch_kernel, dim3(static_cast<unsigned>(n_routed), static_cast<unsigned>(cap)), threads, 0, s, u, h, k,
+         offsets, order, cap, reinterpret_cast<__nv_bfloat16*>(x));
+}
+
+void moe_undispatch(const float* out_rows, std::int64_t h, const std::int32_t* offsets, const std::int32_t* order,
+                    std::int32_t n_routed, std::int64_t cap, float* y, cudaStream_t s) {
+  launch(moe_undispatch_kernel, dim3(static_cast<unsigned>(n_routed), static_cast<unsigned>(cap)), threads, 0, s, out_rows, h,
+         offsets, order, cap, y);
+}
+
+void moe_gemm_pointers(std::int32_t n_routed, const void* x, std::int64_t x_stride, void* gate_up, std::int64_t gate_up_stride,
+                       const void* act, std::int64_t act_stride, void* out, std::int64_t out_stride, const void** ptrs,
+                       cudaStream_t s) {
+  if (n_routed > 1024) throw std::invalid_argument("moe_gemm_pointers: more than 1024 routed experts");
+  launch(moe_gemm_pointers_kernel, 1, static_cast<unsigned>(n_routed), 0, s, n_routed, x, x_stride, gate_up, gate_up_stride,
+         act, act_stride, out, out_stride, ptrs);
 }
 
 void moe_combine(const float* u, const float* y, const std::int32_t* idx, const float* gates, std::int64_t rows, int k,
@@ -856,7 +903,13 @@ void add(float* y, const float* x, std::int64_t n, cudaStream_t s) {
 
 void swiglu(const float* gate_up, float* out, std::int64_t rows, std::int64_t f, cudaStream_t s) {
   if (rows * f == 0) return;
-  launch(swiglu_kernel, blocks_for(rows * f), threads, 0, s, gate_up, out, rows, f);
+  launch(swiglu_kernel<float>, blocks_for(rows * f), threads, 0, s, gate_up, out, rows, f);
+}
+
+void swiglu_to_bf16(const float* gate_up, std::uint16_t* out, std::int64_t rows, std::int64_t f, cudaStream_t s) {
+  if (rows * f == 0) return;
+  launch(swiglu_kernel<__nv_bfloat16>, blocks_for(rows * f), threads, 0, s, gate_up, reinterpret_cast<__nv_bfloat16*>(out),
+         rows, f);
 }
 
 void gather_rows(dtype type, const void* table, std::int64_t cols, const std::int64_t* ids, float* out, std::int64_t n,

@@ -67,10 +67,13 @@ struct ngram_embed_args {
 bool ngram_embed_fits(std::int64_t m, int num_tables, std::int64_t d);
 void ngram_embed(const ngram_embed_args& args, std::int64_t m, float* out, cudaStream_t s);
 
-/// Every step's MoE runs on the device (backend::routed_moe): up to gemv_max_rows rows the experts
-/// are grouped GEMVs, beyond that a grouped tensor-core GEMM over exactly each expert's slots
-/// (expert_gemms). Neither needs a host round trip, so decode steps can be recorded as CUDA graphs.
-/// The routing of routed_moe in one launch (two past 128 rows): router_topk's idx and gates [rows, k]
+/// Most rows the model gives the MoE on the device (decode batches, verification): such a step
+/// needs no host round trip, so it can be recorded as a CUDA graph. Up to gemv_max_rows the
+/// experts run as grouped GEMVs; beyond, as two batched tensor-core GEMMs over every routed
+/// expert's slots padded to the row count (moe_dispatch below). Larger steps (prefill) route on
+/// the host, where each expert's GEMM covers exactly its rows.
+constexpr std::int64_t routed_moe_max_rows = 64;
+/// The routing of routed_moe in one launch: router_topk's idx and gates [rows, k]
 /// from the router's logits [rows, experts], then the slots grouped by expert:
 /// order[offsets[e] .. offsets[e + 1]) are the slots s with idx[s] == e < n_routed (offsets
 /// [n_routed + 1], order [rows * k]); active [n_routed] lists the experts that have slots, in
@@ -87,26 +90,18 @@ void grouped_expert_gemv_bf16(const float* x, std::int64_t x_row_div, std::int64
                               const std::int32_t* order, const std::int32_t* active, std::int32_t max_active,
                               const std::uint16_t* const* weights, std::int64_t n, std::int64_t k, bool swiglu, float* y,
                               cudaStream_t s);
-/// The routed experts beyond gemv_max_rows rows (expert_gemm.cu), over the slots as moe_route
-/// groups them (offsets, order): x [slots, h] (bf16 scratch) gets u's row of each slot in expert
-/// order; act [slots, f] (bf16 scratch) = SwiGLU(x . W_gate_up_e^T); y[slot] = act . W_down_e^T.
-/// `slots` = rows * k bounds the routed slots: the grid covers it and blocks past the routed tiles
-/// exit. h and f even; rows of 8-multiple widths load by 16-byte asynchronous copies.
-struct expert_gemm_args {
-  const float* u;  // [rows, h]
-  std::int64_t h, f;
-  int k;
-  const std::int32_t* offsets;  // [n_routed + 1]
-  const std::int32_t* order;    // [slots]
-  std::int32_t n_routed;
-  std::int64_t slots;
-  const std::uint16_t* const* gate_up;  // n_routed device pointers to bf16 [2f, h]
-  const std::uint16_t* const* down;     // and to bf16 [h, f]
-  std::uint16_t* x;
-  std::uint16_t* act;
-  float* y;  // [slots, h]
-};
-void expert_gemms(const expert_gemm_args& a, cudaStream_t s);
+/// The tensor-core MoE's data movement: x [n_routed, cap, h] (bf16) gets expert e's slots' rows of
+/// u in rows [0, count_e) of its slice (zeros after);
+void moe_dispatch(const float* u, std::int64_t h, int k, const std::int32_t* offsets, const std::int32_t* order,
+                  std::int32_t n_routed, std::int64_t cap, std::uint16_t* x, cudaStream_t s);
+/// (between the two GEMMs, swiglu_to_bf16;) y [slots, h] gets each slot's row back from out_rows [n_routed, cap, h];
+void moe_undispatch(const float* out_rows, std::int64_t h, const std::int32_t* offsets, const std::int32_t* order,
+                    std::int32_t n_routed, std::int64_t cap, float* y, cudaStream_t s);
+/// ptrs [4 * n_routed] = expert e's slices of x, gate_up, act and out (strides in elements), for
+/// cublasGemmBatchedEx, written on the device so a recording holds them.
+void moe_gemm_pointers(std::int32_t n_routed, const void* x, std::int64_t x_stride, void* gate_up, std::int64_t gate_up_stride,
+                       const void* act, std::int64_t act_stride, void* out, std::int64_t out_stride, const void** ptrs,
+                       cudaStream_t s);
 /// out[t, c] (=|+=) sum_j gates[t, j] * (idx[t, j] < n_routed ? y[t * k + j, c] : u[t, c]).
 void moe_combine(const float* u, const float* y, const std::int32_t* idx, const float* gates, std::int64_t rows, int k,
                  std::int32_t n_routed, std::int64_t h, bool accumulate, float* out, cudaStream_t s);
@@ -124,6 +119,8 @@ void scale(float* y, std::int64_t n, float factor, cudaStream_t s);
 void add(float* y, const float* x, std::int64_t n, cudaStream_t s);
 /// out[r, c] = silu(gate_up[r, c]) * gate_up[r, F + c]
 void swiglu(const float* gate_up, float* out, std::int64_t rows, std::int64_t f, cudaStream_t s);
+/// The same with bf16 out, the input of a tensor-core GEMM.
+void swiglu_to_bf16(const float* gate_up, std::uint16_t* out, std::int64_t rows, std::int64_t f, cudaStream_t s);
 /// out[r] = float(table[ids[r]]) for a bf16/f16/f32 table on the device.
 void gather_rows(dtype type, const void* table, std::int64_t cols, const std::int64_t* ids, float* out, std::int64_t n,
                  cudaStream_t s);

@@ -1,5 +1,5 @@
 // How the inference kernels launch: programmatic dependent launch on Hopper, every launch checked.
-// Shared by the kernel files of the CUDA backend (cuda_kernels.cu, mla_flash.cu, expert_gemm.cu).
+// Shared by the kernel files of the CUDA backend (cuda_kernels.cu, mla_flash.cu).
 #pragma once
 
 #include <cuda_runtime.h>

@@ -41,7 +41,11 @@ __global__ void __launch_bounds__(flash_threads) mla_flash_kernel(flash_args a) 
   __shared__ int block_end;  // keys any row of the block sees
   follow_previous();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const std::int64_t h = blockIdx.y, row0 = static_cast<std::int64_t>(blockIdx.x) * flash_rows + warp * 16;
+  // Blocks are handed out in index order, every head of a query tile before the next tile, the
+  // last tiles (which see the most keys) first: the longest blocks start first instead of in the
+  // last wave.
+  const std::int64_t tile = gridDim.y - 1 - blockIdx.y;
+  const std::int64_t h = blockIdx.x, row0 = tile * flash_rows + warp * 16;
   const int qk16 = static_cast<int>(a.qk_pad / 16), v8 = static_cast<int>(a.v_pad / 8);
 
   // This thread's two rows (g and g + 8 of the warp's tile) see keys [0, visible); padding rows none.
@@ -187,7 +191,7 @@ void mla_flash_prefill(const mla_prefill_shape& p, const std::uint16_t* q, const
   const flash_args a{reinterpret_cast<const __nv_bfloat16*>(q), reinterpret_cast<const __nv_bfloat16*>(k),
                      reinterpret_cast<const __nv_bfloat16*>(vt), positions, row_ids, p.rows, p.rows_pad, p.keys, p.keys_pad,
                      p.heads, p.qk_pad, p.v, p.v_pad, softmax_scale * static_cast<float>(M_LOG2E), out};
-  const dim3 grid(static_cast<unsigned>(p.rows_pad / flash_rows), static_cast<unsigned>(p.heads));
+  const dim3 grid(static_cast<unsigned>(p.heads), static_cast<unsigned>(p.rows_pad / flash_rows));
   if (p.qk_pad <= 64 && p.v_pad <= 64)
     launch(mla_flash_kernel<4, 8>, grid, flash_threads, 0, s, a);
   else if (p.qk_pad <= 192 && p.v_pad <= 128)

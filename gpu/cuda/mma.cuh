@@ -1,6 +1,6 @@
-// Tensor-core building blocks of the hand-written GEMM-shaped kernels (mla_flash.cu,
-// expert_gemm.cu): the warp-level bf16 MMA (m16n8k16, float32 accumulators) and asynchronous
-// 16-byte copies from global to shared memory.
+// Tensor-core building blocks of the hand-written GEMM-shaped kernels (mla_flash.cu): the
+// warp-level bf16 MMA (m16n8k16, float32 accumulators) and asynchronous 16-byte copies from
+// global to shared memory.
 //
 // Fragments of mma_bf16 (g = lane / 4, t = lane % 4; each register two bf16, the lower column
 // in the low half):

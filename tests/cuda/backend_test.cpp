@@ -347,6 +347,14 @@ TEST(cuda_backend, the_fused_ngram_embedding_hashes_on_the_device) {
   }
 }
 
+// RoPE's inverse frequencies (theta 10000) for `rope_dim` rotated columns.
+tensor rope_frequencies(std::int64_t rope_dim) {
+  tensor freq = tensor::empty({rope_dim / 2}, dtype::f32);
+  for (std::int64_t i = 0; i < rope_dim / 2; ++i)
+    freq.data<float>()[i] = std::pow(10000.0f, -2.0f * static_cast<float>(i) / static_cast<float>(rope_dim));
+  return freq;
+}
+
 // Sequences' paged latent caches on both backends, filled with random latent rows: shape[s] is
 // {rows this step, first position} of sequence s; the step's rows interleave the sequences in
 // `order`, one row of each in turn. blocks holds each cache block, CPU then GPU.
@@ -394,8 +402,7 @@ TEST(cuda_backend, latents_attention_and_router) {
     // interleaved across sequences. write_latents normalises, rotates and stores the new rows,
     // then attention (rotating q) reads all.
     const mla_dims d{4, 16, 8, 16, 32};
-    tensor freq = tensor::empty({d.rope_dim / 2}, dtype::f32);
-    for (int i = 0; i < d.rope_dim / 2; ++i) freq.data<float>()[i] = std::pow(10000.0f, -2.0f * static_cast<float>(i) / d.rope_dim);
+    const tensor freq = rope_frequencies(d.rope_dim);
     const rope_table rope_c{freq, 1.3f}, rope_g{b.gpu.upload(freq, dtype::f32), 1.3f};
     const tensor latent_w = random({d.kv_lora_rank}, 35);
     const std::int64_t block = 16, width = d.kv_lora_rank + d.rope_dim;
@@ -465,8 +472,7 @@ TEST(cuda_backend, flash_prefill_attention_over_many_key_tiles) {
   SKIP_WITHOUT_GPU();
   backends b;
   const mla_dims d{3, 128, 64, 128, 96};
-  tensor freq = tensor::empty({d.rope_dim / 2}, dtype::f32);
-  for (int i = 0; i < d.rope_dim / 2; ++i) freq.data<float>()[i] = std::pow(10000.0f, -2.0f * static_cast<float>(i) / d.rope_dim);
+  const tensor freq = rope_frequencies(d.rope_dim);
   const rope_table rope_c{freq, 1.0f}, rope_g{b.gpu.upload(freq, dtype::f32), 1.0f};
   const paged_caches caches(b, {{150, 40}, {70, 0}, {20, 200}}, {0, 1, 2}, 16, d.kv_lora_rank + d.rope_dim, 14, 220, 20);
   const std::int64_t rows = caches.row_seq.numel(), cols = d.num_heads * d.v_dim;
@@ -478,40 +484,36 @@ TEST(cuda_backend, flash_prefill_attention_over_many_key_tiles) {
   EXPECT_LT(rel(b, yg, yc), 1e-2) << "flash prefill, " << rows << " rows";
 }
 
-// The routed MoE on the device against the CPU's, from a float32 router over 5 routed and 3
-// zero experts, overwriting and then added into an output that holds values. 1-4 rows: each
-// width of the grouped GEMV (float32 activations, < 1e-5). From 8 rows: the grouped tensor-core
-// GEMM over exactly each expert's slots (bf16 activations as in linear()'s cuBLAS path, < 1e-2):
-// 8 and 64 rows, and 300 (several 64-slot tiles an expert); widths of one and of several
-// tiles, and a width that is no multiple of 8 (element-wise loads).
 TEST(cuda_backend, routed_moe_on_the_device) {
   SKIP_WITHOUT_GPU();
   backends b;
-  const std::int64_t n_routed = 5;
+  const std::int64_t h = 64, f = 40, n_routed = 5;
   const int k = 4;
-  for (const auto [h, f] : {std::array<std::int64_t, 2>{64, 40}, {256, 200}, {48, 12}}) {
-    std::vector<tensor> gu_c, down_c, gu_g, down_g;
-    for (int e = 0; e < n_routed; ++e) {
-      const tensor gu = random({2 * f, h}, 50 + e, 0.2f), d = random({h, f}, 60 + e, 0.2f);
-      gu_c.push_back(b.cpu.upload(gu, dtype::bf16));
-      down_c.push_back(b.cpu.upload(d, dtype::bf16));
-      gu_g.push_back(b.gpu.upload(gu, dtype::bf16));
-      down_g.push_back(b.gpu.upload(d, dtype::bf16));
-    }
-    const tensor router = random({8, h}, 72, 0.5f), bias = random({8}, 73, 0.05f);
-    const moe_layer layer_c{router, bias, k, 2.5f, gu_c, down_c};
-    const moe_layer layer_g{b.gpu.upload(router, dtype::f32), b.gpu.upload(bias, dtype::f32), k, 2.5f, gu_g, down_g};
-    for (const std::int64_t t : {1, 2, 3, 4, 8, 64, 300})
-      for (const auto mode : {write_mode::overwrite, write_mode::accumulate}) {
-        const tensor u = random({t, h}, 70 + static_cast<std::uint64_t>(t)), y0 = random({t, h}, 74 + static_cast<std::uint64_t>(t));
-        tensor yc = b.cpu.upload(y0, dtype::f32);
-        tensor yg = mode == write_mode::overwrite ? poisoned(b.gpu, {t, h}) : b.gpu.upload(y0, dtype::f32);
-        b.cpu.routed_moe(u, layer_c, yc, mode);
-        b.gpu.routed_moe(b.gpu.upload(u, dtype::f32), layer_g, yg, mode);
-        EXPECT_LT(rel(b, yg, yc), t > 4 ? 1e-2 : 1e-5)
-            << "routed_moe, h " << h << ", f " << f << ", " << t << " rows" << (mode == write_mode::accumulate ? ", added" : "");
-      }
+  std::vector<tensor> gu_c, down_c, gu_g, down_g;
+  for (int e = 0; e < n_routed; ++e) {
+    const tensor gu = random({2 * f, h}, 50 + e, 0.2f), d = random({h, f}, 60 + e, 0.2f);
+    gu_c.push_back(b.cpu.upload(gu, dtype::bf16));
+    down_c.push_back(b.cpu.upload(d, dtype::bf16));
+    gu_g.push_back(b.gpu.upload(gu, dtype::bf16));
+    down_g.push_back(b.gpu.upload(d, dtype::bf16));
   }
+  // 1, 2, 3 and 4 rows (decode, verification: each width of the grouped GEMV, float32
+  // activations), then 8, 12 and 64 (batched decode: the experts on tensor cores, their slots padded
+  // to the row count, bf16 activations as in linear()'s cuBLAS path), routed on the device from
+  // a float32 router over 5 routed and 3 zero experts; then the same added into an output that
+  // holds values.
+  const tensor router = random({8, h}, 72, 0.5f), bias = random({8}, 73, 0.05f);
+  const moe_layer layer_c{router, bias, k, 2.5f, gu_c, down_c};
+  const moe_layer layer_g{b.gpu.upload(router, dtype::f32), b.gpu.upload(bias, dtype::f32), k, 2.5f, gu_g, down_g};
+  for (const std::int64_t t : {std::int64_t{1}, std::int64_t{2}, std::int64_t{3}, std::int64_t{4}, std::int64_t{8}, std::int64_t{12}, std::int64_t{64}})
+    for (const auto mode : {write_mode::overwrite, write_mode::accumulate}) {
+      const tensor u = random({t, h}, 70 + t), y0 = random({t, h}, 74 + t);
+      tensor yc = b.cpu.upload(y0, dtype::f32);
+      tensor yg = mode == write_mode::overwrite ? poisoned(b.gpu, {t, h}) : b.gpu.upload(y0, dtype::f32);
+      b.cpu.routed_moe(u, layer_c, yc, mode);
+      b.gpu.routed_moe(b.gpu.upload(u, dtype::f32), layer_g, yg, mode);
+      EXPECT_LT(rel(b, yg, yc), t > 4 ? 1e-2 : 1e-5) << "routed_moe, " << t << " rows" << (mode == write_mode::accumulate ? ", added" : "");
+    }
 }
 
 // Device sampling against the host rule (sample_token) on the same logits and uniforms: ids
