@@ -169,7 +169,8 @@ struct mla_args {
 void mla_attention(const mla_args& a, cudaStream_t s);
 
 /// From this many rows per sequence, mla_attention is prefill: un-absorbed on tensor cores
-/// (cuda_backend::mla_prefill runs the GEMMs) instead of a block per (row, head) re-reading kv_b.
+/// (cuda_backend::mla_prefill: one GEMM decompresses the keys and values, then mla_flash_prefill)
+/// instead of a block per (row, head) re-reading kv_b.
 constexpr std::int64_t mla_prefill_min_rows = 16;
 /// Prefill attention, MLA un-absorbed, per sequence: its keys and values decompressed from its
 /// cached latents by one GEMM against kv_b, then causal attention on tensor cores

@@ -347,12 +347,15 @@ TEST(cuda_backend, the_fused_ngram_embedding_hashes_on_the_device) {
   }
 }
 
-// RoPE's inverse frequencies (theta 10000) for `rope_dim` rotated columns.
-tensor rope_frequencies(std::int64_t rope_dim) {
+// RoPE (theta 10000) for `rope_dim` rotated columns with a YaRN attention factor, on both backends.
+struct rope_tables {
+  rope_table cpu, gpu;
+};
+rope_tables make_ropes(backends& b, std::int64_t rope_dim, float factor) {
   tensor freq = tensor::empty({rope_dim / 2}, dtype::f32);
   for (std::int64_t i = 0; i < rope_dim / 2; ++i)
     freq.data<float>()[i] = std::pow(10000.0f, -2.0f * static_cast<float>(i) / static_cast<float>(rope_dim));
-  return freq;
+  return {{freq, factor}, {b.gpu.upload(freq, dtype::f32), factor}};
 }
 
 // Sequences' paged latent caches on both backends, filled with random latent rows: shape[s] is
@@ -402,8 +405,8 @@ TEST(cuda_backend, latents_attention_and_router) {
     // interleaved across sequences. write_latents normalises, rotates and stores the new rows,
     // then attention (rotating q) reads all.
     const mla_dims d{4, 16, 8, 16, 32};
-    const tensor freq = rope_frequencies(d.rope_dim);
-    const rope_table rope_c{freq, 1.3f}, rope_g{b.gpu.upload(freq, dtype::f32), 1.3f};
+    const rope_tables ropes = make_ropes(b, d.rope_dim, 1.3f);
+    const rope_table &rope_c = ropes.cpu, &rope_g = ropes.gpu;
     const tensor latent_w = random({d.kv_lora_rank}, 35);
     const std::int64_t block = 16, width = d.kv_lora_rank + d.rope_dim;
     // Rows interleaved: s1 r0, s2 r0, s0, s1 r1, ...; the GPU cache claims many rows per
@@ -472,15 +475,14 @@ TEST(cuda_backend, flash_prefill_attention_over_many_key_tiles) {
   SKIP_WITHOUT_GPU();
   backends b;
   const mla_dims d{3, 128, 64, 128, 96};
-  const tensor freq = rope_frequencies(d.rope_dim);
-  const rope_table rope_c{freq, 1.0f}, rope_g{b.gpu.upload(freq, dtype::f32), 1.0f};
+  const rope_tables ropes = make_ropes(b, d.rope_dim, 1.0f);
   const paged_caches caches(b, {{150, 40}, {70, 0}, {20, 200}}, {0, 1, 2}, 16, d.kv_lora_rank + d.rope_dim, 14, 220, 20);
   const std::int64_t rows = caches.row_seq.numel(), cols = d.num_heads * d.v_dim;
   const tensor q = random({rows, d.num_heads * (d.nope_dim + d.rope_dim)}, 81);
   const tensor kv_b = random({d.num_heads * (d.nope_dim + d.v_dim), d.kv_lora_rank}, 82, 0.1f);
   tensor yc = tensor::empty({rows, cols}, dtype::f32), yg = poisoned(b.gpu, {rows, cols});
-  b.cpu.mla_attention(q, kv_b, caches.cpu, d, rope_c, 0.07f, yc);
-  b.gpu.mla_attention(b.gpu.upload(q, dtype::f32), b.gpu.upload(kv_b, dtype::f32), caches.gpu, d, rope_g, 0.07f, yg);
+  b.cpu.mla_attention(q, kv_b, caches.cpu, d, ropes.cpu, 0.07f, yc);
+  b.gpu.mla_attention(b.gpu.upload(q, dtype::f32), b.gpu.upload(kv_b, dtype::f32), caches.gpu, d, ropes.gpu, 0.07f, yg);
   EXPECT_LT(rel(b, yg, yc), 1e-2) << "flash prefill, " << rows << " rows";
 }
 
